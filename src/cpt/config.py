@@ -1,0 +1,455 @@
+"""Typed run configuration: YAML in, dotted overrides, validation, YAML out.
+
+One dataclass per section (model, adapter, data, train, eval, output). Field names follow the
+names users already know from transformers, peft and Unsloth. Every field carries its help
+text, which `cpt config --help-fields` prints and the configuration reference is built from.
+
+    cpt train run.yaml train.max_steps=100 adapter.r=64
+    python -c "from cpt.config import load_config; print(load_config('examples/seed.yaml'))"
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user: names the key and what to do."""
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: yaml.safe_load(yaml.safe_dump(value)), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"]
+EMBEDDING_MODULES = ("embed_tokens", "lm_head")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("HuggingFaceTB/SmolLM2-135M", "Hugging Face model name, or a local folder with config.json and weights, or a folder holding `gguf_file`.")
+    gguf_file: Optional[str] = _f(None, "A GGUF file name inside `name_or_path` (or a path to one); its weights are dequantized on load.")
+    tokenizer: Optional[str] = _f(None, "Tokenizer name or folder when it differs from the model's.")
+    revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) of the model.")
+    max_seq_length: int = _f(2048, "Tokens per training block. Must not exceed the model's max_position_embeddings.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f("auto", "Weight dtype. auto: bfloat16 where the GPU supports it, else float16 on GPU, float32 on CPU.")
+    load_in_4bit: bool = _f(False, "Load the frozen base in 4-bit NF4 through bitsandbytes (QLoRA). CUDA only.")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit quantization type.")
+    bnb_4bit_use_double_quant: bool = _f(True, "Quantize the quantization constants too (saves about 0.4 bit per weight).")
+    trust_remote_code: bool = _f(False, "Run model code shipped with a Hub repository. Off unless you trust its author.")
+    attn_implementation: Optional[str] = _f("sdpa", "Attention backend passed to transformers: sdpa, eager, flash_attention_2. None lets transformers choose.")
+    kernels: Literal["auto", "none", "liger", "cpt"] = _f("auto", "Fused GPU kernels. auto: the fastest available on this device; none: plain PyTorch.")
+
+
+@dataclass
+class AdapterConfig:
+    method: Literal["lora", "full"] = _f("lora", "lora: frozen base plus LoRA adapters (QLoRA when load_in_4bit). full: train every parameter (small models).")
+    r: int = _f(128, "LoRA rank. Continued pretraining wants a high rank: capacity for new knowledge.")
+    lora_alpha: float = _f(32, "LoRA alpha. The update is scaled by alpha/r, or alpha/sqrt(r) with use_rslora.")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
+    bias: Literal["none", "all", "lora_only"] = _f("none", "Which biases train.")
+    use_rslora: bool = _f(True, "Rank-stabilised LoRA: scale by alpha/sqrt(r) so high ranks keep learning.")
+    target_modules: list[str] = _f(list(SEED_TARGETS), "Modules to adapt. embed_tokens and lm_head here are trained in full (not LoRA), as continued pretraining needs.")
+    random_state: int = _f(3407, "Seed for the adapter's initialisation.")
+    use_gradient_checkpointing: Union[bool, str] = _f(True, "Recompute activations in the backward pass: true, false, or 'offload' (keep checkpointed inputs in host memory).")
+    embedding_master_dtype: Literal["float32", "model"] = _f("float32", "Dtype of the trained embed_tokens/lm_head copies. float32 keeps small updates from rounding away in bf16 runs.")
+
+
+@dataclass
+class SourceConfig:
+    path: Optional[str] = _f(None, "Local file, folder or glob: .txt .md .jsonl .json .parquet .csv (.gz too).")
+    dataset: Optional[str] = _f(None, "A `datasets` name or local dataset folder, loaded with load_dataset(dataset, name, split=split).")
+    name: Optional[str] = _f(None, "Dataset configuration name (the second argument of load_dataset).")
+    split: str = _f("train", "Split with optional slicing, e.g. train[:10%].")
+    data_files: Optional[Any] = _f(None, "data_files passed to load_dataset.")
+    text_field: Optional[str] = _f(None, "Column holding the text; defaults to data.dataset_text_field.")
+    weight: float = _f(1.0, "Share of training tokens drawn from this source, relative to the other sources' weights.")
+    filters: list[str] = _f([], "Row filters on columns, e.g. 'int_score >= 3', 'language == \"ja\"'.")
+    streaming: Optional[bool] = _f(None, "Read the source as a stream instead of materialising it. Defaults to data.streaming.")
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = _f([], "Training text sources. A single source may also be given as `path:` or `dataset:` directly under data.")
+    dataset_text_field: str = _f("text", "Default text column for every source.")
+    dataset_num_proc: int = _f(1, "Worker processes for tokenization.")
+    packing: Literal["concat", "document"] = _f("concat", "concat: blocks span documents. document: attention and positions restart at each document.")
+    streaming: bool = _f(False, "Stream sources instead of materialising them.")
+    cache_dir: Optional[str] = _f(None, "Where token shards are cached. Default: ~/.cache/cpt/tokens (or $CPT_CACHE).")
+    shuffle: bool = _f(True, "Shuffle blocks (deterministically, from train.seed).")
+    strict: bool = _f(False, "Turn skipped rows (empty, non-string, bad UTF-8, malformed JSON) into errors.")
+    add_eos: bool = _f(True, "Append the tokenizer's EOS token after every document.")
+    max_docs: Optional[int] = _f(None, "Read at most this many documents per source (quick experiments).")
+
+
+@dataclass
+class EvalSetConfig:
+    name: str = _f("domain", "Name shown in logs and reports. 'general' sets feed the forgetting alarm.")
+    path: Optional[str] = _f(None, "Local file, folder or glob (as in data.sources).")
+    dataset: Optional[str] = _f(None, "A `datasets` name or folder.")
+    subset: Optional[str] = _f(None, "Dataset configuration name.")
+    split: str = _f("train", "Split with optional slicing.")
+    text_field: Optional[str] = _f(None, "Text column; defaults to data.dataset_text_field.")
+    max_docs: Optional[int] = _f(None, "Use at most this many documents.")
+
+
+@dataclass
+class EvalConfig:
+    sets: list[EvalSetConfig] = _f([], "Held-out evaluation sets.")
+    holdout_fraction: float = _f(0.0, "When no 'domain' set is given, hold out this fraction of the training documents (never trained on). 0 disables.")
+    holdout_max_docs: int = _f(200, "Upper bound on the documents held out automatically.")
+    eval_steps: int = _f(0, "Evaluate every N optimizer steps (0: only at start and end).")
+    eval_at_start: bool = _f(True, "Evaluate the base model before training.")
+    max_eval_tokens: Optional[int] = _f(None, "Stop each set after this many tokens.")
+    per_device_eval_batch_size: int = _f(4, "Eval micro-batch size.")
+    prompts: list[str] = _f([], "Prompts sampled at every evaluation.")
+    max_new_tokens: int = _f(48, "Tokens generated per prompt.")
+    forgetting_limit: float = _f(0.05, "Warn when a 'general' set's bits per byte rises more than this fraction above the base model's.")
+
+
+@dataclass
+class TrainConfig:
+    per_device_train_batch_size: int = _f(2, "Blocks per micro-batch on each device.")
+    gradient_accumulation_steps: int = _f(8, "Micro-batches per optimizer step.")
+    max_steps: int = _f(-1, "Optimizer steps to run. -1: run num_train_epochs over the data.")
+    num_train_epochs: float = _f(1.0, "Epochs, when max_steps is -1.")
+    learning_rate: float = _f(5e-6, "Learning rate of the adapter (or of all non-embedding weights in full mode).")
+    embedding_learning_rate: Optional[float] = _f(None, "Learning rate of trained embed_tokens/lm_head; 2-10x below learning_rate is typical. None: learning_rate.")
+    weight_decay: float = _f(0.0, "Decoupled weight decay; never applied to norms, biases or embeddings.")
+    optim: Literal["adamw_torch", "adamw_8bit", "adamw_torch_fused"] = _f("adamw_torch", "Optimizer. adamw_8bit needs bitsandbytes and CUDA.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "wsd"] = _f("cosine", "Schedule after warmup. wsd: warmup, stable, then decay over the last decay_ratio of steps.")
+    warmup_ratio: float = _f(0.0, "Warmup as a fraction of max_steps.")
+    warmup_steps: int = _f(0, "Warmup steps; overrides warmup_ratio when > 0.")
+    min_lr_ratio: float = _f(0.0, "Floor of the decayed learning rate, as a fraction of the peak.")
+    decay_ratio: float = _f(0.2, "wsd only: fraction of steps spent decaying.")
+    max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this value (0 disables).")
+    bf16: Optional[bool] = _f(None, "bf16 mixed precision. None: on where the GPU supports it.")
+    fp16: Optional[bool] = _f(None, "fp16 mixed precision with loss scaling. None: on for GPUs without bf16.")
+    seed: int = _f(3407, "Seed for data order, dropout and everything else random.")
+    max_nonfinite_steps: int = _f(5, "Stop after this many consecutive NaN/Inf steps (each is skipped, weights untouched).")
+    deterministic: bool = _f(False, "Use deterministic algorithms (bitwise-reproducible resume on CPU; slower on GPU).")
+
+
+@dataclass
+class OutputConfig:
+    output_dir: str = _f("outputs/cpt-run", "Where checkpoints, the final adapter, metrics and the report go.")
+    logging_steps: int = _f(10, "Log metrics every N optimizer steps.")
+    save_steps: int = _f(100, "Write checkpoint-N/ every N optimizer steps (0: only at the end).")
+    save_total_limit: Optional[int] = _f(None, "Keep at most this many checkpoints (oldest deleted after a new one is complete).")
+    resume: Union[bool, str] = _f("auto", "auto: continue from the newest complete checkpoint if any; true: require one; false: start fresh; or a checkpoint path.")
+    overwrite_output_dir: bool = _f(False, "Allow starting fresh in an output_dir that holds another run's checkpoints.")
+    report_to: list[str] = _f(["tensorboard"], "Extra loggers: tensorboard. metrics.jsonl is always written.")
+    save_grace_seconds: float = _f(120.0, "On SIGTERM/SIGINT: time allowed to finish the step and save before exiting.")
+    report: bool = _f(True, "Write report.html at the end of the run.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(redact(self.to_dict()), sort_keys=False, allow_unicode=True)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(self.to_yaml())
+
+    @property
+    def trains_embeddings(self) -> bool:
+        if self.adapter.method == "full":
+            return True
+        return any(m in EMBEDDING_MODULES for m in self.adapter.target_modules)
+
+
+# ---------------------------------------------------------------------------- building from dicts
+
+_SECRET = re.compile(r"(hf_[A-Za-z0-9]{20,}|(?i:token|secret|password|api_key)\s*[:=]\s*\S+)")
+
+
+def redact(obj: Any) -> Any:
+    """Replace anything that looks like an access token; used on every config dump and log line."""
+    if isinstance(obj, dict):
+        return {k: ("***" if re.search(r"(?i)token$|secret|password|api_key", str(k)) and v else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return _SECRET.sub("***", obj)
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where YAML is loose (1 -> 1.0)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}.{hint}")
+        return value
+    if origin is list:
+        if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
+            if dataclasses.is_dataclass(args[0]) and isinstance(value, dict):
+                value = [value]
+            elif args[0] is str and isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            else:
+                raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads "5e-6" as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"unknown key {key!r}.{_suggest(str(k), names, prefix)}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _all_keys() -> dict[str, list[str]]:
+    """Leaf field name -> the dotted keys that carry it (for flat overrides and suggestions)."""
+    out: dict[str, list[str]] = {}
+    hints = typing.get_type_hints(Config)
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(hints[section.name]):
+            out.setdefault(f.name, []).append(f"{section.name}.{f.name}")
+    return out
+
+
+def _suggest(word: str, names: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+    if close:
+        return f" Did you mean {(prefix + '.' if prefix else '') + close[0]!r}?"
+    elsewhere = _all_keys().get(word)
+    if elsewhere:
+        return f" It belongs in {elsewhere[0]!r}."
+    return f" Valid keys: {', '.join(names)}."
+
+
+def _normalise(raw: dict) -> dict:
+    """Accept the seed's flat spellings: top-level training keys and a single data source."""
+    raw = dict(raw or {})
+    sections = {f.name for f in dataclasses.fields(Config)}
+    flat = _all_keys()
+    for k in list(raw):
+        if k not in sections and k in flat and len(flat[k]) == 1:
+            sec, leaf = flat[k][0].split(".")
+            raw.setdefault(sec, {})
+            raw[sec] = dict(raw[sec] or {})
+            raw[sec][leaf] = raw.pop(k)
+    data = raw.get("data")
+    if isinstance(data, dict):
+        data = dict(data)
+        single = {k: data.pop(k) for k in ("path", "dataset", "name", "split", "data_files", "text_field", "filters") if k in data}
+        if single:
+            data.setdefault("sources", [])
+            data["sources"] = [single, *data["sources"]]
+        raw["data"] = data
+    return raw
+
+
+def config_from_dict(raw: dict) -> Config:
+    raw = _normalise(raw)
+    cfg = _build(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. train.max_steps=100")
+    key, _, value = text.partition("=")
+    key = key.strip().lstrip("-")
+    parsed = yaml.safe_load(value) if value.strip() else None
+    parts = key.split(".")
+    if len(parts) == 1:
+        homes = _all_keys().get(parts[0])
+        if homes and len(homes) == 1:
+            parts = homes[0].split(".")
+        elif homes:
+            raise ConfigError(f"override {key!r} is ambiguous: write one of {', '.join(homes)}")
+    return parts, parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = _normalise(yaml.safe_load(yaml.safe_dump(raw or {})))
+    for ov in overrides:
+        parts, value = parse_override(ov)
+        node = raw
+        for p in parts[:-1]:
+            if p.isdigit() and isinstance(node, list):
+                node = node[int(p)]
+                continue
+            if not isinstance(node.get(p), (dict, list)):
+                node[p] = {}
+            node = node[p]
+        if isinstance(node, list):
+            node[int(parts[-1])] = value
+        else:
+            node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or start from defaults), apply `key=value` overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (model, adapter, data, train, eval, output)")
+    try:
+        return config_from_dict(apply_overrides(raw, overrides or []))
+    except ConfigError as e:
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"{where}{e}") from None
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no model and no device. Raises ConfigError naming the key."""
+    m, a, d, t, o, e = cfg.model, cfg.adapter, cfg.data, cfg.train, cfg.output, cfg.eval
+    if m.max_seq_length < 2:
+        raise ConfigError("model.max_seq_length must be at least 2")
+    if a.method == "lora":
+        if a.r < 1:
+            raise ConfigError("adapter.r must be a positive integer")
+        if not a.target_modules:
+            raise ConfigError("adapter.target_modules is empty: name the projections to adapt, e.g. q_proj, v_proj")
+    if not 0 <= a.lora_dropout < 1:
+        raise ConfigError("adapter.lora_dropout must be in [0, 1)")
+    if isinstance(a.use_gradient_checkpointing, str) and a.use_gradient_checkpointing not in ("offload", "unsloth", "true", "false"):
+        raise ConfigError(f"adapter.use_gradient_checkpointing: {a.use_gradient_checkpointing!r} is not true, false or 'offload'")
+    if m.load_in_4bit and a.method == "full":
+        raise ConfigError("model.load_in_4bit cannot be combined with adapter.method=full: 4-bit weights cannot be trained; use method: lora")
+    if t.embedding_learning_rate is not None and not cfg.trains_embeddings:
+        raise ConfigError("train.embedding_learning_rate is set but no embeddings are trained: add embed_tokens and lm_head to adapter.target_modules, or remove embedding_learning_rate")
+    if t.per_device_train_batch_size < 1 or t.gradient_accumulation_steps < 1:
+        raise ConfigError("train.per_device_train_batch_size and train.gradient_accumulation_steps must be >= 1")
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise ConfigError("train.max_steps must be positive, or -1 to train num_train_epochs")
+    if t.learning_rate <= 0 or (t.embedding_learning_rate is not None and t.embedding_learning_rate <= 0):
+        raise ConfigError("train.learning_rate and train.embedding_learning_rate must be > 0")
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError("train.warmup_ratio must be in [0, 1)")
+    if t.bf16 and t.fp16:
+        raise ConfigError("train.bf16 and train.fp16 are both true: choose one")
+    if t.max_nonfinite_steps < 1:
+        raise ConfigError("train.max_nonfinite_steps must be >= 1")
+    for i, s in enumerate(d.sources):
+        if bool(s.path) == bool(s.dataset):
+            raise ConfigError(f"data.sources[{i}]: give exactly one of path or dataset")
+        if s.weight <= 0:
+            raise ConfigError(f"data.sources[{i}].weight must be > 0")
+    for i, s in enumerate(e.sets):
+        if bool(s.path) == bool(s.dataset):
+            raise ConfigError(f"eval.sets[{i}] ({s.name}): give exactly one of path or dataset")
+    if not 0 <= e.holdout_fraction < 1:
+        raise ConfigError("eval.holdout_fraction must be in [0, 1)")
+    if o.save_total_limit is not None and o.save_total_limit < 1:
+        raise ConfigError("output.save_total_limit must be >= 1 (or null to keep every checkpoint)")
+    if o.logging_steps < 1:
+        raise ConfigError("output.logging_steps must be >= 1")
+    if o.save_steps < 0:
+        raise ConfigError("output.save_steps must be >= 0")
+    if isinstance(o.resume, str) and o.resume not in ("auto", "true", "false") and not Path(o.resume).exists():
+        raise ConfigError(f"output.resume: checkpoint {o.resume!r} does not exist")
+
+
+def help_fields() -> str:
+    """Markdown reference of every key, its default and its help text."""
+    lines = []
+    hints = typing.get_type_hints(Config)
+    for section in dataclasses.fields(Config):
+        cls = hints[section.name]
+        lines.append(f"\n### `{section.name}`\n\n| key | default | meaning |\n|---|---|---|")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if dataclasses.is_dataclass(default) or (isinstance(default, list) and default and dataclasses.is_dataclass(default[0])):
+                default = "see below"
+            lines.append(f"| `{f.name}` | `{default!r}` | {f.metadata.get('help', '')} |")
+    for cls in (SourceConfig, EvalSetConfig):
+        lines.append(f"\n### each entry of `{'data.sources' if cls is SourceConfig else 'eval.sets'}`\n\n| key | default | meaning |\n|---|---|---|")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"| `{f.name}` | `{default!r}` | {f.metadata.get('help', '')} |")
+    return "\n".join(lines) + "\n"
