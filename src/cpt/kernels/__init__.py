@@ -3,15 +3,37 @@
 `apply_kernels(model, mode, device)` patches the model where a faster path exists and returns the
 loss function the loop calls. Every fused path has a plain fallback here and an equality test.
 
+Modes (config `model.kernels`):
+- none:  plain transformers forward; the loss is computed from the full logits.
+- cpt:   our chunked linear + cross-entropy for the output head (any device; the logits never
+         exist in full), plus liger-kernel's RMSNorm, SwiGLU and RoPE on CUDA when it is installed.
+- liger: liger-kernel for all of these, its own fused linear cross-entropy included (CUDA only).
+- auto:  cpt on CUDA, none elsewhere (on CPU the plain path is as fast and bit-for-bit familiar).
+
     python -m pytest tests/test_kernels.py -q
 """
 from __future__ import annotations
 
-from typing import Callable
+import importlib.util
+import logging
+import types
+from typing import Any, Callable, Optional
 
 import torch
 
+from cpt.kernels.linear_ce import IGNORE_INDEX, fused_linear_cross_entropy, shift_labels
+from cpt.kernels.recompute import decoder_layers, set_recompute
+
 LossFn = Callable[[torch.nn.Module, dict, int], torch.Tensor]
+
+__all__ = ["LossFn", "plain_causal_lm_loss", "apply_kernels", "fused_linear_cross_entropy", "shift_labels",
+           "set_recompute", "decoder_layers", "output_head", "liger_available", "MODES"]
+
+log = logging.getLogger(__name__)
+MODES = ("auto", "none", "cpt", "liger")
+# Architectures whose logits are exactly lm_head(last_hidden_state): no soft-capping or scaling
+# between the two, so the fused head computes the same function.
+FUSABLE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "phi3", "smollm3"}
 
 
 def plain_causal_lm_loss(model: torch.nn.Module, batch: dict, num_items: int) -> torch.Tensor:
@@ -28,6 +50,135 @@ def plain_causal_lm_loss(model: torch.nn.Module, batch: dict, num_items: int) ->
     return out.loss
 
 
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None and importlib.util.find_spec("triton") is not None
+
+
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers *ForCausalLM inside peft / accelerate wrappers."""
+    inner = model
+    for _ in range(4):
+        if hasattr(inner, "get_base_model"):  # peft PeftModel
+            inner = inner.get_base_model()
+        elif hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP
+            inner = inner.module
+        else:
+            break
+    return inner
+
+
+def output_head(causal_lm: torch.nn.Module) -> torch.nn.Module:
+    """The module that computes the logits right now: for a peft `modules_to_save` head, the
+    trained copy of the active adapter (or the frozen original while adapters are disabled)."""
+    head = causal_lm.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(causal_lm).__name__} has no output embeddings")
+    if hasattr(head, "modules_to_save") and hasattr(head, "original_module"):
+        active = head.active_adapters
+        if head.disable_adapters or any(a not in head.modules_to_save for a in active):
+            return head.original_module
+        if len(active) != 1:
+            raise ValueError("the fused loss needs exactly one active adapter on the output head")
+        return head.modules_to_save[active[0]]
+    return head
+
+
+def _fused_forward(original: Callable, use_liger_loss: bool) -> Callable:
+    def forward(self, *args: Any, **kwargs: Any):
+        labels = kwargs.get("labels")
+        # Generation, evaluation without gradients and callers that want logits keep the
+        # original forward: the fused path exists only to train.
+        if (args or labels is None or not torch.is_grad_enabled() or kwargs.get("inputs_embeds") is not None
+                or kwargs.get("logits_to_keep") not in (None, 0) or kwargs.get("return_dict") is False):
+            return original(*args, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        kwargs.pop("labels")
+        kwargs.pop("logits_to_keep", None)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        outputs = self.model(**kwargs)
+        hidden = outputs.last_hidden_state
+        head = output_head(self)
+        targets = shift_labels(labels).to(hidden.device)
+        if use_liger_loss:
+            loss = _liger_loss(hidden, head, targets, num_items)
+        else:
+            loss = fused_linear_cross_entropy(hidden, head.weight, targets, num_items, bias=getattr(head, "bias", None))
+        return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
+                                      attentions=outputs.attentions)
+
+    return forward
+
+
+def _liger_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, num_items: Optional[Any]) -> torch.Tensor:
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
+    # liger accumulates the weight's gradient in the weight's dtype with addmm: hand it a weight in
+    # the compute dtype and let autograd carry the gradient back to a float32 master.
+    weight = head.weight if head.weight.dtype == dtype else head.weight.to(dtype)
+    bias = getattr(head, "bias", None)
+    h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
+    t = targets.reshape(-1)
+    total = LigerFusedLinearCrossEntropyFunction.apply(h, weight, t, bias, None, IGNORE_INDEX, 0.0, 0.0, "sum")
+    total = total[0] if isinstance(total, tuple) else total
+    if num_items is None:
+        num_items = (t != IGNORE_INDEX).sum()
+    return total / num_items
+
+
+def _model_type(causal_lm: torch.nn.Module) -> str:
+    return str(getattr(getattr(causal_lm, "config", None), "model_type", ""))
+
+
+def _patch_loss(causal_lm: torch.nn.Module, use_liger_loss: bool) -> bool:
+    cfg = causal_lm.config
+    if (_model_type(causal_lm) not in FUSABLE_MODEL_TYPES or getattr(cfg, "final_logit_softcapping", None)
+            or not hasattr(causal_lm, "model") or causal_lm.get_output_embeddings() is None):
+        log.info("fused loss: %s not supported, keeping the plain loss", _model_type(causal_lm))
+        return False
+    if getattr(causal_lm, "_cpt_plain_forward", None) is None:
+        causal_lm._cpt_plain_forward = causal_lm.forward
+    causal_lm.forward = types.MethodType(_fused_forward(causal_lm._cpt_plain_forward, use_liger_loss), causal_lm)
+    return True
+
+
+def _patch_liger_elementwise(causal_lm: torch.nn.Module) -> bool:
+    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=causal_lm, rope=True, rms_norm=True, swiglu=True,
+                                    cross_entropy=False, fused_linear_cross_entropy=False)
+    return True
+
+
 def apply_kernels(model: torch.nn.Module, mode: str, device: torch.device) -> LossFn:
-    """Return the loss function for this model and device. mode: auto | none | liger | cpt."""
+    """Patch `model` (a transformers causal LM, possibly peft-wrapped) for `mode` on `device` and
+    return the loss function the loop calls. Calling it again re-chooses the loss path (`mode="none"`
+    restores the plain loss; liger's RMSNorm/SwiGLU/RoPE, once applied on CUDA, stay).
+
+    The patched model still goes through its own `__call__` (so accelerate / DDP wrappers keep
+    their hooks): only the causal LM's forward changes, and only while training with labels.
+    """
+    if mode not in MODES:
+        raise ValueError(f"model.kernels: {mode!r} is not one of {', '.join(MODES)}")
+    device = torch.device(device)
+    causal_lm = _causal_lm(model)
+    if getattr(causal_lm, "_cpt_plain_forward", None) is not None:  # undo an earlier patch
+        causal_lm.forward = causal_lm._cpt_plain_forward
+        del causal_lm._cpt_plain_forward
+    if mode == "auto":
+        mode = "cpt" if device.type == "cuda" else "none"
+    applied = []
+    if mode == "liger" and device.type != "cuda":
+        raise ValueError("model.kernels=liger needs a CUDA device; use 'cpt' or 'none' on CPU")
+    if mode == "liger" and not liger_available():
+        raise ValueError("model.kernels=liger needs liger-kernel: pip install liger-kernel")
+    if mode in ("cpt", "liger"):
+        if _patch_loss(causal_lm, use_liger_loss=(mode == "liger")):
+            applied.append("liger fused linear cross-entropy" if mode == "liger" else "cpt chunked linear cross-entropy")
+        if device.type == "cuda" and liger_available() and _model_type(causal_lm) in FUSABLE_MODEL_TYPES:
+            if _patch_liger_elementwise(causal_lm):
+                applied.append("liger RMSNorm/SwiGLU/RoPE")
+    causal_lm._cpt_kernels = applied
+    log.info("kernels: %s", ", ".join(applied) or "plain PyTorch")
     return plain_causal_lm_loss

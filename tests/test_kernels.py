@@ -1,0 +1,193 @@
+"""Fused paths give the plain path's loss and gradients (CPU here; bench/gpu_throughput.py repeats
+the model-level check on the GPU).
+
+    python -m pytest tests/test_kernels.py -q
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cpt.kernels import apply_kernels, fused_linear_cross_entropy, output_head, plain_causal_lm_loss, set_recompute, shift_labels
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _inputs(n=37, h=16, v=53, seed=0, ignore=5):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * 0.3
+    bias = torch.randn(v, generator=g) * 0.1
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[torch.randperm(n, generator=g)[:ignore]] = -100
+    return hidden, weight, bias, targets
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_linear_ce_matches_plain_fp32(chunk, use_bias):
+    hidden, weight, bias, targets = _inputs(seed=chunk)
+    num_items = 50  # as when the step's tokens span several micro-batches
+    ref_args = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    logits = ref_args[0] @ ref_args[1].t() + (ref_args[2] if use_bias else 0)
+    ref = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / num_items
+    ref.backward()
+    args = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    out = fused_linear_cross_entropy(args[0], args[1], targets, num_items, bias=args[2] if use_bias else None,
+                                     chunk_tokens=chunk)
+    (out * 3.0).backward()  # a non-unit upstream gradient must scale every gradient
+    assert abs(out.item() - ref.item()) < 1e-5 * abs(ref.item())
+    assert _rel(args[0].grad, 3 * ref_args[0].grad) < 1e-5
+    assert _rel(args[1].grad, 3 * ref_args[1].grad) < 1e-5
+    if use_bias:
+        assert _rel(args[2].grad, 3 * ref_args[2].grad) < 1e-5
+    else:
+        assert args[2].grad is None
+
+
+def test_linear_ce_default_num_items_is_token_mean():
+    hidden, weight, _, targets = _inputs()
+    out = fused_linear_cross_entropy(hidden, weight, targets)
+    ref = F.cross_entropy(hidden @ weight.t(), targets, ignore_index=-100)
+    assert abs(out.item() - ref.item()) < 1e-5
+
+
+def test_linear_ce_bf16_hidden_with_float32_master():
+    """bf16 activations, float32 trained head (the embedding master), under autocast: same loss and
+    gradients as the plain bf16 path within bf16 tolerance; the master's gradient stays float32."""
+    hidden, weight, _, targets = _inputs(n=64, h=32, v=97, seed=3)
+    h_ref = hidden.bfloat16().requires_grad_()
+    w_ref = weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = h_ref @ w_ref.t()
+    ref = F.cross_entropy(logits.float(), targets, ignore_index=-100)
+    ref.backward()
+    h = hidden.bfloat16().requires_grad_()
+    w = weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused_linear_cross_entropy(h, w, targets, chunk_tokens=16)
+    out.backward()
+    assert w.grad.dtype == torch.float32 and h.grad.dtype == torch.bfloat16
+    assert abs(out.item() - ref.item()) < 1e-2 * ref.item()
+    assert _rel(h.grad, h_ref.grad) < 2e-2
+    assert _rel(w.grad, w_ref.grad) < 2e-2
+
+
+def test_linear_ce_rejects_mismatched_shapes():
+    hidden, weight, _, targets = _inputs()
+    with pytest.raises(ValueError, match="hidden size"):
+        fused_linear_cross_entropy(hidden[:, :5], weight, targets)
+    with pytest.raises(ValueError, match="targets"):
+        fused_linear_cross_entropy(hidden, weight, targets[:-1])
+
+
+def test_shift_labels():
+    labels = torch.tensor([[1, 2, 3], [4, -100, 6]])
+    assert shift_labels(labels).tolist() == [[2, 3, -100], [-100, 6, -100]]
+
+
+def _peft_model(model_dir, dtype=torch.float32):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=True,
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                     modules_to_save=["embed_tokens", "lm_head"], init_lora_weights=False)
+    return get_peft_model(model, cfg)
+
+
+def _batch(vocab: int, seed: int = 0, b: int = 2, t: int = 24) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, t), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    pos = torch.arange(t).repeat(b, 1)
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+def _loss_and_grads(model, loss_fn, batch, num_items):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model, batch, num_items)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return loss.detach(), grads
+
+
+def test_patched_peft_model_matches_plain(tiny_model_dir):
+    model = _peft_model(tiny_model_dir)
+    model.train()
+    batch = _batch(model.config.vocab_size)
+    num_items = 40
+    loss_ref, grads_ref = _loss_and_grads(model, apply_kernels(model, "none", torch.device("cpu")), batch, num_items)
+    loss_fn = apply_kernels(model, "cpt", torch.device("cpu"))
+    loss, grads = _loss_and_grads(model, loss_fn, batch, num_items)
+    assert "cpt chunked linear cross-entropy" in model.get_base_model()._cpt_kernels
+    assert abs(loss.item() - loss_ref.item()) < 1e-5 * loss_ref.item()
+    assert grads.keys() == grads_ref.keys()
+    # The gradient reaches the trained copy of lm_head, and every trained tensor matches.
+    assert any("lm_head.modules_to_save" in n for n in grads)
+    assert not any("original_module" in n for n in grads)
+    for n in grads:
+        assert _rel(grads[n], grads_ref[n]) < 1e-4, n
+    # Without labels, or without gradients, the model still returns logits (generation, eval).
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], labels=batch["labels"])
+    assert out.logits is not None and abs(out.loss.item() - model(**{k: batch[k] for k in ("input_ids", "labels")}).loss.item()) < 1e-4
+    # Switching back restores the plain forward.
+    apply_kernels(model, "none", torch.device("cpu"))
+    assert _loss_and_grads(model, plain_causal_lm_loss, batch, num_items)[0].item() == pytest.approx(loss_ref.item(), rel=1e-6)
+
+
+def test_fused_head_follows_disabled_adapters(tiny_model_dir):
+    model = _peft_model(tiny_model_dir)
+    apply_kernels(model, "cpt", torch.device("cpu"))
+    causal_lm = model.get_base_model()
+    assert output_head(causal_lm) is causal_lm.lm_head.modules_to_save["default"]
+    with model.disable_adapter():
+        assert output_head(causal_lm) is causal_lm.lm_head.original_module
+
+
+def test_apply_kernels_rejects_unknown_mode(tiny_model_dir):
+    model = _peft_model(tiny_model_dir)
+    with pytest.raises(ValueError, match="model.kernels"):
+        apply_kernels(model, "fast", torch.device("cpu"))
+    with pytest.raises(ValueError, match="CUDA"):
+        apply_kernels(model, "liger", torch.device("cpu"))
+
+
+def test_auto_is_plain_on_cpu(tiny_model_dir):
+    model = _peft_model(tiny_model_dir)
+    apply_kernels(model, "auto", torch.device("cpu"))
+    assert model.get_base_model()._cpt_kernels == []
+
+
+@pytest.mark.parametrize("plan", [(None, False), (1, False), (None, True), (1, True), (0, False)])
+def test_recompute_modes_match_plain(tiny_model_dir, plan):
+    """keep / recompute / offload (and mixes of them) change memory and time, never the gradients."""
+    recompute_layers, offload = plan
+    model = _peft_model(tiny_model_dir)
+    model.train()
+    batch = _batch(model.config.vocab_size, seed=1)
+    loss_ref, grads_ref = _loss_and_grads(model, plain_causal_lm_loss, batch, 45)
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    summary = set_recompute(model, recompute_layers, offload)
+    n = model.config.num_hidden_layers
+    k = n if recompute_layers is None else recompute_layers
+    assert summary == {"keep": n - k, "recompute": 0 if offload else k, "offload": k if offload else 0}
+    loss, grads = _loss_and_grads(model, apply_kernels(model, "cpt", torch.device("cpu")), batch, 45)
+    assert abs(loss.item() - loss_ref.item()) < 1e-5 * loss_ref.item()
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        assert _rel(grads[name], grads_ref[name]) < 1e-4, name
+
+
+def test_set_recompute_needs_checkpointing_enabled(tiny_model_dir):
+    model = _peft_model(tiny_model_dir)
+    with pytest.raises(ValueError, match="gradient_checkpointing_enable"):
+        set_recompute(model, None, offload=False)
