@@ -1,0 +1,168 @@
+"""Python API that follows the familiar continued-pretraining flow and names:
+
+    from cpt.api import CPTModel, CPTTrainer, TrainingArguments
+    model, tokenizer = CPTModel.from_pretrained("HuggingFaceTB/SmolLM2-135M", max_seq_length=2048, load_in_4bit=False)
+    model = CPTModel.get_peft_model(model, r=128, lora_alpha=32, use_rslora=True,
+                                    target_modules=[..., "embed_tokens", "lm_head"])
+    trainer = CPTTrainer(model=model, tokenizer=tokenizer, train_dataset=dataset, dataset_text_field="text",
+                         max_seq_length=2048, args=TrainingArguments(max_steps=100, learning_rate=5e-6,
+                         embedding_learning_rate=1e-6, output_dir="outputs/run"))
+    stats = trainer.train()
+
+Everything goes through the same `run_training` as `cpt train`, so both faces behave the same.
+See examples/seed.py.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+
+from cpt.config import AdapterConfig, Config, ConfigError, ModelConfig, _all_keys, config_from_dict, validate
+
+log = logging.getLogger("cpt")
+
+
+def is_bfloat16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def run_training(cfg: Config, *, model: Any = None, tokenizer: Any = None, train_dataset: Any = None,
+                 device: Optional[torch.device] = None) -> dict:
+    """Config in, trained adapter out: model -> data -> evaluator -> trainer. Returns the run summary."""
+    from cpt.data import build_data, labeled_warning
+    from cpt.evaluate import Evaluator, load_eval_sets
+    from cpt.model import build_model
+    from cpt.train import Trainer
+
+    validate(cfg)
+    bundle = build_model(cfg, device=device, model=model, tokenizer=tokenizer)
+    from accelerate import Accelerator
+    from cpt.train import mixed_precision
+
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg, bundle.device, bundle.dtype),
+                              cpu=bundle.device.type == "cpu")
+    data = build_data(cfg, bundle.tokenizer, train_dataset=train_dataset, rank=accelerator.process_index,
+                      world_size=accelerator.num_processes)
+    warning = labeled_warning(data.stats.get("verdict")) if data.stats.get("verdict") else None
+    if warning:
+        log.warning(warning)
+    summary_params = bundle.trainable_summary()
+    log.info("trainable parameters: %s", ", ".join(f"{k}={v:,}" for k, v in summary_params.items()))
+    eval_sets = load_eval_sets(cfg, data.holdout_texts)
+    evaluator = Evaluator(cfg, bundle.tokenizer, eval_sets, cfg.output.output_dir) if eval_sets or cfg.eval.prompts else None
+    trainer = Trainer(cfg, bundle, data, evaluator=evaluator, accelerator=accelerator)
+    summary = trainer.train()
+    summary["data"] = {k: v for k, v in data.stats.items() if k != "verdict"}
+    return summary
+
+
+def _section_kwargs(section: str, kwargs: dict) -> dict:
+    """Route seed-style keyword arguments to their config section, rejecting unknown ones."""
+    homes = _all_keys()
+    out: dict[str, dict] = {}
+    for k, v in kwargs.items():
+        targets = homes.get(k)
+        if not targets:
+            import difflib
+            close = difflib.get_close_matches(k, list(homes), n=1)
+            raise ConfigError(f"{section}: unknown argument {k!r}." + (f" Did you mean {close[0]!r}?" if close else ""))
+        sec, leaf = targets[0].split(".")
+        out.setdefault(sec, {})[leaf] = v
+    return out
+
+
+class CPTModel:
+    """Loading and adapter set-up, with the argument names of the usual continued-pretraining recipe."""
+
+    @staticmethod
+    def from_pretrained(model_name: str, max_seq_length: int = 2048, dtype: Any = None, load_in_4bit: bool = False,
+                        gguf_file: Optional[str] = None, device: Any = None, **kwargs: Any):
+        from cpt.model import (check_against_model, check_device, default_device, load_base_model, load_model_config,
+                               load_tokenizer, resolve_dtype)
+
+        if isinstance(dtype, torch.dtype):
+            dtype = str(dtype).replace("torch.", "")
+        unknown = [k for k in kwargs if k not in ModelConfig.__dataclass_fields__]
+        if unknown:
+            raise ConfigError(f"CPTModel.from_pretrained: unknown argument {unknown[0]!r}; valid: {', '.join(ModelConfig.__dataclass_fields__)}")
+        mcfg = ModelConfig(name_or_path=model_name, max_seq_length=max_seq_length, dtype=dtype or "auto",
+                           load_in_4bit=load_in_4bit, gguf_file=gguf_file, **kwargs)
+        device = torch.device(device) if device is not None else default_device()
+        cfg = Config(model=mcfg)
+        check_device(cfg, device)
+        check_against_model(cfg, load_model_config(mcfg))
+        model = load_base_model(mcfg, device, resolve_dtype(mcfg.dtype, device))
+        model._cpt_model_config = mcfg
+        return model, load_tokenizer(mcfg)
+
+    @staticmethod
+    def get_peft_model(model: Any, r: int = 128, target_modules: Optional[list[str]] = None, lora_alpha: float = 32,
+                       lora_dropout: float = 0.0, bias: str = "none", use_gradient_checkpointing: Any = True,
+                       random_state: int = 3407, use_rslora: bool = True, method: str = "lora", **kwargs: Any):
+        """Add LoRA/rsLoRA adapters; embed_tokens/lm_head in target_modules are trained in full (float32 masters)."""
+        from cpt.model import add_adapters, enable_gradient_checkpointing
+
+        if use_gradient_checkpointing == "unsloth":
+            use_gradient_checkpointing = True
+        acfg = AdapterConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
+                             use_gradient_checkpointing=use_gradient_checkpointing, random_state=random_state,
+                             use_rslora=use_rslora, method=method, **kwargs)
+        if target_modules is not None:
+            acfg.target_modules = list(target_modules)
+        mcfg = getattr(model, "_cpt_model_config", ModelConfig(name_or_path=getattr(model, "name_or_path", "model")))
+        cfg = Config(model=mcfg, adapter=acfg)
+        validate(cfg)
+        if acfg.method == "lora":
+            for p in model.parameters():
+                p.requires_grad_(False)
+        enable_gradient_checkpointing(model, acfg.use_gradient_checkpointing)
+        compute = next(model.parameters()).dtype
+        compute = compute if compute.is_floating_point else torch.bfloat16
+        model = add_adapters(model, cfg, compute)
+        model._cpt_model_config = mcfg
+        model._cpt_adapter_config = acfg
+        return model
+
+
+class TrainingArguments(dict):
+    """Training, output and data arguments by their usual names (per_device_train_batch_size,
+    gradient_accumulation_steps, warmup_ratio, max_steps, learning_rate, embedding_learning_rate,
+    fp16, bf16, logging_steps, save_steps, save_total_limit, optim, weight_decay, lr_scheduler_type,
+    seed, output_dir, ...). Unknown names are rejected with a suggestion."""
+
+    def __init__(self, **kwargs: Any):
+        _section_kwargs("TrainingArguments", kwargs)  # validate names now, not at train()
+        super().__init__(**kwargs)
+
+
+class CPTTrainer:
+    def __init__(self, model: Any, tokenizer: Any, train_dataset: Any = None, args: Optional[TrainingArguments] = None,
+                 dataset_text_field: str = "text", max_seq_length: Optional[int] = None, dataset_num_proc: int = 1,
+                 config: Optional[Config] = None, **kwargs: Any):
+        raw: dict[str, dict] = {}
+        mcfg = getattr(model, "_cpt_model_config", None)
+        acfg = getattr(model, "_cpt_adapter_config", None)
+        if mcfg is not None:
+            raw["model"] = {k: v for k, v in mcfg.__dict__.items()}
+        if acfg is not None:
+            raw["adapter"] = {k: v for k, v in acfg.__dict__.items()}
+        for sec, vals in _section_kwargs("CPTTrainer", {**dict(args or {}), **kwargs}).items():
+            raw.setdefault(sec, {}).update(vals)
+        raw.setdefault("data", {}).update({"dataset_text_field": dataset_text_field, "dataset_num_proc": dataset_num_proc})
+        if max_seq_length is not None:
+            raw.setdefault("model", {})["max_seq_length"] = max_seq_length
+        self.config = config or config_from_dict(raw)
+        if train_dataset is None and not self.config.data.sources:
+            raise ConfigError("CPTTrainer needs train_dataset (a datasets.Dataset) or data sources in the config")
+        self.model, self.tokenizer, self.train_dataset = model, tokenizer, train_dataset
+
+    def train(self) -> dict:
+        device = None
+        try:
+            device = next(self.model.parameters()).device
+        except StopIteration:
+            pass
+        return run_training(self.config, model=self.model, tokenizer=self.tokenizer,
+                            train_dataset=self.train_dataset, device=device)

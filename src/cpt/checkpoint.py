@@ -1,0 +1,272 @@
+"""Checkpoints: atomic save, rotation, resume, and the stop signal.
+
+A checkpoint is `output_dir/checkpoint-N/`. It is written to a hidden temporary folder, every file is
+fsynced, a `COMPLETE` marker goes in last, and only then is the folder renamed into place. A folder
+without the marker is never resumed from and never counted. This module is the only place that
+writes or deletes checkpoint folders.
+
+    python -m pytest tests/test_checkpoint.py -q
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+log = logging.getLogger("cpt")
+
+PREFIX = "checkpoint-"
+COMPLETE = "COMPLETE"
+TMP_PREFIX = ".tmp-checkpoint-"
+_STEP = re.compile(rf"^{PREFIX}(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """Saving or loading a checkpoint failed; the message says which folder and why."""
+
+
+# ---------------------------------------------------------------------------- finding
+
+
+def is_complete(path: str | Path) -> bool:
+    return (Path(path) / COMPLETE).is_file()
+
+
+def step_of(path: str | Path) -> int:
+    m = _STEP.match(Path(path).name)
+    if not m:
+        raise CheckpointError(f"{path} is not a checkpoint folder (expected {PREFIX}<step>)")
+    return int(m.group(1))
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    found = [p for p in d.iterdir() if p.is_dir() and _STEP.match(p.name) and is_complete(p)]
+    return sorted(found, key=step_of)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def has_run_artifacts(output_dir: str | Path) -> bool:
+    """Does output_dir hold another run's checkpoints (complete or not) or a finished adapter?"""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return False
+    return any(_STEP.match(p.name) for p in d.iterdir()) or (d / "adapter_model.safetensors").is_file() or (d / "model.safetensors").is_file()
+
+
+def remove_partial(output_dir: str | Path) -> list[Path]:
+    """Delete temporary folders left by a save that was killed. Returns what was removed."""
+    d = Path(output_dir)
+    removed = []
+    if d.is_dir():
+        for p in d.iterdir():
+            if p.name.startswith(TMP_PREFIX) or (_STEP.match(p.name) and p.is_dir() and not is_complete(p)):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def clear_checkpoints(output_dir: str | Path) -> None:
+    """Remove every checkpoint folder (only for overwrite_output_dir)."""
+    d = Path(output_dir)
+    if d.is_dir():
+        for p in d.iterdir():
+            if p.is_dir() and (_STEP.match(p.name) or p.name.startswith(TMP_PREFIX)):
+                shutil.rmtree(p)
+
+
+# ---------------------------------------------------------------------------- saving
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(output_dir: str | Path, step: int, write: Callable[[Path], None],
+                    save_total_limit: Optional[int] = None, protect: tuple[Path, ...] = ()) -> Path:
+    """Write a checkpoint through `write(folder)` atomically, then rotate old ones.
+
+    On any error the partial folder is removed, earlier checkpoints are untouched, and a
+    CheckpointError says what happened."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / f"{PREFIX}{step}"
+    tmp = out / f"{TMP_PREFIX}{step}-{os.getpid()}"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        write(tmp)
+        _fsync_tree(tmp)
+        with open(tmp / COMPLETE, "w") as f:
+            json.dump({"step": step, "time": time.time()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():
+            # Same step saved again (e.g. a stop right after a periodic save): replace it atomically.
+            old = out / f"{TMP_PREFIX}old-{step}-{os.getpid()}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        _fsync_dir(out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e} "
+                                  f"(errno {e.errno}). Earlier checkpoints are intact; free disk space and resume.") from e
+        raise
+    rotate(out, save_total_limit, protect=(final, *protect))
+    return final
+
+
+def rotate(output_dir: str | Path, limit: Optional[int], protect: tuple[Path, ...] = ()) -> list[Path]:
+    """Keep the newest `limit` complete checkpoints; never delete a protected one or the newest."""
+    if not limit:
+        return []
+    ckpts = list_checkpoints(output_dir)
+    keep = {p.resolve() for p in protect}
+    if ckpts:
+        keep.add(ckpts[-1].resolve())
+    removable = [p for p in ckpts if p.resolve() not in keep]
+    excess = len(ckpts) - limit
+    deleted = []
+    for p in removable:
+        if excess <= 0:
+            break
+        shutil.rmtree(p)
+        deleted.append(p)
+        excess -= 1
+    return deleted
+
+
+# ---------------------------------------------------------------------------- training state
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "python": _to_json(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+
+
+def torch_rng_state() -> dict[str, torch.Tensor]:
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"cuda{i}"] = s
+    return out
+
+
+def set_rng_state(state: dict, torch_state: dict[str, torch.Tensor]) -> None:
+    random.setstate(_from_json(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(torch_state["cpu"])
+    if torch.cuda.is_available():
+        cuda = [torch_state[k] for k in sorted(k for k in torch_state if k.startswith("cuda"))]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _to_json(x: Any) -> Any:
+    return [_to_json(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _from_json(x: Any) -> Any:
+    return tuple(_from_json(v) for v in x) if isinstance(x, list) else x
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1, default=str))
+
+
+def load_torch(path: Path) -> Any:
+    """Only tensors and plain containers: a pickle that tries to run code is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError for anything that is not plain data
+        raise CheckpointError(f"refused to load {path}: it is not a plain tensor file ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+# ---------------------------------------------------------------------------- the stop signal
+
+
+class StopSignal:
+    """SIGTERM/SIGINT ask the loop to finish its step, save and exit 0. A second signal is noted but
+    does not interrupt a save; if the grace period runs out the process exits with code 143."""
+
+    def __init__(self, grace_seconds: float = 120.0):
+        self.grace_seconds = grace_seconds
+        self.requested: Optional[str] = None
+        self._old: dict[int, Any] = {}
+        self._timer: Optional[threading.Timer] = None
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.requested:
+            log.warning("%s received again; still finishing the step and saving (up to %.0fs)", name, self.grace_seconds)
+            return
+        self.requested = name
+        log.warning("%s received: finishing this step, saving a checkpoint, then exiting", name)
+        if self.grace_seconds > 0:
+            self._timer = threading.Timer(self.grace_seconds, self._expire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _expire(self) -> None:
+        log.error("grace period of %.0fs ran out before the checkpoint was written; exiting", self.grace_seconds)
+        os._exit(143)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._timer:
+            self._timer.cancel()
+        for sig, old in self._old.items():
+            signal.signal(sig, old)

@@ -1,0 +1,219 @@
+"""The `cpt` command: a thin face over the stages.
+
+    cpt train CONFIG [key=value ...]     continued pretraining (resumes automatically)
+    cpt demo                             SmolLM2-135M on the Python standard library's docs, on CPU
+    cpt inspect SOURCE                   fields, sizes, labeled vs unlabeled, training budget
+    cpt eval MODEL --data PATH           loss, perplexity, bits per byte
+    cpt report OUTPUT_DIR                the HTML report of a run
+    cpt merge ADAPTER_DIR OUT_DIR        a merged model for AutoModelForCausalLM
+    cpt generate MODEL --prompt TEXT     sample text
+    cpt plan CONFIG                      memory and speed estimate before a run
+    cpt config                           every config key with its default and meaning
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Optional
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    from rich.logging import RichHandler
+
+    from cpt.config import redact
+
+    class Redact(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.msg = redact(str(record.msg))
+            if record.args:
+                record.args = tuple(redact(a) if isinstance(a, str) else a for a in (record.args if isinstance(record.args, tuple) else (record.args,)))
+            return True
+
+    handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False) if sys.stderr.isatty() else logging.StreamHandler()
+    if not isinstance(handler, RichHandler):
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.addFilter(Redact())
+    root = logging.getLogger("cpt")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+    for noisy in ("transformers", "accelerate", "datasets", "peft"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def print_eval_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if not rows:
+        return
+    table = Table(title="held-out evaluation: before -> after")
+    for col in ("set", "loss before", "loss after", "ppl before", "ppl after", "bits/byte before", "bits/byte after", "change"):
+        table.add_column(col, justify="right" if col != "set" else "left")
+    for r in rows:
+        table.add_row(str(r.get("set")), *(f"{r.get(k, float('nan')):.4f}" for k in ("loss_before", "loss_after")),
+                      *(f"{r.get(k, float('nan')):.2f}" for k in ("perplexity_before", "perplexity_after")),
+                      *(f"{r.get(k, float('nan')):.4f}" for k in ("bits_per_byte_before", "bits_per_byte_after")),
+                      f"{100 * r.get('bits_per_byte_change', float('nan')):+.1f}%")
+    Console().print(table)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cpt.api import run_training
+    from cpt.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    summary = run_training(cfg)
+    _print_summary(summary, cfg.output.output_dir)
+    return 0
+
+
+def _print_summary(summary: dict, output_dir: str) -> None:
+    log = logging.getLogger("cpt")
+    if summary.get("interrupted"):
+        log.info("interrupted at step %d of %d; run the same command again to resume", summary["step"], summary["total_steps"])
+        return
+    print_eval_table(summary.get("eval_table") or [])
+    log.info("done: %d steps, %d tokens in %.0fs (%.0f tokens/s)", summary["step"], summary["tokens"],
+             summary["train_runtime_s"], summary["tokens_per_s"])
+    log.info("adapter: %s", output_dir)
+    if summary.get("report"):
+        print(f"report: {summary['report']}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cpt.api import run_training
+    from cpt.demo import demo_config
+
+    cfg = demo_config(args.output_dir, args.overrides)
+    summary = run_training(cfg)
+    _print_summary(summary, cfg.output.output_dir)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from cpt.export import merge
+
+    out = merge(args.adapter_dir, args.out_dir, dtype=args.dtype)
+    print(out)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from cpt.export import generate
+    from cpt.model import load_for_inference
+
+    model, tok = load_for_inference(args.model, gguf_file=args.gguf_file, device=args.device)
+    for prompt in args.prompt:
+        text = generate(model, tok, prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed)
+        print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False) if args.json else prompt + text)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from cpt.config import Config, help_fields, load_config
+
+    if args.config:
+        print(load_config(args.config, args.overrides).to_yaml())
+    else:
+        print(Config().to_yaml() if args.defaults else help_fields())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cpt", description="Continued pretraining of language models on unlabeled domain text.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="run continued pretraining from a YAML config")
+    t.add_argument("config", nargs="?", help="YAML config (optional: defaults plus overrides)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("demo", help="the embedded default: SmolLM2-135M on Python's own docs, CPU, ~10 minutes")
+    d.add_argument("--output-dir", default="outputs/demo")
+    d.add_argument("overrides", nargs="*")
+    d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("merge", help="merge an adapter into its base model")
+    m.add_argument("adapter_dir")
+    m.add_argument("out_dir")
+    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    m.set_defaults(func=cmd_merge)
+
+    g = sub.add_parser("generate", help="sample text from a base model, adapter or merged model")
+    g.add_argument("model")
+    g.add_argument("--prompt", action="append", required=True)
+    g.add_argument("--gguf-file", default=None)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", default=None)
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("config", help="print the configuration reference, or a resolved config")
+    c.add_argument("config", nargs="?")
+    c.add_argument("overrides", nargs="*")
+    c.add_argument("--defaults", action="store_true", help="print the default config as YAML")
+    c.set_defaults(func=cmd_config)
+
+    # Faces of other stages parse their own arguments.
+    for name, help_text in (("inspect", "inspect a data source: fields, sizes, labeled or unlabeled, budget"),
+                            ("eval", "evaluate a model, adapter or merged model on held-out text"),
+                            ("report", "write the HTML report of a run"),
+                            ("plan", "estimate memory and speed of a config before running it")):
+        s = sub.add_parser(name, help=help_text, add_help=False)
+        s.add_argument("rest", nargs=argparse.REMAINDER)
+        s.set_defaults(func=None, delegate=name)
+    return p
+
+
+def _delegate(name: str, argv: list[str]) -> int:
+    if name == "inspect":
+        from cpt.data.inspect import inspect_main
+        return inspect_main(argv)
+    if name == "eval":
+        from cpt.evaluate import eval_main
+        return eval_main(argv)
+    if name == "report":
+        from cpt.report import report_main
+        return report_main(argv)
+    from cpt.plan import plan_main
+    return plan_main(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from cpt.config import ConfigError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        if getattr(args, "delegate", None):
+            return _delegate(args.delegate, args.rest)
+        return args.func(args)
+    except ConfigError as e:
+        print(f"cpt: configuration error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError) as e:
+        print(f"cpt: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from cpt.checkpoint import CheckpointError
+        from cpt.train import NonFiniteError
+        if isinstance(e, (CheckpointError, NonFiniteError)):
+            print(f"cpt: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
