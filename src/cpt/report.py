@@ -243,7 +243,7 @@ def _plot_memory(run: RunFiles) -> Figure | None:
     xs, ys = _series(run.metrics, "memory_gib")
     if not xs:
         return None
-    fig, ax = _figure("Peak accelerator memory", "GiB")
+    fig, ax = _figure("Peak memory (GPU allocated, or process RSS on CPU)", "GiB")
     ax.plot(xs, ys, color=COLORS[4], lw=1.2)
     ax.set_ylim(bottom=0)
     return _finish(fig, ax)
