@@ -145,6 +145,15 @@ def _cast_output(dtype: torch.dtype) -> Callable:
     return hook
 
 
+def _cast_input_to_weight(module, args):
+    # A float32 head fed bf16 hidden states outside autocast (CPU bf16 runs); under autocast the matmul
+    # still runs in the autocast dtype.
+    x = args[0]
+    if torch.is_tensor(x) and x.dtype != module.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        return (x.to(module.weight.dtype), *args[1:])
+    return None
+
+
 def trained_embedding_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The modules that hold the trained embed_tokens / lm_head copies (peft wrappers resolved)."""
     out = {}
@@ -191,6 +200,8 @@ def add_adapters(model: nn.Module, cfg: Config, compute_dtype: torch.dtype) -> n
             if leaf == "embed_tokens" and compute_dtype != torch.float32:
                 # Lookups are exact in float32; hand the layers their usual dtype.
                 mod.register_forward_hook(_cast_output(compute_dtype))
+            if leaf == "lm_head":
+                mod.register_forward_pre_hook(_cast_input_to_weight)
     for n, p in model.named_parameters():
         if p.requires_grad and p.dtype != torch.float32 and p.is_floating_point():
             p.data = p.data.float()  # every trained tensor has a float32 master

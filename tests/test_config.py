@@ -1,0 +1,65 @@
+import pytest
+import yaml
+
+from cpt.config import Config, ConfigError, config_from_dict, help_fields, load_config, redact
+
+
+def test_defaults_are_the_seed_recipe():
+    c = Config()
+    assert (c.adapter.r, c.adapter.lora_alpha, c.adapter.use_rslora) == (128, 32, True)
+    assert {"embed_tokens", "lm_head"} <= set(c.adapter.target_modules)
+    assert (c.train.per_device_train_batch_size, c.train.gradient_accumulation_steps, c.train.seed) == (2, 8, 3407)
+
+
+def test_yaml_round_trip(tmp_path):
+    c = load_config("examples/seed.yaml", ["train.max_steps=7", "adapter.r=16"])
+    assert c.train.max_steps == 7 and c.adapter.r == 16 and c.model.load_in_4bit
+    c.save(tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again == c
+
+
+def test_flat_override_and_flat_yaml():
+    c = load_config(None, ["max_steps=3", "embedding_learning_rate=1e-6"])
+    assert c.train.max_steps == 3 and c.train.embedding_learning_rate == 1e-6
+    c = config_from_dict({"learning_rate": "5e-6", "data": {"path": "x.txt"}})
+    assert c.train.learning_rate == 5e-6 and c.data.sources[0].path == "x.txt"
+
+
+@pytest.mark.parametrize("raw, words", [
+    ({"train": {"max_step": 5}}, ["train.max_step", "Did you mean 'train.max_steps'"]),
+    ({"train": {"logging_steps": 5}}, ["belongs in 'output.logging_steps'"]),
+    ({"adapter": {"r": "big"}}, ["adapter.r", "integer"]),
+    ({"train": {"optim": "adamw8bit"}}, ["train.optim", "Did you mean 'adamw_8bit'"]),
+    ({"modle": {}}, ["modle", "Did you mean 'model'"]),
+    ({"adapter": {"target_modules": ["q_proj"]}, "train": {"embedding_learning_rate": 1e-6}}, ["embedding_learning_rate", "embed_tokens"]),
+    ({"model": {"load_in_4bit": True}, "adapter": {"method": "full"}}, ["load_in_4bit"]),
+    ({"train": {"bf16": True, "fp16": True}}, ["bf16", "fp16"]),
+    ({"data": {"sources": [{"path": "a", "dataset": "b"}]}}, ["data.sources[0]"]),
+])
+def test_bad_config_names_the_key(raw, words):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(raw)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_bad_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    p = tmp_path / "bad.yaml"
+    p.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(p)
+
+
+def test_secrets_are_redacted():
+    dumped = redact({"model": {"name_or_path": "x"}, "hub_token": "hf_abcdefghijklmnopqrstuvwxyz123", "note": "token=hf_abcdefghijklmnopqrstuvwxyz"})
+    text = yaml.safe_dump(dumped)
+    assert "hf_abcdef" not in text
+
+
+def test_reference_lists_every_section():
+    ref = help_fields()
+    for key in ("max_seq_length", "embedding_learning_rate", "save_total_limit", "use_rslora", "holdout_fraction"):
+        assert f"`{key}`" in ref
