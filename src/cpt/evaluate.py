@@ -184,16 +184,24 @@ def evaluate_texts(model: torch.nn.Module, tokenizer, texts: list[str], *, max_s
     model.eval()
     stats = {"bytes": 0, "documents": 0}
     nll, tokens = 0.0, 0
+    def flush(pending: list[list[int]]) -> tuple[float, int]:
+        # Windows of similar length batched together waste less compute on padding.
+        pending.sort(key=len, reverse=True)
+        total, count = 0.0, 0
+        for i in range(0, len(pending), batch_size):
+            n, c = _score_batch(model, pending[i:i + batch_size], pad_id, device)
+            total, count = total + n, count + c
+        return total, count
+
     try:
         pending: list[list[int]] = []
         for window in _windows(texts, tokenizer, max_seq_length, max_tokens, stats):
             pending.append(window)
-            if len(pending) == batch_size:
-                n, c = _score_batch(model, pending, pad_id, device)
+            if len(pending) == batch_size * 32:
+                n, c = flush(pending)
                 nll, tokens, pending = nll + n, tokens + c, []
-        if pending:
-            n, c = _score_batch(model, pending, pad_id, device)
-            nll, tokens = nll + n, tokens + c
+        n, c = flush(pending)
+        nll, tokens = nll + n, tokens + c
     finally:
         model.train(was_training)
     if tokens == 0:
