@@ -63,3 +63,14 @@ def test_reference_lists_every_section():
     ref = help_fields()
     for key in ("max_seq_length", "embedding_learning_rate", "save_total_limit", "use_rslora", "holdout_fraction"):
         assert f"`{key}`" in ref
+
+
+def test_docs_reference_is_current():
+    from pathlib import Path
+    assert help_fields() in Path("docs/configuration.md").read_text(), "regenerate: cpt config > docs/configuration.md (keep the header)"
+
+
+def test_every_shipped_yaml_is_valid():
+    from pathlib import Path
+    for p in sorted(Path("examples").glob("*.yaml")):
+        load_config(p)

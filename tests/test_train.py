@@ -1,0 +1,114 @@
+"""The loop end to end on a tiny model: learning, frozen base, accumulation, outputs, CLI, resume."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cpt.api import run_training
+from cpt.cli import main as cli_main
+from cpt.config import load_config
+
+
+def _overrides(model_dir, corpus_dir, out, *extra):
+    return [f"model.name_or_path={model_dir}", "model.max_seq_length=32", f"data.path={corpus_dir}",
+            "adapter.r=8", "adapter.use_gradient_checkpointing=false", "train.per_device_train_batch_size=2",
+            "train.gradient_accumulation_steps=2", "train.learning_rate=5e-3", "train.embedding_learning_rate=1e-3",
+            "train.warmup_ratio=0", "train.max_steps=30", f"output.output_dir={out}", "output.logging_steps=5",
+            "output.save_steps=10", "output.save_total_limit=2", "output.report=false", "eval.eval_at_start=false",
+            *extra]
+
+
+def _metrics(out):
+    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_train_learns_and_writes_hf_outputs(tiny_model_dir, corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    assert cli_main(["train", *_overrides(tiny_model_dir, corpus_dir, out)]) == 0
+    m = _metrics(out)
+    assert [r["step"] for r in m] == [5, 10, 15, 20, 25, 30]
+    assert m[-1]["loss"] < 0.7 * m[0]["loss"]  # a learnable corpus: loss falls
+    assert set(m[0]["lr"]) == {"adapter", "embeddings"}
+    assert m[0]["lr"]["embeddings"] / m[0]["lr"]["adapter"] == pytest.approx(0.2)
+    assert m[-1]["tokens_per_s"] > 0 and m[-1]["tokens"] > 0
+    # rotation kept the newest two complete checkpoints
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-30"]
+    # HF-native outputs: adapter with trained embeddings, tokenizer, config
+    for f in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", "config.yaml", "run_summary.json"):
+        assert (out / f).is_file(), f
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert any("embed_tokens" in k for k in adapter) and any("lm_head" in k for k in adapter)
+    assert any("lora_A" in k for k in adapter)
+
+
+def test_frozen_base_unchanged_adapter_and_embeddings_changed(tiny_model_dir, corpus_dir, tmp_path):
+    from cpt.model import build_model
+    cfg = load_config(None, _overrides(tiny_model_dir, corpus_dir, tmp_path / "r", "train.max_steps=5"))
+    from cpt.data import build_data
+    from cpt.train import Trainer
+    bundle = build_model(cfg)
+    frozen = {n: p.detach().clone() for n, p in bundle.model.named_parameters() if not p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in bundle.model.named_parameters() if p.requires_grad}
+    Trainer(cfg, bundle, build_data(cfg, bundle.tokenizer)).train()
+    params = dict(bundle.model.named_parameters())
+    assert frozen and all(torch.equal(params[n], v) for n, v in frozen.items())
+    changed = {n for n, v in trained.items() if not torch.equal(params[n], v)}
+    assert any("embed_tokens" in n for n in changed) and any("lm_head" in n for n in changed)
+    assert any("lora_B" in n for n in changed)
+
+
+def test_accumulation_matches_one_big_batch(tiny_model_dir, corpus_dir, tmp_path):
+    """Loss is normalised by real tokens over the whole step: 4x1 and 2x2 give the same update."""
+    results = []
+    for bs, acc in ((4, 1), (2, 2), (1, 4)):
+        cfg = load_config(None, _overrides(tiny_model_dir, corpus_dir, tmp_path / f"a{bs}", "train.max_steps=2",
+                                           f"train.per_device_train_batch_size={bs}", f"train.gradient_accumulation_steps={acc}",
+                                           "data.shuffle=false", "train.max_grad_norm=0"))
+        run_training(cfg)
+        results.append(load_file(str(tmp_path / f"a{bs}" / "adapter_model.safetensors")))
+    for other in results[1:]:
+        for k in results[0]:
+            assert torch.allclose(results[0][k], other[k], atol=2e-6, rtol=1e-4), k
+
+
+def test_resume_auto_continues_and_refuses_foreign_output(tiny_model_dir, corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    args = _overrides(tiny_model_dir, corpus_dir, out, "train.max_steps=10", "output.save_steps=5")
+    assert cli_main(["train", *args]) == 0
+    assert cli_main(["train", *args, "train.max_steps=15"]) == 0  # resumes at 10, runs 5 more
+    steps = [r["step"] for r in _metrics(out)]
+    assert steps == [5, 10, 15]
+    # starting fresh over a finished run is refused without overwrite_output_dir
+    assert cli_main(["train", *args, "output.resume=false"]) == 2
+
+
+def test_merge_and_generate_cli(tiny_model_dir, corpus_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(["train", *_overrides(tiny_model_dir, corpus_dir, out, "train.max_steps=3")]) == 0
+    assert cli_main(["merge", str(out), str(tmp_path / "merged")]) == 0
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    capsys.readouterr()
+    assert cli_main(["generate", str(tmp_path / "merged"), "--prompt", "the court", "--max-new-tokens", "5", "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["prompt"] == "the court" and isinstance(line["completion"], str)
+
+
+def test_bad_config_exits_2_naming_key(tmp_path, capsys):
+    assert cli_main(["train", "train.max_stepz=3"]) == 2
+    assert "did you mean 'train.max_steps'" in capsys.readouterr().err.lower()
+
+
+def test_seed_example_runs(tiny_model_dir, corpus, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t, "id": str(i), "url": "x", "score": 1.0}) for i, t in enumerate(corpus * 5)))
+    r = subprocess.run([sys.executable, "examples/seed.py", "--model", str(tiny_model_dir), "--data", str(data),
+                        "--max-steps", "2", "--max-seq-length", "32", "--output-dir", str(tmp_path / "seed")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "seed" / "adapter_model.safetensors").is_file()
+    assert "'step': 2" in r.stdout
