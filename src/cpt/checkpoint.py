@@ -1,11 +1,13 @@
 """Checkpoints: atomic save, rotation, resume, and the stop signal.
 
 A checkpoint is `output_dir/checkpoint-N/`. It is written to a hidden temporary folder, every file is
-fsynced, a `COMPLETE` marker goes in last, and only then is the folder renamed into place. A folder
-without the marker is never resumed from and never counted. This module is the only place that
+fsynced, a `COMPLETE` marker (with a manifest of file sizes) goes in last, and only then is the folder
+renamed into place. A folder without a marker that matches its files is never resumed from and never
+counted. Folders are deleted by first renaming them to a hidden trash name, so a kill during deletion
+cannot leave a half-deleted folder that still looks complete. This module is the only place that
 writes or deletes checkpoint folders.
 
-    python -m pytest tests/test_checkpoint.py -q
+    python -m pytest tests/test_checkpoint.py tests/test_reliability.py -q
 """
 from __future__ import annotations
 
@@ -29,7 +31,9 @@ log = logging.getLogger("cpt")
 PREFIX = "checkpoint-"
 COMPLETE = "COMPLETE"
 TMP_PREFIX = ".tmp-checkpoint-"
+TRASH_PREFIX = ".trash-checkpoint-"
 _STEP = re.compile(rf"^{PREFIX}(\d+)$")
+_TMP = re.compile(rf"^{re.escape(TMP_PREFIX)}(\d+)-\d+$")
 
 
 class CheckpointError(RuntimeError):
@@ -39,8 +43,31 @@ class CheckpointError(RuntimeError):
 # ---------------------------------------------------------------------------- finding
 
 
+def _manifest(root: Path) -> dict[str, int]:
+    return {str(f.relative_to(root)): f.stat().st_size for f in sorted(root.rglob("*"))
+            if f.is_file() and f.name != COMPLETE}
+
+
 def is_complete(path: str | Path) -> bool:
-    return (Path(path) / COMPLETE).is_file()
+    """The marker exists and every file it lists is there with its recorded size (a truncated or
+    missing file, e.g. from a copy that died half way, makes the folder incomplete)."""
+    marker = Path(path) / COMPLETE
+    if not marker.is_file():
+        return False
+    try:
+        files = json.loads(marker.read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if files is None:  # a marker written before manifests existed
+        return True
+    for name, size in files.items():
+        f = Path(path) / name
+        try:
+            if f.stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def step_of(path: str | Path) -> int:
@@ -72,15 +99,35 @@ def has_run_artifacts(output_dir: str | Path) -> bool:
     return any(_STEP.match(p.name) for p in d.iterdir()) or (d / "adapter_model.safetensors").is_file() or (d / "model.safetensors").is_file()
 
 
+def _discard(path: Path) -> None:
+    """Delete a folder so that no kill can leave it half-deleted under a name that is read."""
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{os.getpid()}-{time.monotonic_ns()}")
+    path.rename(trash)
+    _fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def remove_partial(output_dir: str | Path) -> list[Path]:
-    """Delete temporary folders left by a save that was killed. Returns what was removed."""
+    """Clean up after a save or a rotation that was killed. Returns what was removed.
+
+    A temporary folder that is complete (killed between its marker and its rename) is moved into
+    place if its step has no checkpoint, since it is whole; every other temporary or trash folder,
+    and any checkpoint folder whose marker is missing, is deleted."""
     d = Path(output_dir)
-    removed = []
-    if d.is_dir():
-        for p in d.iterdir():
-            if p.name.startswith(TMP_PREFIX) or (_STEP.match(p.name) and p.is_dir() and not is_complete(p)):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
+    removed: list[Path] = []
+    if not d.is_dir():
+        return removed
+    for p in sorted(d.iterdir(), key=lambda p: p.name):
+        m = _TMP.match(p.name)
+        if m and p.is_dir() and is_complete(p) and not (d / f"{PREFIX}{m.group(1)}").exists():
+            p.rename(d / f"{PREFIX}{m.group(1)}")
+            _fsync_dir(d)
+            log.warning("recovered %s%s from a save interrupted after it was complete", PREFIX, m.group(1))
+    for p in d.iterdir():
+        stale = p.name.startswith((TMP_PREFIX, TRASH_PREFIX))
+        if p.is_dir() and (stale or (_STEP.match(p.name) and not (p / COMPLETE).is_file())):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
     return removed
 
 
@@ -89,7 +136,7 @@ def clear_checkpoints(output_dir: str | Path) -> None:
     d = Path(output_dir)
     if d.is_dir():
         for p in d.iterdir():
-            if p.is_dir() and (_STEP.match(p.name) or p.name.startswith(TMP_PREFIX)):
+            if p.is_dir() and (_STEP.match(p.name) or p.name.startswith((TMP_PREFIX, TRASH_PREFIX))):
                 shutil.rmtree(p)
 
 
@@ -125,43 +172,45 @@ def save_checkpoint(output_dir: str | Path, step: int, write: Callable[[Path], N
     """Write a checkpoint through `write(folder)` atomically, then rotate old ones.
 
     On any error the partial folder is removed, earlier checkpoints are untouched, and a
-    CheckpointError says what happened."""
+    CheckpointError says what happened. Rotation runs only after the new folder is in place."""
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     final = out / f"{PREFIX}{step}"
     tmp = out / f"{TMP_PREFIX}{step}-{os.getpid()}"
     try:
+        out.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
         write(tmp)
         _fsync_tree(tmp)
         with open(tmp / COMPLETE, "w") as f:
-            json.dump({"step": step, "time": time.time()}, f)
+            json.dump({"step": step, "time": time.time(), "files": _manifest(tmp)}, f)
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
         if final.exists():
-            # Same step saved again (e.g. a stop right after a periodic save): replace it atomically.
-            old = out / f"{TMP_PREFIX}old-{step}-{os.getpid()}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+            # Same step saved again (e.g. the non-finite stop right after a periodic save). A kill
+            # between these two renames leaves the complete temp folder, which remove_partial promotes.
+            _discard(final)
+        tmp.rename(final)
         _fsync_dir(out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e} "
-                                  f"(errno {e.errno}). Earlier checkpoints are intact; free disk space and resume.") from e
+        if isinstance(e, Exception):
+            # torch.save reports a full disk as RuntimeError, safetensors as its own error: treat any
+            # failure here as an I/O failure of this save.
+            detail = f"{e.strerror} (errno {e.errno})" if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+            raise CheckpointError(f"could not write checkpoint {final}: {detail}. The partial folder was removed and "
+                                  f"earlier checkpoints are intact; free disk space and run the same command to resume.") from e
         raise
     rotate(out, save_total_limit, protect=(final, *protect))
     return final
 
 
 def rotate(output_dir: str | Path, limit: Optional[int], protect: tuple[Path, ...] = ()) -> list[Path]:
-    """Keep the newest `limit` complete checkpoints; never delete a protected one or the newest."""
+    """Keep the newest `limit` complete checkpoints; never delete a protected one (the one just
+    written, the best one) or the newest. Protected ones count toward the limit, so the folder may
+    briefly hold limit+1 when the best is old."""
     if not limit:
         return []
     ckpts = list_checkpoints(output_dir)
@@ -174,7 +223,7 @@ def rotate(output_dir: str | Path, limit: Optional[int], protect: tuple[Path, ..
     for p in removable:
         if excess <= 0:
             break
-        shutil.rmtree(p)
+        _discard(p)
         deleted.append(p)
         excess -= 1
     return deleted
