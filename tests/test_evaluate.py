@@ -178,7 +178,7 @@ def test_forgetting_alarm_fires_when_general_degrades(tmp_path, caplog):
 
     same = ev.run(model, 5)  # unchanged model: no alarm
     assert not same["general_web"]["forgetting_alarm"]
-    assert same["general_web"]["bpb_change"] == pytest.approx(0.0, abs=1e-9)
+    assert same["general_web"]["bits_per_byte_change"] == pytest.approx(0.0, abs=1e-9)
 
     torch.manual_seed(1)
     with torch.no_grad():  # a different, sharper random output layer: much worse on both sets
@@ -199,7 +199,7 @@ def test_forgetting_alarm_fires_when_general_degrades(tmp_path, caplog):
     rows = {r["set"]: r for r in ev.summary_table()}
     assert rows["general_web"]["step_before"] == 0 and rows["general_web"]["step_after"] == 10
     assert rows["general_web"]["forgetting_alarm"] and not rows["domain"]["forgetting_alarm"]
-    assert rows["general_web"]["bpb_change"] > 0.05
+    assert rows["general_web"]["bits_per_byte_change"] > 0.05
     text = format_summary(ev.summary_table())
     assert "general_web" in text and "FORGETTING" in text
 
@@ -212,7 +212,7 @@ def test_alarm_respects_the_limit(tmp_path):
     with torch.no_grad():
         model.lm_head.weight.mul_(3)
     r = ev.run(model, 10)["general"]
-    assert r["bpb_change"] > 0 and not r["forgetting_alarm"]
+    assert r["bits_per_byte_change"] > 0 and not r["forgetting_alarm"]
 
 
 def test_evaluator_keeps_baseline_across_restart_and_replaces_repeated_steps(tmp_path):
@@ -235,6 +235,84 @@ def test_summarize_records_handles_partial_records():
     rows = summarize_records([{"step": 0, "set": "a", "bits_per_byte": 2.0}, {"step": 3, "set": "a"},
                               {"set": "no step"}, {"step": 1, "set": "b", "loss": 1.0}])
     a, b = rows
-    assert a["bits_per_byte_before"] == 2.0 and a["bits_per_byte_after"] is None and a["bpb_change"] is None
+    assert a["bits_per_byte_before"] == 2.0 and a["bits_per_byte_after"] is None and a["bits_per_byte_change"] is None
     assert b["step_before"] == b["step_after"] == 1
     assert "-" in format_summary(rows)
+
+
+# ---------------------------------------------------------------------------- eval sets and `cpt eval`
+
+
+def test_load_eval_sets_adds_holdout_as_domain(tmp_path):
+    from cpt.config import ConfigError
+    from cpt.evaluate import load_eval_sets
+
+    (tmp_path / "general.jsonl").write_text('{"body": "first general"}\n{"body": "  "}\n{"body": "second"}\n')
+    cfg = Config(eval=EvalConfig(sets=[EvalSetConfig(name="general", path=str(tmp_path / "general.jsonl"),
+                                                     text_field="body")]))
+    sets = load_eval_sets(cfg, ["held out one", "held out two"])
+    assert [(s.name, s.texts) for s in sets] == [("general", ["first general", "second"]),
+                                                 ("domain", ["held out one", "held out two"])]
+    assert [s.name for s in load_eval_sets(cfg, [])] == ["general"]
+
+    (tmp_path / "d.txt").write_text("my domain text")
+    cfg.eval.sets.append(EvalSetConfig(name="domain", path=str(tmp_path / "d.txt")))
+    sets = load_eval_sets(cfg, ["held out one"])  # a named domain set wins over the automatic slice
+    assert [(s.name, s.texts) for s in sets] == [("general", ["first general", "second"]), ("domain", ["my domain text"])]
+
+    cfg.eval.sets.append(EvalSetConfig(name="domain", path=str(tmp_path / "d.txt")))
+    with pytest.raises(ConfigError, match=r"eval.sets\[2\] \(domain\).*used by an earlier set"):
+        load_eval_sets(cfg, [])
+    cfg.eval.sets = [EvalSetConfig(name="general", path=str(tmp_path / "general.jsonl"), max_docs=1,
+                                   text_field="body")]
+    assert load_eval_sets(cfg, [])[0].texts == ["first general"]
+
+
+def _run_eval_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    from cpt.evaluate import eval_main
+
+    rc = eval_main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_eval_main_on_a_saved_model(tmp_path, tiny_model_dir, tiny_tied_model_dir, corpus, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    (tmp_path / "domain.txt").write_text(corpus[0])
+    (tmp_path / "web.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus[1:4]))
+    data = ["--data", str(tmp_path / "domain.txt"), "--data", f"general={tmp_path / 'web.jsonl'}"]
+    rc, out, err = _run_eval_main([str(tiny_model_dir), *data, "--max-seq-length", "64", "--device", "cpu",
+                                   "--json"], capsys)
+    assert rc == 0, err
+    res = json.loads(out)["sets"]
+    assert set(res) == {"domain", "general"}
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    direct = evaluate_texts(model, tok, corpus[1:4], max_seq_length=64, batch_size=4)
+    assert res["general"]["tokens"] == direct["tokens"] and res["general"]["bytes"] == direct["bytes"]
+    assert res["general"]["bits_per_byte"] == pytest.approx(direct["bits_per_byte"], rel=1e-5)
+
+    rc, out, err = _run_eval_main([str(tiny_model_dir), *data, "--compare", str(tiny_tied_model_dir),
+                                   "--max-seq-length", "64", "--device", "cpu", "--json"], capsys)
+    assert rc == 0, err
+    both = json.loads(out)
+    rows = {r["set"]: r for r in both["summary"]}
+    g = rows["general"]
+    assert g["bits_per_byte_after"] == pytest.approx(res["general"]["bits_per_byte"], rel=1e-6)
+    assert g["bits_per_byte_before"] == pytest.approx(both["base_sets"]["general"]["bits_per_byte"], rel=1e-6)
+    assert g["bits_per_byte_change"] == pytest.approx(g["bits_per_byte_after"] / g["bits_per_byte_before"] - 1, rel=1e-6)
+
+    rc, out, _ = _run_eval_main([str(tiny_model_dir), *data, "--compare", str(tiny_model_dir), "--max-seq-length",
+                                 "64", "--device", "cpu"], capsys)
+    assert rc == 0 and "+0.00%" in out and "FORGETTING" not in out and "general" in out
+
+
+def test_eval_main_errors(tmp_path, tiny_model_dir, capsys):
+    rc, _, err = _run_eval_main([str(tiny_model_dir), "--device", "cpu"], capsys)
+    assert rc == 2 and "--data" in err
+    (tmp_path / "a.txt").write_text("some text")
+    rc, _, err = _run_eval_main([str(tiny_model_dir), "--data", str(tmp_path / "a.txt"), "--max-seq-length", "100000",
+                                 "--device", "cpu"], capsys)
+    assert rc == 2 and "max_position_embeddings" in err

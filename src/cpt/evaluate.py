@@ -268,7 +268,7 @@ def summarize_records(records: list[dict]) -> list[dict]:
             row[f"{key}_before"] = before.get(key)
             row[f"{key}_after"] = after.get(key)
         b, a = before.get("bits_per_byte"), after.get("bits_per_byte")
-        row["bpb_change"] = (a - b) / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+        row["bits_per_byte_change"] = (a - b) / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
         row["tokens"] = after.get("tokens")
         row["forgetting_alarm"] = bool(after.get("forgetting_alarm", False))
         row["alarm_threshold"] = after.get("alarm_threshold")
@@ -290,7 +290,7 @@ def format_summary(rows: list[dict], show_steps: bool = True) -> str:
             f"{num(r['loss_before'], '.4f')} -> {num(r['loss_after'], '.4f')}",
             f"{num(r['perplexity_before'], '.2f')} -> {num(r['perplexity_after'], '.2f')}",
             f"{num(r['bits_per_byte_before'], '.4f')} -> {num(r['bits_per_byte_after'], '.4f')}",
-            num(r["bpb_change"] * 100 if r["bpb_change"] is not None else None, "+.2f") + ("%" if r["bpb_change"] is not None else ""),
+            num(r["bits_per_byte_change"] * 100 if r["bits_per_byte_change"] is not None else None, "+.2f") + ("%" if r["bits_per_byte_change"] is not None else ""),
             "FORGETTING" if r["forgetting_alarm"] else "",
         ])
     if not show_steps:
@@ -364,7 +364,7 @@ class Evaluator:
             base = self.baseline(s.name)
             if base is not None and isinstance(base.get("bits_per_byte"), (int, float)):
                 rec["baseline_bits_per_byte"] = base["bits_per_byte"]
-                rec["bpb_change"] = (metrics["bits_per_byte"] - base["bits_per_byte"]) / base["bits_per_byte"]
+                rec["bits_per_byte_change"] = (metrics["bits_per_byte"] - base["bits_per_byte"]) / base["bits_per_byte"]
                 if is_general(s.name):
                     threshold = base["bits_per_byte"] * (1 + e.forgetting_limit)
                     rec["alarm_threshold"] = threshold
@@ -373,7 +373,7 @@ class Evaluator:
                         log.warning(
                             "forgetting alarm: %s bits per byte rose from %.4f (step %s) to %.4f at step %s "
                             "(+%.1f%%, limit %.1f%%)", s.name, base["bits_per_byte"], base["step"],
-                            metrics["bits_per_byte"], step, 100 * rec["bpb_change"], 100 * e.forgetting_limit)
+                            metrics["bits_per_byte"], step, 100 * rec["bits_per_byte_change"], 100 * e.forgetting_limit)
             elif is_general(s.name):
                 rec["alarm_threshold"] = metrics["bits_per_byte"] * (1 + e.forgetting_limit)
             self.records.append(rec)

@@ -321,7 +321,7 @@ def _alarm_html(run: RunFiles, rows: list[dict]) -> str:
     earlier = sorted({str(r.get("set")) for r in run.evals if r.get("forgetting_alarm")} - {r["set"] for r in now})
     parts = []
     for r in now:
-        change = f"{r['bpb_change'] * 100:+.1f}%" if r["bpb_change"] is not None else "?"
+        change = f"{r['bits_per_byte_change'] * 100:+.1f}%" if r["bits_per_byte_change"] is not None else "?"
         parts.append(f"<b>Forgetting alarm: {_e(r['set'])}</b> bits per byte rose from {_fmt(r['bits_per_byte_before'])} "
                      f"(step {_e(r['step_before'])}) to {_fmt(r['bits_per_byte_after'])} (step {_e(r['step_after'])}), "
                      f"{change}{f', above the limit of +{limit * 100:.1f}%' if limit is not None else ''}.")
@@ -344,7 +344,7 @@ def _table_html(rows: list[dict]) -> str:
             "<th>ppl after</th><th>bits/byte before</th><th>bits/byte after</th><th>change</th><th>tokens</th></tr>")
     body = []
     for r in rows:
-        ch = r["bpb_change"]
+        ch = r["bits_per_byte_change"]
         cls = "" if ch is None or ch == 0 else ("better" if ch < 0 else "worse")
         change = f"<span class='{cls}'>{ch * 100:+.2f}%</span>" if ch is not None else "–"
         flag = " ⚠ forgetting" if r["forgetting_alarm"] else ""
