@@ -1,0 +1,229 @@
+"""cpt.data: sources -> tokens (cached) -> packed blocks -> a resumable, mixed, sharded training stream.
+
+`data` knows a tokenizer, never a model. The stages, one module each:
+  sources.py   read documents (files, folders, globs, `datasets`, streams), filters, bad-row accounting
+  tokenize.py  text -> token arrays (Rust batch path), EOS appended
+  cache.py     memory-mapped token shards keyed by source + tokenizer + settings
+  pack.py      blocks of max_seq_length, concat or document packing, batch tensors
+  mix.py       weights -> which source fills each block slot
+  sampler.py   TokenStream: deterministic order, rank sharding, O(1) position
+  inspect.py   `cpt inspect`: fields, lengths, verdict (unlabeled / labeled pairs / classification), budget
+
+    python -c "from cpt.config import load_config; from cpt.data import build_data; ..."
+    python -m pytest tests/test_data.py -q
+"""
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+from cpt.config import Config, SourceConfig
+from cpt.data.cache import TokenShards, cache_root, open_or_build
+from cpt.data.mix import MixPattern
+from cpt.data.pack import IGNORE_INDEX, CachedBlocks, StreamPacker, collate, document_attention_mask
+from cpt.data.sampler import TokenStream
+from cpt.data.sources import (DataError, DataWarning, Doc, ReadReport, is_streaming, iter_docs, load_hf,
+                              parse_filters, read_documents, resolve_files, source_fingerprint, source_label)
+from cpt.data.tokenize import Encoder
+
+__all__ = ["DataBundle", "DataError", "DataWarning", "TokenStream", "build_data", "read_documents",
+           "document_attention_mask", "holdout_indices", "IGNORE_INDEX"]
+
+
+@dataclass
+class DataBundle:
+    train: TokenStream
+    holdout_texts: list[str]
+    stats: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- holdout
+
+_HOLDOUT_SALT = 0x5EED_C0DE_2024_0003
+
+
+def _unit_hash(idx: np.ndarray) -> np.ndarray:
+    """splitmix64(idx ^ salt) / 2**64: a fixed uniform number per document index."""
+    with np.errstate(over="ignore"):
+        z = (idx.astype(np.uint64) ^ np.uint64(_HOLDOUT_SALT)) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def holdout_indices(fraction: float, max_docs: int, n_docs: int | None = None) -> list[int]:
+    """Documents held out: index i when its fixed hash is below `fraction`, the first `max_docs` such.
+
+    Independent of the training seed (held-out sets stay comparable across runs) and of the
+    document count (a stream knows which documents to hold out before it has read them all).
+    With a known count, at least one document is held out when fraction > 0 and n_docs >= 2.
+    """
+    if fraction <= 0 or max_docs <= 0:
+        return []
+    out: list[int] = []
+    start, chunk = 0, 1 << 16
+    while len(out) < max_docs and (n_docs is None or start < n_docs):
+        stop = start + chunk if n_docs is None else min(start + chunk, n_docs)
+        idx = np.arange(start, stop, dtype=np.int64)
+        out.extend(int(i) for i in idx[_unit_hash(idx) < fraction][: max_docs - len(out)])
+        start = stop
+    if not out and n_docs is not None and n_docs >= 2:
+        out = [int(np.argmin(_unit_hash(np.arange(n_docs))))]
+    return out
+
+
+def _holdout_texts(source: Any, wanted: list[int], text_field: str, max_docs: int | None, strict: bool,
+                   loaded: Any = None) -> list[str]:
+    if not wanted:
+        return []
+    want, last, texts = set(wanted), max(wanted), {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)  # the training pass reports skipped rows once
+        for d in iter_docs(source, text_field, max_docs=max_docs, strict=strict, streaming=loaded is None,
+                           loaded=loaded):
+            if d.index in want:
+                texts[d.index] = d.text
+            if d.index >= last:
+                break
+    return [texts[i] for i in sorted(texts)]
+
+
+# ---------------------------------------------------------------------------- build
+
+
+def _as_sources(cfg: Config, train_dataset: Any) -> list[tuple[str, Any, str, float, bool]]:
+    """(name, source, text field, weight, streaming) for each training source."""
+    d = cfg.data
+    if train_dataset is not None:
+        return [("train_dataset", train_dataset, d.dataset_text_field, 1.0, is_streaming(train_dataset))]
+    if not d.sources:
+        raise DataError("data.sources is empty: give data.path (a file, folder or glob) or data.dataset")
+    out, seen = [], set()
+    for i, s in enumerate(d.sources):
+        name = source_label(s)
+        if name in seen:
+            name = f"{name}#{i}"
+        seen.add(name)
+        out.append((name, s, s.text_field or d.dataset_text_field, s.weight, is_streaming(s, d.streaming)))
+    return out
+
+
+def _text_key(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def _stream_docs(source: Any, name: str, index: int, text_field: str, encoder: Encoder, cfg: Config,
+                 exclude: set[bytes]):
+    """The `docs(epoch, loc)` factory a StreamPacker reads from: documents tokenized on the fly.
+
+    Held-out documents are recognised by their text (`exclude` holds hashes), not by position: a
+    streamed source's files are reshuffled per epoch, so positions move; copies of a held-out
+    document are kept out of training too.
+    """
+    d = cfg.data
+    n_files = len(resolve_files(source.path)) if isinstance(source, SourceConfig) and source.path else 0
+
+    def docs(epoch: int, loc: dict | None) -> Iterator[tuple[dict, np.ndarray]]:
+        order = None
+        if d.shuffle and n_files > 1:  # a stream cannot be shuffled globally; its files can, per epoch
+            order = [int(x) for x in np.random.default_rng([cfg.train.seed, index, epoch]).permutation(n_files)]
+        report = ReadReport(name, strict=d.strict)
+        it = iter_docs(source, text_field, max_docs=d.max_docs, strict=d.strict, streaming=True, start=loc,
+                       report=report, file_order=order)
+        kept = (doc for doc in it if not exclude or _text_key(doc.text) not in exclude)
+        for doc, toks in encoder.encode_docs(kept):
+            if len(toks):
+                yield doc.loc, toks
+        report.warn()
+
+    return docs
+
+
+def build_data(cfg: Config, tokenizer: Any, *, train_dataset: Any = None, rank: int = 0,
+               world_size: int = 1) -> DataBundle:
+    """Training stream, held-out documents and statistics for `cfg` (see the package docstring).
+
+    Cached sources are tokenized once (`dataset_num_proc` workers) into the token cache; streamed
+    ones are tokenized on the fly. Held-out documents come from the first source and are never in
+    the training stream.
+    """
+    d, T = cfg.data, cfg.model.max_seq_length
+    encoder = Encoder(tokenizer, add_eos=d.add_eos, num_proc=d.dataset_num_proc)
+    sources = _as_sources(cfg, train_dataset)
+    want_holdout = cfg.eval.holdout_fraction > 0 and not any(s.name == "domain" for s in cfg.eval.sets)
+    root = cache_root(d.cache_dir)
+
+    blocks: list[CachedBlocks | StreamPacker] = []
+    per_source: list[dict] = []
+    holdout_texts: list[str] = []
+    for i, (name, src, text_field, weight, streaming) in enumerate(sources):
+        filters = list(src.filters) if isinstance(src, SourceConfig) else []
+        parse_filters(filters)  # a malformed filter fails before any reading
+        info: dict[str, Any] = {"name": name, "weight": weight, "streaming": streaming}
+        n_docs = None
+        loaded = None
+        if not streaming:
+            if isinstance(src, SourceConfig) and src.dataset:
+                loaded = load_hf(src, streaming=False)
+            key = {"source": source_fingerprint(src, loaded),
+                   "tokenizer": encoder.fingerprint(), "text_field": text_field, "filters": filters,
+                   "max_docs": d.max_docs}
+            report = ReadReport(name, strict=d.strict)
+            shards, hit = open_or_build(
+                root, key, lambda: iter_docs(src, text_field, max_docs=d.max_docs, strict=d.strict, report=report,
+                                         loaded=loaded),
+                encoder, report, name)
+            _rewarn(shards, name)
+            n_docs = shards.n_docs
+            info.update(cached=hit, cache_path=str(shards.path), skipped=shards.meta["skipped"],
+                        filtered=shards.meta["filtered"])
+        held = holdout_indices(cfg.eval.holdout_fraction, cfg.eval.holdout_max_docs, n_docs) \
+            if (want_holdout and i == 0) else []
+        if held and n_docs is not None and len(held) >= n_docs:
+            warnings.warn(f"{name}: only {n_docs} document(s): nothing held out for evaluation", DataWarning)
+            held = []
+        if held:
+            holdout_texts = _holdout_texts(src, held, text_field, d.max_docs, d.strict, loaded)
+            held = held[: len(holdout_texts)]  # a short source has fewer documents than indices asked for
+        info["holdout_documents"] = len(held)
+        if streaming:
+            blocks.append(StreamPacker(_stream_docs(src, name, i, text_field, encoder, cfg,
+                                                    {_text_key(t) for t in holdout_texts} if held else set()), T))
+            info.update(documents=None, tokens=None, blocks=None)
+        else:
+            cb = CachedBlocks(shards, T, exclude=held)
+            if cb.n_tokens == 0:
+                raise DataError(f"{name}: no training tokens left after holding out {len(held)} documents")
+            blocks.append(cb)
+            info.update(documents=cb.n_docs, tokens=cb.n_tokens, blocks=cb.n_blocks)
+        per_source.append(info)
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (encoder.eos_id or 0)
+    stream = TokenStream(blocks, [s[3] for s in sources], seq_len=T, packing=d.packing, pad_id=pad_id,
+                         seed=cfg.train.seed, shuffle=d.shuffle, rank=rank, world_size=world_size,
+                         names=[s[0] for s in sources])
+    any_stream = any(s["streaming"] for s in per_source)
+    stats = {
+        "n_documents": None if any_stream else sum(s["documents"] for s in per_source),
+        "n_tokens": None if any_stream else sum(s["tokens"] for s in per_source),
+        "per_source_tokens": {s["name"]: s["tokens"] for s in per_source},
+        "sources": per_source,
+        "holdout_documents": len(holdout_texts),
+        "blocks_per_epoch": stream.blocks_per_epoch,
+        "tokens_per_epoch": stream.tokens_per_epoch,
+        "packing": d.packing,
+        "max_seq_length": T,
+    }
+    return DataBundle(train=stream, holdout_texts=holdout_texts, stats=stats)
+
+
+def _rewarn(shards: TokenShards, name: str) -> None:
+    """A cache hit reads no rows; repeat the skipped-rows warning its build recorded."""
+    r = ReadReport(name)
+    r.counts, r.first = dict(shards.meta.get("skipped", {})), dict(shards.meta.get("first_skipped", {}))
+    r.warn()

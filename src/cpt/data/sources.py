@@ -1,0 +1,551 @@
+"""Reading one source's documents: local files, folders and globs, `datasets` names and folders, streams.
+
+Every reader yields `Doc(text, index, loc)`: `index` counts the documents this source has produced
+(after filters and skips), and `loc` is a small JSON-serialisable position from which the same
+reader can be reopened (`iter_docs(..., start=loc)`), which is what lets a streamed run resume at
+the right document without re-reading what came before (a byte offset in JSON lines, a row in
+Parquet, a file in a folder of .txt files).
+
+    python -c "from cpt.data import read_documents; from cpt.config import SourceConfig; \
+print(next(read_documents(SourceConfig(path='docs/'))))"
+"""
+from __future__ import annotations
+
+import ast
+import csv
+import glob
+import gzip
+import hashlib
+import io
+import json
+import operator
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
+
+from cpt.config import ConfigError, SourceConfig
+
+TEXT_SUFFIXES = (".txt", ".md")
+ROW_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+SUFFIXES = TEXT_SUFFIXES + ROW_SUFFIXES
+
+
+class DataError(ConfigError):
+    """Bad input data, phrased for the user: names the file, line, field or key."""
+
+
+class DataWarning(UserWarning):
+    """Rows skipped (or repaired) while reading a source; the message carries the counts."""
+
+
+class FileText(dict):
+    """The row a .txt/.md file becomes: {"text": whole file}. Marked so the text field name does not apply."""
+
+
+class Doc(NamedTuple):
+    text: str
+    index: int          # documents produced so far by this source (after filters and skips)
+    loc: dict           # where this document starts; iter_docs(start=loc) yields it first
+
+
+# ---------------------------------------------------------------------------- skip accounting
+
+
+@dataclass
+class ReadReport:
+    """What was skipped, repaired or filtered while reading, with the first place each happened."""
+
+    source: str
+    counts: dict[str, int] = field(default_factory=dict)
+    first: dict[str, str] = field(default_factory=dict)
+    filtered: int = 0
+    strict: bool = False
+
+    LABELS = {"empty": "empty or whitespace-only", "non_string": "non-string text", "bad_utf8": "invalid UTF-8",
+              "bad_json": "malformed JSON", "missing_field": "missing text field",
+              "repaired_utf8": "files with invalid UTF-8 (bytes replaced)"}
+
+    def skip(self, kind: str, where: str, detail: str = "") -> None:
+        if self.strict:
+            raise DataError(f"{where}: {self.LABELS[kind]}{(': ' + detail) if detail else ''} "
+                            "(data.strict is on; turn it off to skip such rows and count them)")
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self.first.setdefault(kind, where)
+
+    @property
+    def skipped(self) -> int:
+        return sum(v for k, v in self.counts.items() if k != "repaired_utf8")
+
+    def summary(self) -> str | None:
+        if not self.counts:
+            return None
+        parts = [f"{n} {self.LABELS[k]} (first at {self.first[k]})" for k, n in self.counts.items()]
+        return f"{self.source}: skipped {self.skipped} rows: " + "; ".join(parts)
+
+    def warn(self) -> None:
+        msg = self.summary()
+        if msg:
+            warnings.warn(msg, DataWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------- row filters
+
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    ">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt, "<": operator.lt,
+    "in": lambda a, b: a in b, "not in": lambda a, b: a not in b,
+}
+_FILTER = re.compile(r"^\s*([A-Za-z_][\w.\-]*)\s*(>=|<=|==|!=|>|<|not\s+in\b|in\b)\s*(.+?)\s*$")
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """One `column op value` condition, e.g. `int_score >= 3` or `language == "ja"`."""
+
+    text: str
+    column: str
+    op: str
+    value: Any
+
+    def __call__(self, row: dict, where: str) -> bool:
+        v = row.get(self.column)
+        if v is None:
+            return False  # a missing or null value never passes a condition on it
+        want = self.value
+        if isinstance(want, (int, float)) and not isinstance(want, bool) and isinstance(v, str):
+            try:
+                v = float(v)  # CSV cells are strings; `score >= 3` still means a number there
+            except ValueError:
+                raise DataError(f"{where}: filter {self.text!r}: column {self.column!r} holds {v!r}, not a number") from None
+        try:
+            return bool(_OPS[self.op](v, want))
+        except TypeError:
+            raise DataError(f"{where}: filter {self.text!r}: cannot compare {type(v).__name__} {v!r} "
+                            f"with {type(want).__name__} {want!r}") from None
+
+
+def parse_filters(filters: Iterable[str]) -> list[RowFilter]:
+    """Parse `data.sources[i].filters`; a filter that does not parse raises a DataError quoting it."""
+    out = []
+    for text in filters:
+        m = _FILTER.match(text)
+        if not m:
+            raise DataError(f"filter {text!r} is not `column op value` with op one of "
+                            f"{', '.join(_OPS)} (e.g. 'int_score >= 3', 'language == \"ja\"')")
+        column, op, raw = m.group(1), re.sub(r"\s+", " ", m.group(2)), m.group(3)
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw  # a bare word: `language == ja` means the string
+        if op in ("in", "not in") and not isinstance(value, (list, tuple, set, str)):
+            raise DataError(f"filter {text!r}: `{op}` needs a list, e.g. language in ['en', 'de']")
+        out.append(RowFilter(text, column, op, value))
+    return out
+
+
+# ---------------------------------------------------------------------------- local files
+
+
+def source_label(source: SourceConfig | Any) -> str:
+    if isinstance(source, SourceConfig):
+        return source.path or source.dataset or "<empty source>"
+    return f"<{type(source).__name__}>"
+
+
+def resolve_files(path: str) -> list[Path]:
+    """A file, a folder (recursively, supported suffixes only) or a glob -> sorted list of files."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and _suffix(f) in SUFFIXES)
+        if not files:
+            raise DataError(f"{path}: folder holds no {'/'.join(SUFFIXES)} files (.gz allowed)")
+    elif any(c in path for c in "*?["):
+        files = sorted(Path(f) for f in glob.glob(os.path.expanduser(path), recursive=True) if Path(f).is_file())
+        if not files:
+            raise DataError(f"{path}: glob matches no files")
+    else:
+        raise DataError(f"{path}: no such file, folder or glob")
+    for f in files:
+        if _suffix(f) not in SUFFIXES:
+            raise DataError(f"{f}: unsupported file type {''.join(f.suffixes) or '(none)'}; "
+                            f"use {' '.join(SUFFIXES)} (optionally .gz)")
+    return files
+
+
+def _suffix(f: Path) -> str:
+    name = f.name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    return os.path.splitext(name)[1]
+
+
+def _open_bytes(f: Path) -> io.BufferedIOBase:
+    return gzip.open(f, "rb") if f.name.lower().endswith(".gz") else open(f, "rb")
+
+
+def _line_of(data: bytes, pos: int) -> int:
+    return data.count(b"\n", 0, pos) + 1
+
+
+def _iter_text_file(f: Path, report: ReadReport) -> Iterator[dict]:
+    with _open_bytes(f) as fh:
+        data = fh.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # A whole file is one document: replacing a stray byte keeps the document, dropping it would not.
+        report.skip("repaired_utf8", f"{f}:{_line_of(data, e.start)}", "bytes replaced with U+FFFD")
+        text = data.decode("utf-8", errors="replace")
+    yield FileText(text=text)
+
+
+def _iter_jsonl(f: Path, report: ReadReport, row: int, byte: int | None) -> Iterator[tuple[dict, int, int | None]]:
+    """(row dict, row number, byte offset) for each line; malformed lines are skipped and counted."""
+    seekable = not f.name.lower().endswith(".gz")
+    with _open_bytes(f) as fh:
+        lineno = 0
+        if byte is not None and seekable:
+            fh.seek(byte)
+            lineno = row
+        offset = fh.tell() if seekable else None
+        for raw in fh:
+            start = offset
+            if seekable:
+                offset += len(raw)
+            lineno += 1
+            if lineno <= row:
+                continue  # compressed file: no seeking, read up to the saved row
+            where = f"{f}:{lineno}"
+            if not raw.strip():
+                continue  # blank separator lines are not rows
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                report.skip("bad_utf8", where, str(e))
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                report.skip("bad_json", where, e.msg)
+                continue
+            if not isinstance(obj, dict):
+                report.skip("bad_json", where, f"expected an object, got {type(obj).__name__}")
+                continue
+            yield obj, lineno - 1, start
+
+
+def _iter_json(f: Path, report: ReadReport) -> Iterator[dict]:
+    with _open_bytes(f) as fh:
+        data = fh.read()
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{f}:{_line_of(data, e.start)}: invalid UTF-8 in a .json file") from None
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # one object per line under a .json name
+            for obj, _, _ in _iter_jsonl(f, report, 0, None):
+                yield obj
+            return
+        raise DataError(f"{f}:{e.lineno}: malformed JSON: {e.msg}") from None
+    if isinstance(obj, dict):
+        lists = [v for v in obj.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{f}: a .json file must hold a list of rows (or an object with one list of rows)")
+        obj = lists[0]
+    if not isinstance(obj, list):
+        raise DataError(f"{f}: a .json file must hold a list of rows")
+    for i, r in enumerate(obj):
+        if not isinstance(r, dict):
+            report.skip("bad_json", f"{f}: row {i}", f"expected an object, got {type(r).__name__}")
+            continue
+        yield r
+
+
+def _iter_csv(f: Path, report: ReadReport) -> Iterator[dict]:
+    csv.field_size_limit(sys.maxsize)
+    opener = gzip.open if f.name.lower().endswith(".gz") else open
+    with opener(f, "rt", encoding="utf-8", errors="surrogateescape", newline="") as fh:
+        reader = csv.DictReader(fh)
+        for r in reader:
+            bad = next((k for k, v in r.items() if isinstance(v, str) and _has_surrogates(v)), None)
+            if bad is not None:
+                report.skip("bad_utf8", f"{f}:{reader.line_num}", f"in column {bad!r}")
+                continue
+            yield r
+
+
+def _has_surrogates(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _iter_parquet(f: Path, columns: list[str] | None, row: int) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(f)
+    names = pf.schema_arrow.names
+    if columns is not None:
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise DataError(f"{f}: no column {missing[0]!r}; columns are: {', '.join(names)}")
+    skip = row
+    for g in range(pf.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if skip >= n:
+            skip -= n  # the saved position lies past this row group: never read it
+            continue
+        table = pf.read_row_group(g, columns=columns)
+        for r in table.slice(skip).to_pylist():
+            yield r
+        skip = 0
+
+
+def _iter_file_rows(f: Path, report: ReadReport, columns: list[str] | None, row: int,
+                    byte: int | None) -> Iterator[tuple[dict, str, int, int | None]]:
+    """(row, where, row number, byte offset) from one file, starting at `row` (or `byte` for JSON lines)."""
+    kind = _suffix(f)
+    if kind == ".jsonl":
+        for r, i, b in _iter_jsonl(f, report, row, byte):
+            yield r, f"{f}:{i + 1}", i, b
+        return
+    if kind in TEXT_SUFFIXES:
+        it: Iterable[dict] = _iter_text_file(f, report)
+        where = lambda i: str(f)  # noqa: E731
+    elif kind == ".json":
+        it, where = _iter_json(f, report), lambda i: f"{f}: row {i}"
+    elif kind == ".csv":
+        it, where = _iter_csv(f, report), lambda i: f"{f}: row {i + 1}"
+    else:
+        it, where = _iter_parquet(f, columns, row), lambda i: f"{f}: row {i}"
+        for i, r in enumerate(it, start=row):
+            yield r, where(i), i, None
+        return
+    for i, r in enumerate(it):
+        if i >= row:
+            yield r, where(i), i, None
+
+
+# ---------------------------------------------------------------------------- `datasets` sources
+
+
+_SLICE = re.compile(r"^\s*([\w\-.]+)\s*(?:\[\s*(-?\d*)\s*(%?)\s*:\s*(-?\d*)\s*(%?)\s*\])?\s*$")
+
+
+def _slice_split(ds: Any, split: str, where: str) -> Any:
+    """Apply `train[:10%]`-style slicing to a Dataset loaded from disk (load_dataset does its own)."""
+    m = _SLICE.match(split)
+    if not m or m.group(2) is None:
+        return ds
+    n = len(ds)
+
+    def bound(v: str, pct: str, default: int) -> int:
+        if v in ("", "-"):
+            return default
+        x = int(v)
+        if pct:
+            x = round(n * x / 100)
+        return max(0, min(n, x if x >= 0 else n + x))
+
+    a, b = bound(m.group(2), m.group(3), 0), bound(m.group(4), m.group(5), n)
+    return ds.select(range(a, max(a, b)))
+
+
+def load_hf(source: SourceConfig, streaming: bool) -> Any:
+    """The `datasets` object behind a `dataset:` source: a save_to_disk folder or load_dataset(...)."""
+    import datasets
+
+    name = source.dataset
+    p = Path(name).expanduser()
+    if p.is_dir() and any((p / m).exists() for m in ("dataset_info.json", "dataset_dict.json", "state.json")):
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            split = (_SLICE.match(source.split) or re.match(r"(.*)", source.split)).group(1)
+            if split not in ds:
+                raise DataError(f"{name}: no split {split!r}; splits are: {', '.join(ds)}")
+            ds = ds[split]
+        ds = _slice_split(ds, source.split, name)
+        return ds.to_iterable_dataset() if streaming else ds
+    try:
+        return datasets.load_dataset(name, source.name, split=source.split, data_files=source.data_files,
+                                     streaming=streaming)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
+        raise DataError(f"dataset {name!r} (name={source.name!r}, split={source.split!r}) could not be loaded: "
+                        f"{type(e).__name__}: {e}") from None
+
+
+def _hf_columns(ds: Any) -> list[str] | None:
+    names = getattr(ds, "column_names", None)
+    if names is None and getattr(ds, "features", None) is not None:
+        names = list(ds.features)
+    return list(names) if names is not None else None
+
+
+def _iter_hf_rows(ds: Any, columns: list[str] | None, start: dict | None) -> Iterator[tuple[dict, str, dict]]:
+    """(row, where, loc) from a Dataset (random access: loc is a row number) or an IterableDataset
+    (loc is the stream's own state_dict, taken before each row, so it can be reopened there)."""
+    import datasets
+
+    if columns is not None and _hf_columns(ds) is not None:
+        ds = ds.select_columns([c for c in columns if c in _hf_columns(ds)])
+    if isinstance(ds, datasets.Dataset):
+        i = int(start["row"]) if start else 0
+        n = len(ds)
+        while i < n:
+            batch = ds[i:i + 1000]
+            keys = list(batch)
+            for j in range(len(batch[keys[0]]) if keys else 0):
+                yield {k: batch[k][j] for k in keys}, f"row {i + j}", {"row": i + j}
+            i += 1000
+        return
+    if start and "state" in start:
+        ds.load_state_dict(start["state"])
+    rows = int(start.get("row", 0)) if start else 0
+    has_state = hasattr(ds, "state_dict")
+    if not has_state and rows:
+        ds = ds.skip(rows)  # older datasets: no stream state, so skip (reads, never tokenizes) the rows before
+    state = ds.state_dict() if has_state else None
+    for r in ds:
+        yield r, f"row {rows}", ({"state": state, "row": rows} if has_state else {"row": rows})
+        rows += 1
+        if has_state:
+            state = ds.state_dict()
+
+
+# ---------------------------------------------------------------------------- documents
+
+
+def _text_field(source: SourceConfig | Any, default_text_field: str) -> str:
+    if isinstance(source, SourceConfig) and source.text_field:
+        return source.text_field
+    return default_text_field
+
+
+def is_streaming(source: SourceConfig | Any, default: bool = False) -> bool:
+    if isinstance(source, SourceConfig):
+        return default if source.streaming is None else bool(source.streaming)
+    import datasets
+
+    return isinstance(source, datasets.IterableDataset)
+
+
+def iter_rows(source: SourceConfig | Any, *, columns: list[str] | None = None, streaming: bool | None = None,
+              report: ReadReport | None = None, start: dict | None = None,
+              file_order: list[int] | None = None, loaded: Any = None) -> Iterator[tuple[dict, str, dict]]:
+    """Raw rows `(row, where, loc)` of a source, before text extraction and filters.
+
+    `file_order` reorders a local source's files (a streamed source reshuffles its shards per epoch);
+    `loc["file"]` then indexes that order. `columns` is a hint for columnar formats (Parquet, datasets).
+    `loaded` is the `datasets` object of a `dataset:` source when the caller has loaded it already.
+    """
+    report = report or ReadReport(source_label(source))
+    if isinstance(source, SourceConfig) and source.path:
+        files = resolve_files(source.path)
+        order = file_order if file_order is not None else list(range(len(files)))
+        k0 = int(start["file"]) if start else 0
+        for k in range(k0, len(order)):
+            f = files[order[k]]
+            row0 = int(start["row"]) if start and k == k0 else 0
+            byte0 = start.get("byte") if start and k == k0 else None
+            for r, where, i, b in _iter_file_rows(f, report, columns, row0, byte0):
+                yield r, where, {"file": k, "row": i, "byte": b}
+        return
+    if isinstance(source, SourceConfig):
+        if not source.dataset:
+            raise DataError("a data source needs `path` or `dataset`")
+        ds = loaded if loaded is not None else load_hf(source, is_streaming(source) if streaming is None else streaming)
+        where0 = source.dataset
+    else:
+        ds, where0 = source, source_label(source)
+    for r, where, loc in _iter_hf_rows(ds, columns, start):
+        yield r, f"{where0}: {where}", loc
+
+
+def iter_docs(source: SourceConfig | Any, default_text_field: str = "text", *, max_docs: int | None = None,
+              strict: bool = False, streaming: bool | None = None, start: dict | None = None,
+              report: ReadReport | None = None, file_order: list[int] | None = None,
+              loaded: Any = None) -> Iterator[Doc]:
+    """Documents of one source with their index and reopenable position; see the module docstring."""
+    field_ = _text_field(source, default_text_field)
+    filters = parse_filters(source.filters if isinstance(source, SourceConfig) else [])
+    report = report or ReadReport(source_label(source), strict=strict)
+    report.strict = strict
+    columns = sorted({field_, *(f.column for f in filters)})
+    index = int(start.get("doc", 0)) if start else 0
+    if max_docs is not None and index >= max_docs:
+        return
+    checked = False
+    for row, where, loc in iter_rows(source, columns=columns, streaming=streaming, report=report, start=start,
+                                     file_order=file_order, loaded=loaded):
+        if isinstance(row, FileText):
+            if filters:
+                raise DataError(f"{where}: filters {[f.text for f in filters]} need columns, and a .txt/.md file has none")
+            text = row["text"]  # .txt/.md: the file is the document whatever the text field is called
+        elif not checked and field_ not in row:
+            raise DataError(f"{where}: no text field {field_!r}; the fields are: {', '.join(map(str, row)) or '(none)'}. "
+                            "Set data.dataset_text_field or the source's text_field.")
+        elif field_ not in row:
+            report.skip("missing_field", where, f"no field {field_!r}")
+            continue
+        else:
+            text = row[field_]
+        if not checked:
+            missing = [f for f in filters if f.column not in row]
+            if missing:
+                raise DataError(f"{where}: filter {missing[0].text!r}: no column {missing[0].column!r}; "
+                                f"the fields are: {', '.join(map(str, row))}")
+        checked = True
+        if filters and not all(f(row, where) for f in filters):
+            report.filtered += 1
+            continue
+        if not isinstance(text, str):
+            report.skip("non_string", where, f"{type(text).__name__} in {field_!r}")
+            continue
+        if not text.strip():
+            report.skip("empty", where)
+            continue
+        yield Doc(text, index, {**loc, "doc": index})
+        index += 1
+        if max_docs is not None and index >= max_docs:
+            break
+
+
+def read_documents(source: SourceConfig | Any, default_text_field: str = "text", max_docs: int | None = None,
+                   strict: bool = False) -> Iterator[str]:
+    """One source's text documents in file order, filters applied, bad rows skipped and counted.
+
+    A DataWarning with the counts is issued when the iterator is exhausted; `strict` raises a
+    DataError naming the file and line at the first bad row instead.
+    """
+    report = ReadReport(source_label(source), strict=strict)
+    for doc in iter_docs(source, default_text_field, max_docs=max_docs, strict=strict, report=report):
+        yield doc.text
+    report.warn()
+
+
+# ---------------------------------------------------------------------------- fingerprints
+
+
+def source_fingerprint(source: SourceConfig | Any, loaded: Any = None) -> str:
+    """A hash that changes when the source's content may have changed (files: name, size, mtime)."""
+    h = hashlib.sha256()
+    if isinstance(source, SourceConfig) and source.path:
+        for f in resolve_files(source.path):
+            st = f.stat()
+            h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    else:
+        ds = loaded if loaded is not None else source
+        if isinstance(source, SourceConfig):
+            h.update(json.dumps([source.dataset, source.name, source.split, source.data_files], default=str).encode())
+        fp = getattr(ds, "_fingerprint", None)
+        if fp is None:
+            raise DataError(f"{source_label(source)}: this dataset has no fingerprint, so its tokens cannot be cached")
+        h.update(str(fp).encode())
+    return h.hexdigest()
