@@ -395,6 +395,8 @@ def _iter_hf_rows(ds: Any, columns: list[str] | None, start: dict | None) -> Ite
 
     if columns is not None and _hf_columns(ds) is not None:
         ds = ds.select_columns([c for c in columns if c in _hf_columns(ds)])
+    elif isinstance(ds, datasets.IterableDataset):
+        ds = ds.skip(0)  # a new object: load_state_dict below must not stick to the caller's dataset
     if isinstance(ds, datasets.Dataset):
         i = int(start["row"]) if start else 0
         n = len(ds)
