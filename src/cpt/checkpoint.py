@@ -201,7 +201,7 @@ def save_checkpoint(output_dir: str | Path, step: int, write: Callable[[Path], N
             # failure here as an I/O failure of this save.
             detail = f"{e.strerror} (errno {e.errno})" if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
             raise CheckpointError(f"could not write checkpoint {final}: {detail}. The partial folder was removed and "
-                                  f"earlier checkpoints are intact; free disk space and run the same command to resume.") from e
+                                  f"earlier checkpoints are intact; fix the cause (e.g. free disk space) and run the same command to resume.") from e
         raise
     rotate(out, save_total_limit, protect=(final, *protect))
     return final

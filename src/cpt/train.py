@@ -175,6 +175,7 @@ class Trainer:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         self.cfg.save(self.out / "config.yaml")
+        self._truncate_metrics(self.out / "metrics.jsonl", self.state.step)
         self.metrics_file = open(self.out / "metrics.jsonl", "a")
         if "tensorboard" in self.cfg.output.report_to:
             try:
@@ -182,6 +183,27 @@ class Trainer:
                 self.tb = SummaryWriter(str(self.out / "tensorboard"))
             except ImportError:
                 log.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
+
+    @staticmethod
+    def _truncate_metrics(path: Path, step: int) -> None:
+        """Drop records after the step we continue from: a killed run logged steps that the resumed run
+        repeats, and a fresh start (step 0) owes nothing to an earlier attempt. Without this the file
+        would hold two losses for the same step."""
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+                kept.append(line)
+        if len(kept) != len(lines):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
 
     def _log(self, record: dict) -> None:
         if self.metrics_file is None:
@@ -221,6 +243,11 @@ class Trainer:
         cfg, t, acc = self.cfg, self.cfg.train, self.accelerator
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
+        from accelerate.utils import set_seed
+
+        # Dropout and sampling draw from these streams: seeded here (one stream per rank), replaced by
+        # the checkpoint's saved states on resume.
+        set_seed(t.seed, device_specific=True)
         start = self._resume_point()
         if start is not None:
             self.resume(start)
