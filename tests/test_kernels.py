@@ -191,3 +191,48 @@ def test_set_recompute_needs_checkpointing_enabled(tiny_model_dir):
     model = _peft_model(tiny_model_dir)
     with pytest.raises(ValueError, match="gradient_checkpointing_enable"):
         set_recompute(model, None, offload=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device by bench/gpu_throughput.py's call)")
+@pytest.mark.parametrize("mode", ["cpt", "liger"])
+def test_cuda_fused_paths_match_plain_bf16(mode):
+    """On the GPU, bf16 with float32 trained embedding copies: the fused loss (ours or liger's) and
+    liger's RMSNorm/SwiGLU/RoPE give the plain path's loss and gradients within bf16 tolerance."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if mode == "liger":
+        pytest.importorskip("liger_kernel")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, use_rslora=True, init_lora_weights=False,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                             modules_to_save=["embed_tokens", "lm_head"]))
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # float32 masters, as cpt.model makes them
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 32000, (2, 256), generator=g).cuda()
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(256, device="cuda").repeat(2, 1)}
+
+    def run(loss_fn):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return _loss_and_grads(model, loss_fn, batch, 2 * 255)
+
+    loss_ref, grads_ref = run(apply_kernels(model, "none", torch.device("cuda")))
+    loss, grads = run(apply_kernels(model, mode, torch.device("cuda")))
+    assert any("liger" in k for k in model.get_base_model()._cpt_kernels) or mode == "cpt"
+    assert abs(loss.item() - loss_ref.item()) < 1e-2 * loss_ref.item()
+    assert grads.keys() == grads_ref.keys()
+    for n in grads:
+        assert grads[n].dtype == torch.float32
+        assert _rel(grads[n], grads_ref[n]) < 5e-2, (n, _rel(grads[n], grads_ref[n]))
+    # The frozen originals went to host memory and still serve a disabled-adapter forward.
+    head = model.get_base_model().lm_head
+    assert head.original_module.weight.device.type == "cpu"
+    with torch.no_grad(), model.disable_adapter(), torch.autocast("cuda", dtype=torch.bfloat16):
+        assert model(input_ids=ids).logits.shape == (2, 256, 32000)
+    assert head.original_module.weight.device.type == "cpu"

@@ -64,6 +64,7 @@ class AdapterConfig:
     target_modules: list[str] = _f(list(SEED_TARGETS), "Modules to adapt. embed_tokens and lm_head here are trained in full (not LoRA), as continued pretraining needs.")
     random_state: int = _f(3407, "Seed for the adapter's initialisation.")
     use_gradient_checkpointing: Union[bool, str] = _f(True, "Recompute activations in the backward pass: true, false, or 'offload' (keep checkpointed inputs in host memory).")
+    recompute_budget_gib: Optional[Union[float, str]] = _f(None, "Memory-aware recomputation (with use_gradient_checkpointing on): the first decoder layers keep their activations instead of recomputing them while `cpt plan`'s estimated peak stays under this many GiB; 'auto': 92% of the GPU's memory. null: every layer recomputes.")
     embedding_master_dtype: Literal["float32", "model"] = _f("float32", "Dtype of the trained embed_tokens/lm_head copies. float32 keeps small updates from rounding away in bf16 runs.")
 
 

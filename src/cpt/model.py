@@ -305,6 +305,8 @@ def build_model(cfg: Config, device: torch.device | None = None, model: nn.Modul
         enable_gradient_checkpointing(model, cfg.adapter.use_gradient_checkpointing)
         model = add_adapters(model, cfg, dtype)
     loss_fn = apply_kernels(model, cfg.model.kernels, device)
+    from cpt.plan import apply_memory_plan
+    apply_memory_plan(model, cfg, device)  # adapter.recompute_budget_gib: keep activations where they fit
     bundle = ModelBundle(model=model, tokenizer=tokenizer, loss_fn=loss_fn, device=device, dtype=dtype)
     bundle.groups = param_groups(model, cfg)
     if cfg.trains_embeddings and not any(g["name"] == GROUP_EMBEDDINGS for g in bundle.groups):

@@ -6,7 +6,8 @@ loss function the loop calls. Every fused path has a plain fallback here and an 
 Modes (config `model.kernels`):
 - none:  plain transformers forward; the loss is computed from the full logits.
 - cpt:   our chunked linear + cross-entropy for the output head (any device; the logits never
-         exist in full), plus liger-kernel's RMSNorm, SwiGLU and RoPE on CUDA when it is installed.
+         exist in full); on CUDA also liger-kernel's RMSNorm, SwiGLU and RoPE when it is installed,
+         and the frozen originals peft keeps of trained embeddings move to host memory.
 - liger: liger-kernel for all of these, its own fused linear cross-entropy included (CUDA only).
 - auto:  cpt on CUDA, none elsewhere (on CPU the plain path is as fast and bit-for-bit familiar).
 
@@ -27,7 +28,7 @@ from cpt.kernels.recompute import decoder_layers, set_recompute
 LossFn = Callable[[torch.nn.Module, dict, int], torch.Tensor]
 
 __all__ = ["LossFn", "plain_causal_lm_loss", "apply_kernels", "fused_linear_cross_entropy", "shift_labels",
-           "set_recompute", "decoder_layers", "output_head", "liger_available", "MODES"]
+           "set_recompute", "decoder_layers", "output_head", "liger_available", "enable_activation_offload", "offload_frozen_originals", "MODES"]
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "none", "cpt", "liger")
@@ -48,6 +49,12 @@ def plain_causal_lm_loss(model: torch.nn.Module, batch: dict, num_items: int) ->
         use_cache=False,
     )
     return out.loss
+
+
+def enable_activation_offload(model: torch.nn.Module) -> dict:
+    """use_gradient_checkpointing='offload': every decoder layer recomputes, and its input waits in
+    pinned host memory instead of on the GPU."""
+    return set_recompute(model, None, offload=True)
 
 
 def liger_available() -> bool:
@@ -151,6 +158,38 @@ def _patch_liger_elementwise(causal_lm: torch.nn.Module) -> bool:
     return True
 
 
+def _visit_on_device(module: torch.nn.Module, args: tuple) -> None:
+    dev = next((a.device for a in args if torch.is_tensor(a)), None)
+    if dev is not None and dev.type != "cpu":
+        module.to(dev)
+
+
+def _back_to_host(module: torch.nn.Module, args: tuple, output: Any) -> None:
+    module.to("cpu")
+
+
+def offload_frozen_originals(model: torch.nn.Module) -> int:
+    """Move the frozen originals that peft keeps beside trained `modules_to_save` copies (about
+    2 GiB for an 8B model's embed_tokens + lm_head) to host memory. They are read only while
+    adapters are disabled; then they visit the GPU for that call. Returns the bytes moved."""
+    moved = 0
+    for mod in model.modules():
+        orig = getattr(mod, "original_module", None)
+        if orig is None or not hasattr(mod, "modules_to_save") or getattr(orig, "_cpt_on_host", False):
+            continue
+        params = list(orig.parameters())
+        if not params or any(p.requires_grad for p in params) or params[0].device.type == "cpu":
+            continue
+        moved += sum(p.numel() * p.element_size() for p in params)
+        orig.to("cpu")
+        orig.register_forward_pre_hook(_visit_on_device)
+        orig.register_forward_hook(_back_to_host)
+        orig._cpt_on_host = True
+    if moved and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return moved
+
+
 def apply_kernels(model: torch.nn.Module, mode: str, device: torch.device) -> LossFn:
     """Patch `model` (a transformers causal LM, possibly peft-wrapped) for `mode` on `device` and
     return the loss function the loop calls. Calling it again re-chooses the loss path (`mode="none"`
@@ -179,6 +218,8 @@ def apply_kernels(model: torch.nn.Module, mode: str, device: torch.device) -> Lo
         if device.type == "cuda" and liger_available() and _model_type(causal_lm) in FUSABLE_MODEL_TYPES:
             if _patch_liger_elementwise(causal_lm):
                 applied.append("liger RMSNorm/SwiGLU/RoPE")
+        if device.type == "cuda" and offload_frozen_originals(model):
+            applied.append("frozen embedding originals in host memory")
     causal_lm._cpt_kernels = applied
     log.info("kernels: %s", ", ".join(applied) or "plain PyTorch")
     return plain_causal_lm_loss

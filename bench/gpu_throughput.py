@@ -1,0 +1,588 @@
+"""GPU speed and memory, side by side: cpt's trainer against plain transformers + peft (issue #5).
+
+One command, one device call. It builds a Llama-3.1-8B-shaped model from its config (random
+weights, saved as bf16 safetensors to local disk, no download), then runs each row in its own
+process: the baseline exactly as ../shared/reference/gpu_anchor.md describes it, and ours through
+cpt's real setup (`cpt.model.build_model`) and training loop (`cpt.train.Trainer`), in bf16 and
+NF4; then our memory-aware row (layers keep their activations where they fit), the longest
+sequence that trains at micro-batch 1 (ours vs baseline), and `cpt plan`'s estimate beside each
+measurement. Writes bench/results/gpu_throughput.{md,json} (or --out).
+
+    python bench/gpu_throughput.py                       # everything (about 8 minutes on one H200)
+    python bench/gpu_throughput.py --rows bf16 --runs 1  # a subset
+    python bench/gpu_throughput.py --worker ours --mode bf16 --result /tmp/r.json   # one row
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+# The reference setup (gpu_anchor.md): Llama-3.1-8B shape.
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
+                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 8192},
+                max_position_embeddings=131072, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
+                hidden_act="silu", initializer_range=0.02)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+R, ALPHA, LR, EMB_LR = 128, 32, 5e-6, 1e-6
+MICRO_BATCH, SEQ = 2, 2048
+TOKEN_HIGH = 128000
+ANCHOR = {"bf16": {"baseline": {"tokens_per_s": 6751, "peak_gib": 28.9}, "unsloth": {"tokens_per_s": 9663, "peak_gib": 22.3}},
+          "nf4": {"baseline": {"tokens_per_s": 5984, "peak_gib": 19.3}, "unsloth": {"tokens_per_s": 8445, "peak_gib": 12.7}}}
+TARGETS = {"bf16": {"speedup": 1.8, "memory_ratio": 0.75}, "nf4": {"speedup": 1.75, "memory_ratio": 0.65}}
+LONG_LADDER = [8192, 16384, 32768, 65536, 131072]
+PEAK_TFLOPS = 989.0  # H200 SXM dense bf16 datasheet; the anchor's MFU uses the same
+
+
+# ---------------------------------------------------------------------------- shared helpers
+
+
+def _sync() -> None:
+    import torch
+    torch.cuda.synchronize()
+
+
+def _gib(n: float) -> float:
+    return n / 2**30
+
+
+def _tokenizer():
+    """A small word-level tokenizer: cpt's setup wants one; the bench feeds token ids directly."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<|eos|>": 1, **{f"w{i}": i + 2 for i in range(64)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>", unk_token="<unk>", pad_token="<|eos|>")
+
+
+def build_model_dir(path: Path) -> None:
+    """Random Llama-3.1-8B-shaped weights (transformers' own init, seed 0), saved as bf16 safetensors."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**LLAMA_8B)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(path, max_shard_size="4GB")
+    _tokenizer().save_pretrained(path)
+
+
+def flops_per_token(seq: int, recompute_layers: int) -> float:
+    """The anchor's count: 6*N_frozen + 8*N_lora + 6*N_lm_head + 6*L*d*seq with full recompute;
+    each layer that keeps its activations saves 2*N (frozen) + 2*N (lora) of its share."""
+    from cpt.plan import model_flops_per_token
+    return model_flops_per_token(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256,
+                                 r=R, n_lora_targets=7, seq=seq, recompute_layers=recompute_layers)
+
+
+def _batches(n: int, batch: int, seq: int, seed: int, device) -> list:
+    import torch
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return [torch.randint(0, TOKEN_HIGH, (batch, seq), generator=g).to(device) for _ in range(n)]
+
+
+def _embedding_snapshot(named: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in named.items()}
+
+
+def _changed_fraction(before: dict, after: dict, seen_rows) -> dict:
+    """Fraction of elements that changed: lm_head over all elements; embed_tokens over the rows of
+    the tokens that appeared in the batches (the other rows get no gradient at all)."""
+    import torch
+    out = {}
+    for k in before:
+        diff = before[k] != after[k].detach().to("cpu")
+        if k == "embed_tokens":
+            rows = torch.tensor(sorted(seen_rows))
+            out["embed_tokens_seen_rows"] = float(diff[rows].float().mean())
+            out["embed_tokens_all"] = float(diff.float().mean())
+        else:
+            out[k] = float(diff.float().mean())
+    return out
+
+
+def _profile_step(step_fn, path: Path) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step_fn()
+        _sync()
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
+
+
+# ---------------------------------------------------------------------------- baseline (the anchor, exactly)
+
+
+def baseline_setup(model_dir: Path, mode: str):
+    import bitsandbytes as bnb
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kw: dict[str, Any] = {"dtype": torch.bfloat16, "attn_implementation": "sdpa"}
+    if mode == "nf4":
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+        kw["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kw)
+    if mode == "bf16":
+        model.to("cuda")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, bias="none", use_rslora=True,
+                                             target_modules=LORA_TARGETS, modules_to_save=["embed_tokens", "lm_head"],
+                                             task_type="CAUSAL_LM"))
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    emb = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
+    opt = bnb.optim.AdamW8bit([{"params": lora, "lr": LR}, {"params": emb, "lr": EMB_LR}],
+                              betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    emb_named = {}
+    for n, p in model.named_parameters():
+        if "modules_to_save" in n:
+            emb_named["embed_tokens" if "embed_tokens" in n else "lm_head"] = p
+    return model, opt, emb_named
+
+
+def worker_baseline(args) -> dict:
+    import torch
+
+    model, opt, emb_named = baseline_setup(Path(args.model_dir), args.mode)
+    model.train()
+    _sync()
+    torch.cuda.reset_peak_memory_stats()
+    n = args.warmup + args.steps
+    data = _batches(n, args.batch, args.seq, seed=1, device="cuda")
+    before = _embedding_snapshot(emb_named)
+    seen = set()
+
+    def step(ids):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    times, losses = [], []
+    for i, ids in enumerate(data):
+        seen.update(ids.flatten().tolist())
+        _sync()
+        t0 = time.perf_counter()
+        loss = step(ids)
+        _sync()
+        times.append(time.perf_counter() - t0)
+        losses.append(float(loss))
+    res = _result(args, times, losses)
+    res["embedding_changed"] = _changed_fraction(before, emb_named, seen)
+    if args.profile:
+        _profile_step(lambda: step(data[0]), Path(args.profile))
+    return res
+
+
+def _result(args, times: list[float], losses: list[float], **extra) -> dict:
+    import torch
+    timed = times[args.warmup:]
+    mean = sum(timed) / len(timed)
+    tokens = args.batch * args.seq
+    return {"system": args.worker, "mode": args.mode, "seq": args.seq, "batch": args.batch,
+            "tokens_per_s": tokens / mean, "step_s_mean": mean, "step_s_min": min(timed), "step_s_max": max(timed),
+            "peak_gib": _gib(torch.cuda.max_memory_allocated()), "peak_reserved_gib": _gib(torch.cuda.max_memory_reserved()),
+            "losses": losses, "warmup": args.warmup, "steps": args.steps, **extra}
+
+
+# ---------------------------------------------------------------------------- ours: cpt's setup and loop
+
+
+def ours_config(model_dir: Path, mode: str, seq: int, batch: int, steps: int, recompute_budget: Optional[str] = None,
+                checkpointing: Any = True):
+    from cpt.config import config_from_dict
+    raw = {
+        "model": {"name_or_path": str(model_dir), "max_seq_length": seq, "dtype": "bfloat16",
+                  "load_in_4bit": mode == "nf4", "attn_implementation": "sdpa", "kernels": "auto"},
+        "adapter": {"r": R, "lora_alpha": ALPHA, "lora_dropout": 0.0, "use_rslora": True,
+                    "target_modules": LORA_TARGETS + ["embed_tokens", "lm_head"],
+                    "use_gradient_checkpointing": checkpointing, "embedding_master_dtype": "float32"},
+        "train": {"per_device_train_batch_size": batch, "gradient_accumulation_steps": 1, "max_steps": steps,
+                  "learning_rate": LR, "embedding_learning_rate": EMB_LR, "weight_decay": 0.0, "optim": "adamw_8bit",
+                  "lr_scheduler_type": "constant", "max_grad_norm": 0.0, "bf16": True},
+        "output": {"output_dir": f"/tmp/cpt-bench/out-{mode}-{os.getpid()}", "logging_steps": 1, "save_steps": 0, "report": False,
+                   "report_to": [], "overwrite_output_dir": True, "resume": False},
+    }
+    if recompute_budget is not None:
+        raw["adapter"]["recompute_budget_gib"] = recompute_budget
+    return config_from_dict(raw)
+
+
+class _RandomTokens:
+    """The data object cpt's Trainer reads: random token blocks. Each new batch request marks a step
+    boundary: synchronise there and note the time (the anchor synchronises around each step too)."""
+
+    def __init__(self, batch: int, seq: int, seed: int):
+        self.batch, self.seq, self.seed = batch, seq, seed
+        self.blocks_per_epoch = None
+        self.marks: list[float] = []
+        self.seen: set[int] = set()
+
+    def batches(self, batch_size: int):
+        import torch
+        g = torch.Generator().manual_seed(self.seed)
+        while True:
+            ids = torch.randint(0, TOKEN_HIGH, (batch_size, self.seq), generator=g)
+            self.seen.update(ids.flatten().tolist())
+            _sync()
+            self.marks.append(time.perf_counter())
+            yield {"input_ids": ids, "labels": ids.clone(),
+                   "position_ids": torch.arange(self.seq).repeat(batch_size, 1)}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+
+def worker_ours(args) -> dict:
+    import torch
+    from types import SimpleNamespace
+
+    import cpt.train as cpt_train
+    from cpt.model import build_model, trained_embedding_modules
+
+    cfg = ours_config(Path(args.model_dir), args.mode, args.seq, args.batch, args.warmup + args.steps + 1,
+                      recompute_budget=args.recompute_budget, checkpointing=args.checkpointing)
+    t_setup = time.perf_counter()
+    bundle = build_model(cfg, torch.device(args.device), tokenizer=_tokenizer())
+    setup_s = time.perf_counter() - t_setup
+    _sync()
+    torch.cuda.reset_peak_memory_stats()
+    emb_named = {k: m.weight for k, m in trained_embedding_modules(bundle.model).items()}
+    before = _embedding_snapshot(emb_named)
+    data = _RandomTokens(args.batch, args.seq, seed=1)
+    trainer = cpt_train.Trainer(cfg, bundle, SimpleNamespace(train=data))
+    # Checkpoint and adapter writing are not part of a training step's speed: skip the disk.
+    trainer.save = lambda: None
+    cpt_train.save_trained = lambda *a, **k: None
+    trainer.train()
+    _sync()
+    marks = data.marks[: args.warmup + args.steps + 1]
+    times = [b - a for a, b in zip(marks, marks[1:])]
+    losses = [json.loads(line)["loss"] for line in open(Path(cfg.output.output_dir) / "metrics.jsonl")]
+    base = bundle.model.get_base_model() if hasattr(bundle.model, "get_base_model") else bundle.model
+    from cpt.kernels import decoder_layers
+    layers = decoder_layers(bundle.model)
+    plan_layers = {"keep": sum(1 for l in layers if not l.gradient_checkpointing and not hasattr(l, "_cpt_plain_forward")),
+                   "offload": sum(1 for l in layers if hasattr(l, "_cpt_plain_forward"))}
+    res = _result(args, times, losses, setup_s=setup_s, kernels=getattr(base, "_cpt_kernels", []), layers=plan_layers)
+    res["embedding_changed"] = _changed_fraction(before, emb_named, data.seen)
+    if args.profile:
+        model, opt, loss_fn = trainer.model, trainer.optimizer, bundle.loss_fn
+        ids = torch.randint(0, TOKEN_HIGH, (args.batch, args.seq), device="cuda")
+        batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(args.seq, device="cuda").repeat(args.batch, 1)}
+
+        def step():
+            loss = loss_fn(model, batch, ids.numel())
+            trainer.accelerator.backward(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        _profile_step(step, Path(args.profile))
+    return res
+
+
+# ---------------------------------------------------------------------------- longest sequence at micro-batch 1
+
+
+def worker_long(args) -> dict:
+    """Climb the ladder of sequence lengths, one training step each at micro-batch 1, until a step
+    runs out of memory (or the next one would not finish inside --time-limit)."""
+    import torch
+
+    if args.system == "baseline":
+        model, opt, _ = baseline_setup(Path(args.model_dir), args.mode)
+
+        def step(ids):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        from accelerate import Accelerator
+
+        from cpt.model import build_model
+        from cpt.optim import build_optimizer
+        cfg = ours_config(Path(args.model_dir), args.mode, max(LONG_LADDER), 1, 1, checkpointing="offload")
+        bundle = build_model(cfg, torch.device("cuda", 0), tokenizer=_tokenizer())
+        acc = Accelerator(mixed_precision="bf16")
+        model, opt = acc.prepare(bundle.model, build_optimizer(bundle.groups, cfg.train, bundle.device))
+
+        def step(ids):
+            pos = torch.arange(ids.shape[1], device="cuda")[None]
+            loss = bundle.loss_fn(model, {"input_ids": ids, "labels": ids, "position_ids": pos}, ids.numel() - 1)
+            acc.backward(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    model.train()
+    start = time.perf_counter()
+    rows, longest, last_s = [], 0, None
+    for seq in LONG_LADDER:
+        # Step time grows a little faster than linearly with length (attention): predict with 2.5x.
+        if last_s is not None and time.perf_counter() - start + 2.5 * last_s > args.time_limit:
+            rows.append({"seq": seq, "status": "not tried (time limit)"})
+            break
+        ids = torch.randint(0, TOKEN_HIGH, (1, seq), device="cuda")
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            _sync()
+            t0 = time.perf_counter()
+            step(ids)
+            _sync()
+            last_s = time.perf_counter() - t0
+            rows.append({"seq": seq, "status": "ok", "step_s": last_s, "peak_gib": _gib(torch.cuda.max_memory_allocated())})
+            longest = seq
+        except torch.cuda.OutOfMemoryError:
+            rows.append({"seq": seq, "status": "out of memory"})
+            break
+        finally:
+            del ids
+            opt.zero_grad(set_to_none=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+    return {"system": args.system, "mode": args.mode, "longest_seq": longest, "ladder": rows}
+
+
+# ---------------------------------------------------------------------------- the driver
+
+
+def _run_worker(argv: list[str], log_dir: Path, name: str, timeout: float) -> Optional[dict]:
+    result = log_dir / f"{name}.json"
+    result.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--result", str(result)]
+    print(f"--- {name}: {' '.join(argv)}", flush=True)
+    t0 = time.perf_counter()
+    with open(log_dir / f"{name}.log", "w") as logf:
+        try:
+            proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, timeout=timeout, env=os.environ.copy())
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    wall = time.perf_counter() - t0
+    if rc != 0 or not result.is_file():
+        tail = (log_dir / f"{name}.log").read_text()[-3000:]
+        print(f"    FAILED (rc={rc}, {wall:.0f} s):\n{tail}", flush=True)
+        return None
+    res = json.loads(result.read_text())
+    res["wall_s"] = wall
+    if "tokens_per_s" in res:
+        print(f"    {res['tokens_per_s']:,.0f} tokens/s, peak {res['peak_gib']:.1f} GiB, {wall:.0f} s wall", flush=True)
+    else:
+        print(f"    longest {res.get('longest_seq')} ({wall:.0f} s wall)", flush=True)
+    return res
+
+
+def _plan_estimate(model_dir: Path, mode: str, seq: int, batch: int, recompute_budget: Optional[str] = None,
+                   checkpointing: Any = True, system: str = "ours") -> dict:
+    from cpt.plan import plan
+    cfg = ours_config(model_dir, mode, seq, batch, 1, recompute_budget=recompute_budget, checkpointing=checkpointing)
+    est = plan(cfg, system=system, gpu_memory_gib=139.8)
+    return {"peak_gib": est["peak_gib"], "tokens_per_s": est["tokens_per_s"], "recompute_layers": est["recompute_layers"]}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", choices=["baseline", "ours", "long"], help=argparse.SUPPRESS)
+    p.add_argument("--system", default="ours", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: a dry run of the worker's plumbing
+    p.add_argument("--mode", default="bf16", choices=["bf16", "nf4"])
+    p.add_argument("--seq", type=int, default=SEQ)
+    p.add_argument("--batch", type=int, default=MICRO_BATCH)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--recompute-budget", default=None, help="ours: adapter.recompute_budget_gib (memory-aware row)")
+    p.add_argument("--checkpointing", default="true", help="ours: adapter.use_gradient_checkpointing")
+    p.add_argument("--profile", default=None, help="write a torch profiler table of one step here")
+    p.add_argument("--time-limit", type=float, default=150.0, help="long-context worker: seconds for the ladder")
+    p.add_argument("--model-dir", default="/tmp/cpt-bench/llama-3.1-8b-random")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--logs", default=None, help="folder for worker logs and profiles (default: OUT/logs)")
+    p.add_argument("--rows", default="bf16,nf4,memory,long", help="comma list of: bf16, nf4, memory, long")
+    p.add_argument("--runs", type=int, default=1, help="repeat the bf16/nf4 pairs; the second run goes in reverse order")
+    p.add_argument("--profile-rows", action="store_true", help="profile one step of each bf16 row")
+    args = p.parse_args(argv)
+
+    if args.worker:
+        import torch
+        if args.checkpointing in ("true", "false"):
+            args.checkpointing = args.checkpointing == "true"
+        fn = {"baseline": worker_baseline, "ours": worker_ours, "long": worker_long}[args.worker]
+        res = fn(args)
+        res["device"] = torch.cuda.get_device_name(0)
+        Path(args.result).write_text(json.dumps(res, indent=1))
+        return 0
+    return drive(args)
+
+
+def drive(args) -> int:
+    import torch
+    model_dir = Path(args.model_dir)
+    out = Path(args.out)
+    logs = Path(args.logs) if args.logs else out / "logs"
+    out.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    rows = set(args.rows.split(","))
+    t0 = time.perf_counter()
+    build_model_dir(model_dir)
+    torch.cuda.empty_cache()
+    print(f"model folder ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    common = ["--model-dir", str(model_dir), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    results: dict[str, Any] = {"command": "python bench/gpu_throughput.py " + " ".join(sys.argv[1:]),
+                               "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                               "setup": {"model": "Llama-3.1-8B shape, random weights", "micro_batch": MICRO_BATCH,
+                                         "seq": SEQ, "r": R, "lora_alpha": ALPHA, "use_rslora": True,
+                                         "optim": "bitsandbytes AdamW8bit", "lr": LR, "embedding_lr": EMB_LR,
+                                         "warmup_steps": args.warmup, "timed_steps": args.steps},
+                               "flops_per_token": {"with_recompute": flops_per_token(SEQ, 32),
+                                                   "without_recompute": flops_per_token(SEQ, 0),
+                                                   "count": "6*N_frozen + 8*N_lora + 6*N_lm_head + 6*L*d*seq (causal attention), "
+                                                            "minus 2*N per layer that keeps its activations (no recompute)"},
+                               "peak_tflops": PEAK_TFLOPS, "anchor": ANCHOR, "targets": TARGETS}
+    try:
+        import importlib.metadata as md
+        results["versions"] = {k: md.version(k) for k in ("transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel")}
+    except Exception as e:  # a missing package shows in the rows that need it
+        results["versions"] = str(e)
+    for mode in ("bf16", "nf4"):
+        if mode not in rows:
+            continue
+        runs: dict[str, list] = {"baseline": [], "ours": []}
+        for run in range(args.runs):
+            order = ["baseline", "ours"] if run % 2 == 0 else ["ours", "baseline"]
+            for system in order:
+                prof = ["--profile", str(logs / f"profile_{system}_{mode}.txt")] if args.profile_rows and run == 0 else []
+                r = _run_worker(["--worker", system, "--mode", mode, *common, *prof], logs, f"{system}_{mode}_run{run + 1}", 900)
+                if r:
+                    runs[system].append(r)
+        entry: dict[str, Any] = {}
+        for system, rs in runs.items():
+            if not rs:
+                entry[system] = None
+                continue
+            tps = sum(r["tokens_per_s"] for r in rs) / len(rs)
+            entry[system] = {"tokens_per_s": tps, "tokens_per_s_runs": [r["tokens_per_s"] for r in rs],
+                             "peak_gib": max(r["peak_gib"] for r in rs), "peak_reserved_gib": max(r["peak_reserved_gib"] for r in rs),
+                             "step_s_range": [min(r["step_s_min"] for r in rs), max(r["step_s_max"] for r in rs)],
+                             "mfu": tps * flops_per_token(SEQ, 32) / (PEAK_TFLOPS * 1e12),
+                             "embedding_changed": rs[0].get("embedding_changed"), "loss_first_last": [rs[0]["losses"][0], rs[0]["losses"][-1]],
+                             **({"kernels": rs[0].get("kernels"), "setup_s": rs[0].get("setup_s")} if system == "ours" else {})}
+            entry[system]["plan"] = _plan_estimate(model_dir, mode, SEQ, MICRO_BATCH, system=system)
+        if entry.get("ours") and entry.get("baseline"):
+            entry["speedup"] = entry["ours"]["tokens_per_s"] / entry["baseline"]["tokens_per_s"]
+            entry["memory_ratio"] = entry["ours"]["peak_gib"] / entry["baseline"]["peak_gib"]
+            entry["target_met"] = {"speedup": entry["speedup"] >= TARGETS[mode]["speedup"],
+                                   "memory_ratio": entry["memory_ratio"] <= TARGETS[mode]["memory_ratio"]}
+        entry["mfu"] = entry["ours"]["mfu"] if entry.get("ours") else None
+        results[mode] = entry
+        _write(results, out)
+    if "memory" in rows:
+        r = _run_worker(["--worker", "ours", "--mode", "bf16", "--recompute-budget", "auto", *common], logs, "ours_bf16_memory_aware", 900)
+        if r:
+            keep = r["layers"]["keep"]
+            r["mfu"] = r["tokens_per_s"] * flops_per_token(SEQ, 32 - keep) / (PEAK_TFLOPS * 1e12)
+            r["plan"] = _plan_estimate(model_dir, "bf16", SEQ, MICRO_BATCH, recompute_budget="auto")
+            base = results.get("bf16", {}).get("baseline")
+            if base:
+                r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
+                r["memory_ratio"] = r["peak_gib"] / base["peak_gib"]
+        results["bf16_memory_aware"] = r
+        _write(results, out)
+    if "long" in rows:
+        long = {}
+        for system in ("baseline", "ours"):
+            long[system] = _run_worker(["--worker", "long", "--system", system, "--mode", "bf16", "--model-dir", str(model_dir),
+                                        "--time-limit", str(args.time_limit)], logs, f"long_{system}", args.time_limit + 300)
+        results["long_context_bf16_micro_batch_1"] = long
+        _write(results, out)
+    results["wall_s"] = time.perf_counter() - t0
+    _write(results, out)
+    print((out / "gpu_throughput.md").read_text())
+    return 0
+
+
+def _fmt(x: Optional[float], spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _write(results: dict, out: Path) -> None:
+    (out / "gpu_throughput.json").write_text(json.dumps(results, indent=1))
+    lines = ["# GPU throughput: cpt vs transformers + peft (Llama-3.1-8B shape, micro-batch 2 x 2048)", "",
+             f"Command: `{results['command']}`  ", f"Device: {results['device']}, torch {results['torch']}, "
+             f"{results.get('versions')}", "",
+             f"FLOPs per token for MFU: {results['flops_per_token']['with_recompute'] / 1e9:.2f} G with full recompute "
+             f"({results['flops_per_token']['count']}); MFU against {PEAK_TFLOPS:.0f} TFLOP/s.", "",
+             "| mode | system | tokens/s | peak GiB | speedup | memory ratio | MFU | plan: tokens/s | plan: peak GiB | lm_head changed | embed rows changed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for mode in ("bf16", "nf4"):
+        e = results.get(mode)
+        if not e:
+            continue
+        for system in ("baseline", "ours"):
+            s = e.get(system)
+            if not s:
+                lines.append(f"| {mode} | {system} | failed | | | | | | | | |")
+                continue
+            ch = s.get("embedding_changed") or {}
+            sp = _fmt(e.get("speedup"), ".2f") + "x" if system == "ours" else "1.00x"
+            mr = _fmt(e.get("memory_ratio"), ".2f") + "x" if system == "ours" else "1.00x"
+            lines.append(f"| {mode} | {system} | {s['tokens_per_s']:,.0f} | {s['peak_gib']:.1f} | {sp} | {mr} | {100 * s['mfu']:.1f}% | "
+                         f"{s['plan']['tokens_per_s']:,.0f} | {s['plan']['peak_gib']:.1f} | {100 * ch.get('lm_head', float('nan')):.2f}% | "
+                         f"{100 * ch.get('embed_tokens_seen_rows', float('nan')):.2f}% |")
+    m = results.get("bf16_memory_aware")
+    if m:
+        lines.append(f"| bf16 | ours, memory-aware ({m['layers']['keep']} of 32 layers keep activations) | {m['tokens_per_s']:,.0f} | "
+                     f"{m['peak_gib']:.1f} | {_fmt(m.get('speedup'), '.2f')}x | {_fmt(m.get('memory_ratio'), '.2f')}x | "
+                     f"{100 * m['mfu']:.1f}% | {m['plan']['tokens_per_s']:,.0f} | {m['plan']['peak_gib']:.1f} | | |")
+    lines += ["", "Targets (ratios to the baseline in the same run): bf16 >= 1.8x tokens/s at <= 0.75x peak; "
+              "nf4 >= 1.75x at <= 0.65x."]
+    for mode in ("bf16", "nf4"):
+        e = results.get(mode) or {}
+        if "target_met" in e:
+            tm = e["target_met"]
+            lines.append(f"- {mode}: speedup {e['speedup']:.2f}x ({'met' if tm['speedup'] else 'NOT met'}), "
+                         f"memory {e['memory_ratio']:.2f}x ({'met' if tm['memory_ratio'] else 'NOT met'})")
+    long = results.get("long_context_bf16_micro_batch_1")
+    if long:
+        lines += ["", "## Longest sequence at micro-batch 1 (bf16, one H200)", "", "| system | longest that trained | ladder |", "|---|---|---|"]
+        for system, r in long.items():
+            if not r:
+                lines.append(f"| {system} | failed | |")
+                continue
+            ladder = "; ".join(f"{x['seq']}: {x['status']}" + (f" {x['step_s']:.1f} s, {x['peak_gib']:.1f} GiB" if x["status"] == "ok" else "")
+                               for x in r["ladder"])
+            lines.append(f"| {system} | {r['longest_seq']:,} | {ladder} |")
+    lines += ["", f"Reference (anchor, another run of the same machine type): baseline bf16 {ANCHOR['bf16']['baseline']['tokens_per_s']:,} tokens/s "
+              f"{ANCHOR['bf16']['baseline']['peak_gib']} GiB; nf4 {ANCHOR['nf4']['baseline']['tokens_per_s']:,} / {ANCHOR['nf4']['baseline']['peak_gib']}; "
+              f"Unsloth bf16 {ANCHOR['bf16']['unsloth']['tokens_per_s']:,} / {ANCHOR['bf16']['unsloth']['peak_gib']}, "
+              f"nf4 {ANCHOR['nf4']['unsloth']['tokens_per_s']:,} / {ANCHOR['nf4']['unsloth']['peak_gib']}.", ""]
+    (out / "gpu_throughput.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

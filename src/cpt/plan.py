@@ -1,0 +1,266 @@
+"""Memory and speed estimate of a run before it starts: `cpt plan CONFIG [key=value ...]`.
+
+Peak GPU memory is counted from the model's shape (read from its config.json, no weights loaded):
+frozen weights (bf16, or NF4 with its quantisation constants), the frozen originals peft keeps of
+trained embeddings, the trained copies with their gradients and optimizer states, the LoRA
+adapters likewise, and activations: each decoder layer's input when it recomputes (on the host
+when offloaded), all of a layer's saved tensors when it keeps them, one layer's worth during
+recomputation, and the loss (full logits on the plain path, one chunk on the fused path). The
+peak is the larger of two moments: the loss (every kept activation alive, the head's gradient
+just made) and the end of the backward pass (every gradient alive).
+
+Speed is FLOPs per token (the count bench/gpu_throughput.py reports MFU with) over the GPU's
+dense bf16 rate times an efficiency measured for each path on an H200 (bench/NOTES.md).
+
+    cpt plan examples/seed.yaml
+    python -m pytest tests/test_plan.py -q
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from cpt.config import EMBEDDING_MODULES, Config, ConfigError
+
+GIB = 2**30
+LORA_SHAPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Dense bf16 rate by GPU name (datasheet); unknown GPUs fall back to the H100/H200 figure.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+# Share of the peak rate each path reached on an H200 at micro-batch 2 x 2048 (bench/results):
+# transformers + peft reference runs (gpu_anchor.md) and our measured rows.
+EFFICIENCY = {("baseline", "bf16"): 0.337, ("baseline", "nf4"): 0.298, ("ours", "bf16"): 0.37, ("ours", "nf4"): 0.33}
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + float32 per 256 absmax
+WORKSPACE_GIB = 0.6  # cuBLAS workspaces, SDPA scratch, allocator rounding
+
+
+@dataclass
+class Shape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    tied: bool
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden // self.heads * self.kv_heads
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        d, kv, f = self.hidden, self.kv_dim, self.intermediate
+        return {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d),
+                "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+
+    @property
+    def block_params(self) -> int:
+        return self.layers * sum(i * o for i, o in self.linear_shapes().values())
+
+
+def shape_from_config(mc: Any) -> Shape:
+    g = lambda *names: next((getattr(mc, n) for n in names if getattr(mc, n, None) is not None), None)
+    heads = g("num_attention_heads")
+    return Shape(hidden=g("hidden_size"), layers=g("num_hidden_layers"), heads=heads,
+                 kv_heads=g("num_key_value_heads") or heads, intermediate=g("intermediate_size"),
+                 vocab=g("vocab_size"), tied=bool(getattr(mc, "tie_word_embeddings", False)))
+
+
+def model_flops_per_token(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
+                          r: int, n_lora_targets: int = 7, seq: int = 2048, recompute_layers: Optional[int] = None,
+                          train_head: bool = True) -> float:
+    """6*N_frozen + 8*N_lora + 6*N_lm_head + 6*L*d*seq (gpu_anchor.md's count) with every layer
+    recomputed; a layer that keeps its activations skips its recompute (2*N of its frozen and LoRA
+    weights): 49.32 GFLOP with recompute and 34.69 without for Llama-3.1-8B, r=128, seq 2048."""
+    s = Shape(hidden, layers, heads, kv_heads, intermediate, vocab, False)
+    shapes = list(s.linear_shapes().values())[:n_lora_targets] if n_lora_targets < 7 else list(s.linear_shapes().values())
+    n_frozen = s.block_params
+    n_lora = layers * sum(r * (i + o) for i, o in shapes)
+    attn = 6 * layers * hidden * seq
+    k = layers if recompute_layers is None else recompute_layers
+    full = 6 * n_frozen + 8 * n_lora + (6 if train_head else 4) * vocab * hidden + attn
+    # A layer that keeps its activations skips the recompute of its frozen and LoRA matmuls
+    # (2N each); the anchor leaves the attention term as is.
+    saved = (layers - k) / layers * (2 * n_frozen + 2 * n_lora)
+    return float(full - saved)
+
+
+def layer_activation_bytes(s: Shape, tokens: int, fused: bool, r: int) -> float:
+    """Bytes one decoder layer keeps for its backward pass (bf16 activations), per the tensors
+    autograd saves: norms (transformers upcasts to float32; liger keeps the bf16 input), q/k/v
+    around RoPE, attention output, the MLP's gate/up/product, and each LoRA's rank-r middle."""
+    d, kv, f = s.hidden, s.kv_dim, s.intermediate
+    if fused:
+        per_token = 8 * d + (6 * d + 4 * kv) + 6 * f + 14 * r
+    else:
+        per_token = 12 * d + (8 * d + 6 * kv) + 8 * f + 14 * r
+    return float(per_token * tokens)
+
+
+def _gpu(gpu_memory_gib: Optional[float]) -> tuple[str, float, float]:
+    name, total = "unknown GPU", gpu_memory_gib or 80.0
+    try:
+        import torch
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name(0)
+            if gpu_memory_gib is None:
+                total = torch.cuda.get_device_properties(0).total_memory / GIB
+    except Exception:
+        pass
+    tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), PEAK_TFLOPS["H200"])
+    return name, total, tflops
+
+
+def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory_gib: Optional[float] = None,
+         recompute_layers: Optional[int] = None) -> dict:
+    """The estimate as a dict (GiB and tokens/s). system: 'ours' (cpt as configured) or 'baseline'
+    (transformers + peft as in gpu_anchor.md: bf16 embedding copies, plain loss and norms)."""
+    if model_config is None:
+        from cpt.model import load_model_config
+        model_config = load_model_config(cfg.model)
+    s = shape_from_config(model_config)
+    if None in (s.hidden, s.layers, s.heads, s.intermediate, s.vocab):
+        raise ConfigError(f"cpt plan: {cfg.model.name_or_path!r} is not a decoder shape plan knows (needs hidden_size, num_hidden_layers, ...)")
+    a, t, m = cfg.adapter, cfg.train, cfg.model
+    gpu_name, gpu_total, tflops = _gpu(gpu_memory_gib)
+    nf4 = m.load_in_4bit
+    mode = "nf4" if nf4 else "bf16"
+    ours = system == "ours"
+    fused = ours and m.kernels in ("auto", "cpt", "liger")
+    tokens = t.per_device_train_batch_size * m.max_seq_length
+    full_mode = a.method == "full"
+    emb_elems = s.vocab * s.hidden
+    trained_emb = [x for x in EMBEDDING_MODULES if cfg.trains_embeddings and (full_mode or x in a.target_modules)]
+    n_trained_emb = emb_elems * (1 if s.tied else len(trained_emb))
+    n_all_emb = emb_elems * (1 if s.tied else 2)
+    master = 4 if (ours and a.embedding_master_dtype == "float32") else 2
+    state_bytes = 2 if t.optim == "adamw_8bit" else 8
+
+    mem: dict[str, float] = {}
+    if full_mode:
+        n = s.block_params + n_all_emb
+        mem["weights (trained, float32 masters)"] = n * master
+        grads = n * master
+        mem["optimizer states"] = n * state_bytes
+    else:
+        mem["frozen block weights"] = s.block_params * (NF4_BYTES if nf4 else 2)
+        untrained_emb = n_all_emb - (n_trained_emb if not s.tied else (emb_elems if trained_emb else 0))
+        mem["frozen embeddings"] = max(0, untrained_emb) * 2
+        # peft keeps the frozen original of each trained copy; cpt moves it to host memory.
+        mem["frozen originals of trained embeddings"] = 0 if ours else n_trained_emb * 2
+        mem["trained embeddings"] = n_trained_emb * master
+        targets = [x for x in a.target_modules if x in LORA_SHAPES]
+        n_lora = s.layers * sum(a.r * (i + o) for k, (i, o) in s.linear_shapes().items() if k in targets)
+        mem["LoRA adapters (float32)"] = n_lora * 4
+        mem["optimizer states"] = (n_trained_emb + n_lora) * state_bytes
+        grads = n_trained_emb * master + n_lora * 4
+    mem["norms"] = (2 * s.layers + 1) * s.hidden * 2
+    static = sum(mem.values())
+
+    gc = a.use_gradient_checkpointing
+    checkpointing = gc not in (False, "false")
+    offload = gc == "offload" and ours
+    layer_act = layer_activation_bytes(s, tokens, fused, a.r)
+    if recompute_layers is None:
+        recompute_layers = s.layers if checkpointing else 0
+    keep = s.layers - recompute_layers
+    ckpt_in = tokens * s.hidden * 2
+    acts = {
+        "checkpointed layer inputs": (2 if offload else recompute_layers) * ckpt_in,
+        "layers that keep their activations": keep * layer_act,
+    }
+    v_h = s.vocab * s.hidden
+    if fused:
+        chunk = min(tokens, max(1, (1 << 27) // s.vocab))
+        # bf16 copy of the head for the matmuls, float32 logits of one chunk and its bf16 gradient.
+        loss = v_h * 2 * (master == 4) + chunk * s.vocab * (4 + 2 + 2)
+        head_grad_early = v_h * master if "lm_head" in trained_emb or s.tied else 0
+    else:
+        # bf16 logits, their float32 upcast and its gradient, the bf16 gradient of the logits.
+        loss = tokens * s.vocab * (2 + 4 + 4 + 2)
+        head_grad_early = 0
+    at_loss = acts["checkpointed layer inputs"] + acts["layers that keep their activations"] + loss + head_grad_early
+    recompute_peak = 1.5 * layer_act if recompute_layers else 0.0
+    at_end = grads + recompute_peak + (2 * ckpt_in if offload else ckpt_in)
+    peak = static + max(at_loss, at_end) + WORKSPACE_GIB * GIB
+
+    flops = model_flops_per_token(s.hidden, s.layers, s.heads, s.kv_heads, s.intermediate, s.vocab, a.r,
+                                  n_lora_targets=len([x for x in a.target_modules if x in LORA_SHAPES]) or 7,
+                                  seq=m.max_seq_length, recompute_layers=recompute_layers)
+    eff = EFFICIENCY[("ours" if ours else "baseline", mode)]
+    tps = eff * tflops * 1e12 / flops
+    return {
+        "model": m.name_or_path, "system": system, "mode": mode, "gpu": gpu_name, "gpu_memory_gib": gpu_total,
+        "tokens_per_micro_batch": tokens, "recompute_layers": recompute_layers, "offload": offload,
+        "memory_gib": {k: v / GIB for k, v in mem.items()},
+        "activations_gib": {**{k: v / GIB for k, v in acts.items()}, "loss": loss / GIB,
+                            "one layer's activations": layer_act / GIB},
+        "gradients_gib": grads / GIB,
+        "peak_gib": peak / GIB, "peak_at": "loss" if at_loss >= at_end else "end of backward",
+        "flops_per_token": flops, "assumed_efficiency": eff, "peak_tflops": tflops, "tokens_per_s": tps,
+        "fits": peak / GIB <= gpu_total,
+    }
+
+
+def recompute_layers_for_budget(cfg: Config, model_config: Any, budget_gib: float) -> int:
+    """Fewest recomputing layers whose estimated peak stays under budget_gib (memory-aware mode)."""
+    layers = shape_from_config(model_config).layers
+    for k in range(layers + 1):
+        if plan(cfg, model_config, gpu_memory_gib=budget_gib, recompute_layers=k)["peak_gib"] <= budget_gib:
+            return k
+    return layers
+
+
+def apply_memory_plan(model: Any, cfg: Config, device: Any) -> Optional[dict]:
+    """adapter.recompute_budget_gib: let the first layers keep their activations while the estimate
+    stays under the budget ('auto': 92% of the GPU's memory); the rest recompute. Called once by
+    model setup after gradient checkpointing is on. Returns set_recompute's summary, or None."""
+    budget = cfg.adapter.recompute_budget_gib
+    gc = cfg.adapter.use_gradient_checkpointing
+    if budget is None or gc in (False, "false"):
+        return None
+    if budget == "auto":
+        import torch
+        if getattr(device, "type", str(device)) != "cuda":
+            return None
+        budget = 0.92 * torch.cuda.get_device_properties(device).total_memory / GIB
+    elif isinstance(budget, str):
+        raise ConfigError(f"adapter.recompute_budget_gib: {budget!r} is not a number of GiB or 'auto'")
+    from cpt.kernels import set_recompute
+    k = recompute_layers_for_budget(cfg, model.config, float(budget))
+    return set_recompute(model, k, offload=gc == "offload")
+
+
+def format_plan(p: dict) -> str:
+    lines = [f"cpt plan: {p['model']} ({p['system']}, {p['mode']}) on {p['gpu']} ({p['gpu_memory_gib']:.0f} GiB)",
+             f"  micro-batch tokens {p['tokens_per_micro_batch']}, recomputing layers {p['recompute_layers']}"
+             f"{' (inputs offloaded to host)' if p['offload'] else ''}"]
+    for k, v in p["memory_gib"].items():
+        lines.append(f"  {k:<42} {v:8.2f} GiB")
+    lines.append(f"  {'gradients':<42} {p['gradients_gib']:8.2f} GiB")
+    for k, v in p["activations_gib"].items():
+        lines.append(f"  {k:<42} {v:8.2f} GiB")
+    lines.append(f"  peak (at the {p['peak_at']})".ljust(45) + f"{p['peak_gib']:8.2f} GiB  {'fits' if p['fits'] else 'DOES NOT FIT'}")
+    lines.append(f"  speed: {p['flops_per_token'] / 1e9:.1f} GFLOP/token at {100 * p['assumed_efficiency']:.0f}% of "
+                 f"{p['peak_tflops']:.0f} TFLOP/s -> about {p['tokens_per_s']:,.0f} tokens/s")
+    return "\n".join(lines)
+
+
+def plan_main(argv: list[str]) -> int:
+    from cpt.config import load_config
+
+    ap = argparse.ArgumentParser(prog="cpt plan", description="Estimate peak GPU memory and tokens/s of a config before running it.")
+    ap.add_argument("config", nargs="?")
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--gpu-memory-gib", type=float, default=None, help="plan for a GPU of this size (default: this machine's, else 80)")
+    ap.add_argument("--baseline", action="store_true", help="estimate plain transformers + peft instead")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides, args.config = [args.config, *args.overrides], None  # overrides only, no file
+    cfg = load_config(args.config, args.overrides)
+    p = plan(cfg, system="baseline" if args.baseline else "ours", gpu_memory_gib=args.gpu_memory_gib)
+    print(json.dumps(p, indent=1) if args.json else format_plan(p))
+    return 0

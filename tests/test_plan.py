@@ -1,0 +1,80 @@
+"""`cpt plan`: the memory estimate against measured H200 numbers, FLOP counts, memory-aware choice.
+
+    python -m pytest tests/test_plan.py -q
+"""
+from __future__ import annotations
+
+import pytest
+
+from cpt.config import ConfigError, config_from_dict
+from cpt.plan import apply_memory_plan, model_flops_per_token, plan, plan_main, recompute_layers_for_budget
+
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+
+
+def _cfg(nf4: bool = False, **adapter) -> object:
+    return config_from_dict({
+        "model": {"name_or_path": "unused", "max_seq_length": 2048, "load_in_4bit": nf4},
+        "adapter": {"r": 128, "lora_alpha": 32, "use_rslora": True, **adapter},
+        "train": {"per_device_train_batch_size": 2, "optim": "adamw_8bit", "learning_rate": 5e-6,
+                  "embedding_learning_rate": 1e-6},
+    })
+
+
+def _llama_8b():
+    from transformers import LlamaConfig
+    return LlamaConfig(**LLAMA_8B)
+
+
+@pytest.mark.parametrize("nf4, measured", [(False, 28.9), (True, 19.3)])
+def test_baseline_estimate_within_15_percent_of_the_reference_measurement(nf4, measured):
+    """gpu_anchor.md measured transformers + peft on one H200 at these settings."""
+    est = plan(_cfg(nf4), _llama_8b(), system="baseline", gpu_memory_gib=139.8)
+    assert abs(est["peak_gib"] - measured) / measured < 0.15, est["peak_gib"]
+    assert est["fits"]
+
+
+def test_flops_per_token_match_the_anchor_count():
+    kw = dict(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256, r=128, seq=2048)
+    assert model_flops_per_token(**kw) / 1e9 == pytest.approx(49.32, abs=0.01)
+    assert model_flops_per_token(**kw, recompute_layers=0) / 1e9 == pytest.approx(34.69, abs=0.01)
+
+
+def test_float32_masters_and_fused_loss_move_the_right_terms():
+    mc = _llama_8b()
+    ours = plan(_cfg(), mc, system="ours", gpu_memory_gib=139.8)
+    base = plan(_cfg(), mc, system="baseline", gpu_memory_gib=139.8)
+    assert ours["memory_gib"]["trained embeddings"] == pytest.approx(2 * base["memory_gib"]["trained embeddings"])
+    assert ours["activations_gib"]["loss"] < base["activations_gib"]["loss"] / 2
+    bf16 = plan(_cfg(embedding_master_dtype="model"), mc, gpu_memory_gib=139.8)
+    assert bf16["peak_gib"] < ours["peak_gib"]
+
+
+def test_memory_aware_keeps_more_layers_with_more_memory():
+    mc, cfg = _llama_8b(), _cfg()
+    small, large = recompute_layers_for_budget(cfg, mc, 32.0), recompute_layers_for_budget(cfg, mc, 60.0)
+    assert 0 <= large < small <= 32
+    assert plan(cfg, mc, gpu_memory_gib=32.0, recompute_layers=small)["peak_gib"] <= 32.0
+    if small > 0:
+        assert plan(cfg, mc, gpu_memory_gib=32.0, recompute_layers=small - 1)["peak_gib"] > 32.0
+    keep_all = plan(cfg, mc, gpu_memory_gib=139.8, recompute_layers=0)
+    assert keep_all["flops_per_token"] < plan(cfg, mc, gpu_memory_gib=139.8)["flops_per_token"]
+
+
+def test_memory_plan_rejects_a_bad_budget():
+    cfg = _cfg(recompute_budget_gib="lots")
+
+    class M:
+        config = _llama_8b()
+    with pytest.raises(ConfigError, match="recompute_budget_gib"):
+        apply_memory_plan(M(), cfg, "cuda")
+    assert apply_memory_plan(M(), _cfg(), "cpu") is None  # no budget: nothing to do
+
+
+def test_plan_cli_reads_the_model_config(tiny_model_dir, capsys):
+    assert plan_main([f"model.name_or_path={tiny_model_dir}", "--gpu-memory-gib", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "peak" in out and "tokens/s" in out
+    assert plan_main([f"model.name_or_path={tiny_model_dir}", "--json", "--baseline"]) == 0
+    assert '"system": "baseline"' in capsys.readouterr().out
