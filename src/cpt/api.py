@@ -31,7 +31,7 @@ def is_bfloat16_supported() -> bool:
 def run_training(cfg: Config, *, model: Any = None, tokenizer: Any = None, train_dataset: Any = None,
                  device: Optional[torch.device] = None) -> dict:
     """Config in, trained adapter out: model -> data -> evaluator -> trainer. Returns the run summary."""
-    from cpt.data import build_data, labeled_warning
+    from cpt.data import build_data
     from cpt.evaluate import Evaluator, load_eval_sets
     from cpt.model import build_model
     from cpt.train import Trainer
@@ -45,9 +45,12 @@ def run_training(cfg: Config, *, model: Any = None, tokenizer: Any = None, train
                               cpu=bundle.device.type == "cpu")
     data = build_data(cfg, bundle.tokenizer, train_dataset=train_dataset, rank=accelerator.process_index,
                       world_size=accelerator.num_processes)
-    warning = labeled_warning(data.stats.get("verdict")) if data.stats.get("verdict") else None
-    if warning:
-        log.warning(warning)
+    if data.stats.get("verdict"):
+        from cpt.data.inspect import labeled_warning
+
+        warning = labeled_warning(data.stats["verdict"])
+        if warning:
+            log.warning(warning)
     summary_params = bundle.trainable_summary()
     log.info("trainable parameters: %s", ", ".join(f"{k}={v:,}" for k, v in summary_params.items()))
     eval_sets = load_eval_sets(cfg, data.holdout_texts)

@@ -63,11 +63,18 @@ def print_eval_table(rows: list[dict]) -> None:
     Console().print(table)
 
 
+def _config_and_overrides(args: argparse.Namespace) -> tuple:
+    """`cpt train key=value ...` without a file: the first positional is an override too."""
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        return None, [args.config, *args.overrides]
+    return args.config, args.overrides
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from cpt.api import run_training
     from cpt.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(*_config_and_overrides(args))
     summary = run_training(cfg)
     _print_summary(summary, cfg.output.output_dir)
     return 0
@@ -119,7 +126,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     from cpt.config import Config, help_fields, load_config
 
     if args.config:
-        print(load_config(args.config, args.overrides).to_yaml())
+        print(load_config(*_config_and_overrides(args)).to_yaml())
     else:
         print(Config().to_yaml() if args.defaults else help_fields())
     return 0
