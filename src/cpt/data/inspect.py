@@ -1,0 +1,443 @@
+"""`cpt inspect SOURCE`: what is in a data set, whether it is CPT material, and what training on it costs.
+
+For any source (file, folder, glob, `datasets` name or folder): its fields and their types, the row
+count, the text field's length in characters and tokens (min, median, p95, max), empty and
+duplicate rows, and a verdict with its evidence -- *unlabeled* (one free-text field plus metadata:
+continued-pretraining material), *labeled pairs* (instruction/prompt-response, or chat messages:
+fine-tuning material) or *classification* (text + label). With a config it adds the training
+budget: tokens in the data, tokens per optimizer step, steps per epoch, epochs that max_steps means.
+
+    cpt inspect data/corpus.jsonl --tokenizer HuggingFaceTB/SmolLM2-135M
+    cpt inspect --config run.yaml --json
+    python -m cpt.data.inspect tests/data.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cpt.config import Config, ConfigError, SourceConfig, load_config
+from cpt.data.sources import (SUFFIXES, DataWarning, FileText, ReadReport, iter_rows, load_hf, parse_filters,
+                              resolve_files, source_label)
+
+PROMPT_FIELDS = ("instruction", "prompt", "question", "query", "input", "context", "problem", "human", "user")
+RESPONSE_FIELDS = ("output", "response", "answer", "completion", "chosen", "target", "solution", "assistant",
+                   "rejected", "reply")
+CHAT_FIELDS = ("messages", "conversations", "conversation", "dialog", "dialogue", "chat", "turns")
+LABEL_FIELDS = ("label", "labels", "class", "category", "sentiment", "target", "y", "intent", "topic")
+META_HINTS = ("id", "url", "uri", "source", "date", "time", "dump", "file", "path", "lang", "language", "score",
+              "count", "hash", "meta", "license", "title", "domain", "length", "quality")
+
+
+def _type_name(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "bool"
+    if isinstance(v, int):
+        return "int"
+    if isinstance(v, float):
+        return "float"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, (list, tuple)):
+        return "list"
+    if isinstance(v, dict):
+        return "dict"
+    return type(v).__name__
+
+
+def _quantiles(xs: list[int]) -> dict | None:
+    if not xs:
+        return None
+    a = np.asarray(xs)
+    return {"min": int(a.min()), "median": float(np.median(a)), "p95": float(np.percentile(a, 95)),
+            "max": int(a.max()), "mean": float(a.mean())}
+
+
+def _as_source(source: Any) -> Any:
+    if isinstance(source, (str, Path)):
+        s = str(source)
+        p = Path(s).expanduser()
+        if p.exists() and not (p.is_dir() and any((p / m).exists() for m in ("dataset_info.json", "dataset_dict.json"))):
+            return SourceConfig(path=s)
+        looks_like_path = s.startswith(("/", ".", "~")) or any(
+            s.lower().endswith(x) or s.lower().endswith(x + ".gz") for x in SUFFIXES)
+        if looks_like_path or any(c in s for c in "*?["):
+            return SourceConfig(path=s)  # so a typo reads "no such file", not a Hub lookup
+        return SourceConfig(dataset=s)
+    return source
+
+
+def _row_count(source: Any) -> int | None:
+    """The exact row count where it is cheap (Parquet metadata, line counts, datasets length)."""
+    if isinstance(source, SourceConfig) and source.path:
+        total = 0
+        for f in resolve_files(source.path):
+            name = f.name.lower()
+            if name.endswith((".txt", ".md", ".txt.gz", ".md.gz")):
+                total += 1
+            elif name.endswith(".parquet"):
+                import pyarrow.parquet as pq
+
+                total += pq.ParquetFile(f).metadata.num_rows
+            elif name.endswith(".jsonl"):
+                with open(f, "rb") as fh:
+                    n, last = 0, b"\n"
+                    for chunk in iter(lambda: fh.read(1 << 24), b""):
+                        n += chunk.count(b"\n")
+                        last = chunk[-1:]
+                    total += n + (last != b"\n")  # blank lines are counted too: an upper bound then
+            else:
+                return None
+        return total
+    ds = source
+    if isinstance(source, SourceConfig):
+        return None
+    try:
+        return len(ds)
+    except TypeError:
+        return None
+
+
+# ---------------------------------------------------------------------------- verdict
+
+
+def _verdict(fields: dict[str, dict], text_field: str | None, text_chars: list[int], n: int) -> dict:
+    names = {k.lower(): k for k in fields}
+    evidence: list[str] = []
+
+    chat = [names[c] for c in CHAT_FIELDS if c in names and fields[names[c]]["chat_like"]]
+    if chat:
+        f = chat[0]
+        roles = ", ".join(sorted(fields[f]["roles"])) or "role/content turns"
+        evidence.append(f"field {f!r} holds lists of chat turns ({roles})")
+        return {"kind": "labeled_pairs", "label": "labeled pairs (chat messages)", "evidence": evidence}
+
+    prompts = [names[c] for c in PROMPT_FIELDS if c in names and fields[names[c]]["types"].get("string")]
+    responses = [names[c] for c in RESPONSE_FIELDS if c in names and fields[names[c]]["types"].get("string")]
+    if prompts and responses:
+        evidence.append(f"prompt-like field {prompts[0]!r} and response-like field {responses[0]!r}")
+        return {"kind": "labeled_pairs", "label": "labeled pairs (instruction / prompt-response)", "evidence": evidence}
+
+    labels = [names[c] for c in LABEL_FIELDS if c in names and c != (text_field or "").lower()]
+    for lab in labels:
+        info = fields[lab]
+        distinct = info["distinct"]
+        short = info["types"].get("int") or info["types"].get("bool") or info["max_str_len"] <= 40
+        if short and distinct is not None and 0 < distinct <= max(20, n // 20):
+            evidence.append(f"field {lab!r} takes {distinct} distinct short values over {n} rows "
+                            f"(e.g. {', '.join(map(repr, info['examples'][:4]))})")
+            if text_field:
+                evidence.append(f"next to the text field {text_field!r}")
+            return {"kind": "classification", "label": "classification (text + label)", "evidence": evidence}
+
+    strings = [k for k, v in fields.items() if v["types"].get("string") and v["mean_str_len"] >= 64]
+    if text_field and text_chars:
+        med = float(np.median(text_chars))
+        evidence.append(f"one free-text field {text_field!r} (median {med:.0f} characters)")
+        others = [k for k in fields if k != text_field]
+        meta = [k for k in others if any(h in k.lower() for h in META_HINTS)]
+        if meta:
+            evidence.append(f"metadata fields: {', '.join(meta)}")
+        rest = [k for k in others if k not in meta]
+        if rest:
+            evidence.append(f"other fields: {', '.join(rest)} (no prompt/response, chat or label pattern)")
+        long_others = [k for k in strings if k != text_field]
+        if long_others:
+            evidence.append(f"note: {', '.join(long_others)} also hold long text")
+        return {"kind": "unlabeled", "label": "unlabeled (continued-pretraining material)", "evidence": evidence}
+    evidence.append("no usable text field" + (f"; long string fields: {', '.join(strings)}" if strings else ""))
+    return {"kind": "unknown", "label": "unknown (no text field found)", "evidence": evidence}
+
+
+def labeled_warning(verdict: dict) -> str | None:
+    """The warning `cpt train` prints when its data looks like fine-tuning data, with the evidence."""
+    if not verdict or verdict.get("kind") not in ("labeled_pairs", "classification"):
+        return None
+    return (f"this data looks like {verdict['label']}: {'; '.join(verdict['evidence'])}. Continued pretraining "
+            "learns from raw text; labeled data is fine-tuning material (its structure becomes plain text here). "
+            "Run `cpt inspect` on it for details.")
+
+
+# ---------------------------------------------------------------------------- inspection
+
+
+def inspect_source(source: Any, tokenizer: Any = None, cfg: Config | None = None, sample_rows: int = 2000) -> dict:
+    """Fields, counts, lengths, verdict and (with `cfg`) training budget of one source, as a dict."""
+    source = _as_source(source)
+    default_field = cfg.data.dataset_text_field if cfg else "text"
+    text_field = (source.text_field if isinstance(source, SourceConfig) and source.text_field else None) or default_field
+    filters = parse_filters(source.filters if isinstance(source, SourceConfig) else [])
+    report = ReadReport(source_label(source))
+    fields: dict[str, dict] = {}
+    texts: list[str] = []
+    n = 0
+    n_empty = n_nonstr = n_filtered = 0
+    seen: set[bytes] = set()
+    dups = 0
+    is_files = False
+    exhausted = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        loaded = None
+        if isinstance(source, SourceConfig) and source.dataset:
+            loaded = load_hf(source, streaming=bool(source.streaming))
+        for row, where, _loc in iter_rows(source, report=report, loaded=loaded, streaming=True):
+            if n >= sample_rows:
+                exhausted = False
+                break
+            n += 1
+            is_files = isinstance(row, FileText)
+            for k, v in row.items():
+                info = fields.setdefault(k, {"types": Counter(), "non_null": 0, "values": Counter(), "max_str_len": 0,
+                                             "str_len_sum": 0, "str_n": 0, "chat_like": False, "roles": set()})
+                t = _type_name(v)
+                info["types"][t] += 1
+                if v is not None:
+                    info["non_null"] += 1
+                if isinstance(v, str):
+                    info["max_str_len"] = max(info["max_str_len"], len(v))
+                    info["str_len_sum"] += len(v)
+                    info["str_n"] += 1
+                if isinstance(v, str) and len(v) > 40:
+                    info["values"]["\0overflow"] += 1  # free text: distinct values mean nothing
+                elif isinstance(v, (str, int, bool)):
+                    if len(info["values"]) < 1000:
+                        info["values"][v] += 1
+                    else:
+                        info["values"]["\0overflow"] += 1
+                if isinstance(v, list) and v and all(isinstance(t_, dict) for t_ in v[:4]):
+                    keys = set().union(*(t_.keys() for t_ in v[:4]))
+                    if {"role", "content"} <= keys or {"from", "value"} <= keys:
+                        info["chat_like"] = True
+                        info["roles"].update(str(t_.get("role", t_.get("from"))) for t_ in v[:8])
+            if filters and all(f.column in row for f in filters) and not all(f(row, where) for f in filters):
+                n_filtered += 1
+                continue
+            text = row.get("text") if is_files else row.get(text_field)
+            if not isinstance(text, str):
+                n_nonstr += text_field in row or is_files
+                continue
+            if not text.strip():
+                n_empty += 1
+                continue
+            h = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+            if h in seen:
+                dups += 1
+            seen.add(h)
+            texts.append(text)
+
+    field_out: dict[str, dict] = {}
+    for k, info in fields.items():
+        overflow = "\0overflow" in info["values"]
+        distinct = None if overflow or not info["values"] else len(info["values"])
+        field_out[k] = {"types": dict(info["types"]), "non_null": info["non_null"], "distinct": distinct,
+                        "max_str_len": info["max_str_len"],
+                        "mean_str_len": info["str_len_sum"] / info["str_n"] if info["str_n"] else 0.0,
+                        "chat_like": info["chat_like"], "roles": sorted(info["roles"]),
+                        "examples": [v for v, _ in info["values"].most_common(6) if v != "\0overflow"]}
+    has_text = is_files or text_field in fields
+    chars = [len(t) for t in texts]
+    tokens: list[int] | None = None
+    if tokenizer is not None and texts:
+        from cpt.data.tokenize import Encoder
+
+        enc = Encoder(tokenizer, add_eos=False)
+        tokens = [len(x) for x in enc.encode(texts)]
+    rows = n if exhausted else _row_count(loaded if loaded is not None else source)
+    verdict = _verdict(field_out, ("text" if is_files else text_field) if has_text else None, chars, n)
+    result: dict[str, Any] = {
+        "source": source_label(source),
+        "text_field": "text (whole file)" if is_files else text_field,
+        "text_field_found": has_text,
+        "rows": rows,
+        "rows_exact": exhausted or rows is not None,
+        "sampled_rows": n,
+        "fully_read": exhausted,
+        "fields": {k: {kk: vv for kk, vv in v.items() if kk not in ("examples",)} | {"examples": [str(e)[:40] for e in v["examples"]]}
+                   for k, v in field_out.items()},
+        "text_chars": _quantiles(chars),
+        "text_tokens": _quantiles(tokens) if tokens else None,
+        "empty_rows": n_empty,
+        "non_string_rows": n_nonstr,
+        "filtered_rows": n_filtered,
+        "bad_rows": dict(report.counts),
+        "duplicate_rows": dups,
+        "verdict": verdict,
+    }
+    if not has_text:
+        cands = [k for k, v in field_out.items() if v["types"].get("string")]
+        result["text_field_candidates"] = sorted(cands, key=lambda k: -field_out[k]["mean_str_len"])
+    if cfg is not None:
+        result["budget"] = _budget(result, cfg, tokens, len(texts))
+    return result
+
+
+def _budget(result: dict, cfg: Config, tokens: list[int] | None, n_docs_sampled: int) -> dict:
+    t = cfg.train
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * cfg.model.max_seq_length
+    out: dict[str, Any] = {"tokens_per_step": per_step, "max_steps": t.max_steps,
+                           "per_device_train_batch_size": t.per_device_train_batch_size,
+                           "gradient_accumulation_steps": t.gradient_accumulation_steps,
+                           "max_seq_length": cfg.model.max_seq_length, "data_tokens": None,
+                           "data_tokens_exact": False, "steps_per_epoch": None, "epochs_for_max_steps": None}
+    if tokens is None or not n_docs_sampled:
+        out["note"] = "give a tokenizer (--tokenizer, or a config whose model has one) to count tokens"
+        return out
+    eos = 1 if cfg.data.add_eos else 0
+    sampled = sum(tokens) + eos * len(tokens)
+    docs_total = result["rows"]
+    if result["fully_read"]:
+        total = sampled
+    elif docs_total:
+        # rows without usable text (empty, filtered) are assumed as common as in the sample
+        total = int(round(sampled / result["sampled_rows"] * docs_total))
+    else:
+        total = None
+    out["data_tokens"] = total
+    out["data_tokens_exact"] = bool(result["fully_read"])
+    if total:
+        out["steps_per_epoch"] = total / per_step
+        if t.max_steps > 0:
+            out["epochs_for_max_steps"] = t.max_steps * per_step / total
+        else:
+            out["epochs_for_max_steps"] = t.num_train_epochs
+    return out
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def _fmt_q(q: dict | None) -> str:
+    if not q:
+        return "-"
+    return f"{q['min']:,} / {q['median']:,.0f} / {q['p95']:,.0f} / {q['max']:,}"
+
+
+def render_inspection(result: dict, console: Any) -> None:
+    """Print `inspect_source`'s result as rich tables."""
+    from rich.table import Table
+
+    rows = result["rows"]
+    rows_s = f"{rows:,}" if rows is not None else f">= {result['sampled_rows']:,}"
+    if not result["fully_read"]:
+        rows_s += f" (statistics from the first {result['sampled_rows']:,})"
+    console.print(f"[bold]{result['source']}[/bold]: {rows_s} rows, text field [cyan]{result['text_field']}[/cyan]"
+                  + ("" if result["text_field_found"] else " [red](not found)[/red]"))
+    ft = Table(title="fields", show_lines=False)
+    for c in ("field", "types", "non-null", "distinct", "examples"):
+        ft.add_column(c)
+    for k, v in result["fields"].items():
+        types = ", ".join(f"{t} ({n})" if len(v["types"]) > 1 else t for t, n in v["types"].items())
+        ft.add_row(k, types, f"{v['non_null']:,}", "-" if v["distinct"] is None else f"{v['distinct']:,}",
+                   ", ".join(v["examples"][:3]) if v["distinct"] is not None and v["max_str_len"] <= 40 else "")
+    console.print(ft)
+    lt = Table(title="text field length (min / median / p95 / max)")
+    lt.add_column("unit")
+    lt.add_column("length")
+    lt.add_row("characters", _fmt_q(result["text_chars"]))
+    lt.add_row("tokens", _fmt_q(result["text_tokens"]) if result["text_tokens"] else "- (no tokenizer)")
+    console.print(lt)
+    bad = ", ".join(f"{n} {k}" for k, n in result["bad_rows"].items())
+    console.print(f"empty rows: {result['empty_rows']:,}   non-string text: {result['non_string_rows']:,}   "
+                  f"duplicates: {result['duplicate_rows']:,}   filtered out: {result['filtered_rows']:,}"
+                  + (f"   unreadable: {bad}" if bad else ""))
+    if result.get("text_field_candidates"):
+        console.print(f"[yellow]text field not found; string fields: {', '.join(result['text_field_candidates'])}[/yellow]")
+    v = result["verdict"]
+    color = {"unlabeled": "green", "labeled_pairs": "yellow", "classification": "yellow"}.get(v["kind"], "red")
+    console.print(f"verdict: [bold {color}]{v['label']}[/bold {color}]")
+    for e in v["evidence"]:
+        console.print(f"  - {e}")
+    b = result.get("budget")
+    if b:
+        bt = Table(title="training budget")
+        bt.add_column("quantity")
+        bt.add_column("value")
+        approx = "" if b["data_tokens_exact"] else "~"
+        bt.add_row("tokens in the data", f"{approx}{b['data_tokens']:,}" if b["data_tokens"] else "-")
+        bt.add_row("tokens per optimizer step",
+                   f"{b['tokens_per_step']:,} ({b['per_device_train_batch_size']} x {b['gradient_accumulation_steps']} "
+                   f"x {b['max_seq_length']})")
+        bt.add_row("steps per epoch", f"{approx}{_num(b['steps_per_epoch'])}" if b["steps_per_epoch"] else "-")
+        if b["max_steps"] and b["max_steps"] > 0:
+            bt.add_row(f"epochs in max_steps={b['max_steps']}",
+                       f"{approx}{_num(b['epochs_for_max_steps'])}" if b["epochs_for_max_steps"] else "-")
+        console.print(bt)
+        if b.get("note"):
+            console.print(f"[dim]{b['note']}[/dim]")
+    warn = labeled_warning(v)
+    if warn:
+        console.print(f"[yellow]warning:[/yellow] {warn}")
+
+
+def _load_tokenizer(name: str, gguf_file: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoTokenizer.from_pretrained(name, **kw)
+
+
+def inspect_main(argv: list[str]) -> int:
+    """`cpt inspect [SOURCE] [--config C] [--text-field F] [--tokenizer T] [--json] [--max-rows N]`."""
+    p = argparse.ArgumentParser(prog="cpt inspect", description=__doc__.split("\n\n")[0])
+    p.add_argument("source", nargs="?", help="file, folder, glob, datasets name or folder (default: the config's sources)")
+    p.add_argument("--config", help="run config: its text field, filters, tokenizer and training budget")
+    p.add_argument("--text-field", help="column holding the text (default: the config's, else 'text')")
+    p.add_argument("--tokenizer", help="tokenizer name or folder for token counts (default: the config's model)")
+    p.add_argument("--gguf-file", help="GGUF file inside --tokenizer's folder")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--max-rows", type=int, default=2000, help="rows read for statistics (default 2000)")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config) if args.config else None
+        if args.source:
+            sources = [_as_source(args.source)]
+        elif cfg is not None and cfg.data.sources:
+            sources = list(cfg.data.sources)
+        else:
+            p.error("give a SOURCE or a --config with data sources")
+        tok = None
+        name = args.tokenizer or (cfg and (cfg.model.tokenizer or cfg.model.name_or_path))
+        gguf = args.gguf_file or (cfg.model.gguf_file if cfg and not args.tokenizer else None)
+        if name:
+            try:
+                tok = _load_tokenizer(name, gguf)
+            except Exception as e:  # offline, or no such tokenizer: the rest of the report still stands
+                print(f"cpt inspect: no token counts (tokenizer {name!r} did not load: {type(e).__name__})",
+                      file=sys.stderr)
+        results = []
+        for s in sources:
+            if args.text_field and isinstance(s, SourceConfig):
+                s.text_field = args.text_field
+            results.append(inspect_source(s, tokenizer=tok, cfg=cfg, sample_rows=args.max_rows))
+    except ConfigError as e:
+        print(f"cpt inspect: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=1, default=str))
+    else:
+        from rich.console import Console
+
+        console = Console()
+        for r in results:
+            render_inspection(r, console)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(inspect_main(sys.argv[1:]))
