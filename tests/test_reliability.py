@@ -128,3 +128,165 @@ def test_1_exact_resume_is_bitwise(reference, tiny_model_dir, tmp_path, monkeypa
     assert summary["step"] == 8 and not summary["interrupted"]
     assert _metrics(out) == reference["metrics"]  # step 5 once, from the resumed run
     _assert_bitwise_equal(_final_state(out), reference["state"])
+
+
+# ---------------------------------------------------------------------------- 2. hard kill
+
+# Runs `cpt train CONFIG` in a child process. With CPT_TEST_HANG_AT_SAVE=N the save of checkpoint-N
+# writes every file, then (before fsync and marker) announces itself and hangs, so the parent can
+# SIGKILL it in the middle of the checkpoint write.
+_CHILD = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from cpt import checkpoint as ckpt
+    hang = int(os.environ.get("CPT_TEST_HANG_AT_SAVE", "0"))
+    if hang:
+        real = ckpt.save_checkpoint
+        def save_checkpoint(out, step, write, *a, **k):
+            def slow(folder):
+                write(folder)
+                if step == hang:
+                    (Path(out) / "HANG").write_text(str(step))
+                    time.sleep(300)
+            return real(out, step, slow, *a, **k)
+        ckpt.save_checkpoint = save_checkpoint
+    from cpt.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def _write_yaml(cfg, path: Path) -> Path:
+    cfg.save(path)
+    return path
+
+
+def _spawn(yaml_path: Path, **env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _CHILD, "train", str(yaml_path)], env={**os.environ, **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_for(cond, proc: subprocess.Popen, what: str, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"child exited ({proc.returncode}) before {what}: {proc.stderr.read().decode()[-2000:]}")
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def test_2_sigkill_at_random_moment_and_mid_checkpoint_write(reference, tiny_model_dir, tmp_path):
+    """SIGKILL once at a random moment, then again while checkpoint-N is half written (files there,
+    no fsync, no marker): the next run resumes from the newest complete checkpoint and ends bitwise
+    equal to the uninterrupted run."""
+    import random
+
+    seed = int(time.time())
+    rng = random.Random(seed)
+    out = tmp_path / "run"
+    yaml_path = _write_yaml(_cfg(tiny_model_dir, reference["corpus"], out), tmp_path / "run.yaml")
+
+    proc = _spawn(yaml_path)
+    after_lines = rng.randint(1, 7)
+    _wait_for(lambda: _lines(out / "metrics.jsonl") >= after_lines, proc, f"step {after_lines}")
+    time.sleep(rng.uniform(0, 0.3))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    latest = ckpt.latest_checkpoint(out)
+    resumed_from = ckpt.step_of(latest) if latest else 0
+
+    hang_at = resumed_from + 4
+    proc = _spawn(yaml_path, CPT_TEST_HANG_AT_SAVE=str(hang_at))
+    _wait_for(lambda: (out / "HANG").exists(), proc, f"the save of checkpoint-{hang_at}")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (out / "HANG").unlink()
+    partial = [p for p in out.iterdir() if p.name.startswith(ckpt.TMP_PREFIX)]
+    assert partial and not any(ckpt.is_complete(p) for p in partial), f"seed {seed}"
+    assert not (out / f"checkpoint-{hang_at}").exists()
+    assert (ckpt.latest_checkpoint(out) or out).name == (latest.name if latest else out.name), f"seed {seed}"
+
+    run_training(_cfg(tiny_model_dir, reference["corpus"], out))
+    assert not any(p.name.startswith(ckpt.TMP_PREFIX) for p in out.iterdir())
+    assert _metrics(out) == reference["metrics"], f"seed {seed}"
+    _assert_bitwise_equal(_final_state(out), reference["state"])
+
+
+# ---------------------------------------------------------------------------- 4. disk full in the loop
+
+
+def test_4_failed_save_in_the_loop_exits_nonzero_and_keeps_previous(reference, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    yaml_path = _write_yaml(_cfg(tiny_model_dir, reference["corpus"], out, "output.save_total_limit=1"), tmp_path / "run.yaml")
+    real_save = torch.save
+    snapshot = {}
+
+    def full_disk(obj, f, *a, **k):
+        if isinstance(f, (str, Path)) and "checkpoint-8" in str(f) and Path(f).name == "optimizer.pt":
+            snapshot.update(_tree(out / "checkpoint-4"))
+            Path(f).write_bytes(b"PK\x03\x04 half a file")
+            raise RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert cli_main(["train", str(yaml_path)]) == 1
+    err = capsys.readouterr().err
+    assert "could not write checkpoint" in err and "checkpoint-8" in err and "file write failed" in err
+    monkeypatch.undo()
+    assert snapshot, "the failing save never ran"
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-4"]
+    assert _tree(out / "checkpoint-4") == snapshot
+    # and the run continues from it as if nothing happened
+    run_training(_cfg(tiny_model_dir, reference["corpus"], out, "output.save_total_limit=1"))
+    assert _metrics(out) == reference["metrics"]
+    _assert_bitwise_equal(_final_state(out), reference["state"])
+
+
+# ---------------------------------------------------------------------------- 5. preemption
+
+
+def test_5_sigterm_mid_step_saves_exits_0_and_resumes_next_step(reference, tiny_model_dir, tmp_path, monkeypatch):
+    """SIGTERM in the middle of step 3 (between its micro-batches): the step finishes, checkpoint-3 is
+    written although a second SIGTERM arrives during the write, `cpt train` returns 0, and the next
+    run starts at step 4 and ends bitwise equal to the uninterrupted run."""
+    out = tmp_path / "run"
+    yaml_path = _write_yaml(_cfg(tiny_model_dir, reference["corpus"], out), tmp_path / "run.yaml")
+    accum = 2
+
+    def preempt(n):
+        if n == 2 * accum + 2:  # second micro-batch of step 3
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    _wrap_loss(monkeypatch, preempt)
+    real_save = ckpt.save_checkpoint
+
+    def save_with_second_signal(out_dir, step, write, *a, **k):
+        def write_then_signal(folder):
+            write(folder)
+            os.kill(os.getpid(), signal.SIGTERM)  # the impatient second Ctrl-C
+            time.sleep(0.05)
+        return real_save(out_dir, step, write_then_signal, *a, **k)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_with_second_signal)
+    assert cli_main(["train", str(yaml_path), "output.save_grace_seconds=30"]) == 0
+    monkeypatch.undo()
+    assert ckpt.latest_checkpoint(out).name == "checkpoint-3" and ckpt.is_complete(out / "checkpoint-3")
+    assert json.loads((out / "run_summary.json").read_text())["interrupted"] is True
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 3]
+
+    steps = []
+    _wrap_loss(monkeypatch, lambda n: None)
+    import cpt.train as train_mod
+    real_log = train_mod.Trainer._log
+    monkeypatch.setattr(train_mod.Trainer, "_log", lambda self, rec: (steps.append(rec["step"]), real_log(self, rec)))
+    run_training(_cfg(tiny_model_dir, reference["corpus"], out))
+    assert steps == [4, 5, 6, 7, 8]
+    assert _metrics(out) == reference["metrics"]
+    _assert_bitwise_equal(_final_state(out), reference["state"])
