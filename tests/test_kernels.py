@@ -236,3 +236,29 @@ def test_cuda_fused_paths_match_plain_bf16(mode):
     with torch.no_grad(), model.disable_adapter(), torch.autocast("cuda", dtype=torch.bfloat16):
         assert model(input_ids=ids).logits.shape == (2, 256, 32000)
     assert head.original_module.weight.device.type == "cpu"
+
+
+def test_lora_input_upcast_skipped_only_under_autocast(tiny_model_dir):
+    """bf16 base + float32 LoRA: under autocast the skipped upcast changes nothing (same loss and
+    gradients); outside autocast peft's upcast still happens (else the matmul would fail)."""
+    from cpt.kernels import skip_lora_input_upcast
+
+    model = _peft_model(tiny_model_dir, dtype=torch.bfloat16)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.train()
+    batch = _batch(model.config.vocab_size, seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_ref, grads_ref = _loss_and_grads(model, plain_causal_lm_loss, batch, 45)
+    assert skip_lora_input_upcast(model) == 7 * model.config.num_hidden_layers
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = _loss_and_grads(model, plain_causal_lm_loss, batch, 45)
+    assert loss.item() == loss_ref.item()
+    for n in grads:
+        assert torch.equal(grads[n], grads_ref[n]), n
+    lora = next(m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled") and hasattr(m, "lora_A"))
+    assert lora.cast_input_dtype_enabled is False
+    with torch.no_grad():  # no autocast: a bf16 input meets the float32 LoRA weights through the upcast
+        out = lora(torch.randn(3, lora.in_features, dtype=torch.bfloat16))
+    assert lora.cast_input_dtype_enabled is True and out.dtype == torch.bfloat16

@@ -31,7 +31,8 @@ LORA_SHAPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 # Share of the peak rate each path reached on an H200 at micro-batch 2 x 2048 (bench/results):
 # transformers + peft reference runs (gpu_anchor.md) and our measured rows.
-EFFICIENCY = {("baseline", "bf16"): 0.337, ("baseline", "nf4"): 0.298, ("ours", "bf16"): 0.37, ("ours", "nf4"): 0.33}
+# "ours" is the first H200 run of bench/gpu_throughput.py (before the LoRA-input change).
+EFFICIENCY = {("baseline", "bf16"): 0.337, ("baseline", "nf4"): 0.298, ("ours", "bf16"): 0.358, ("ours", "nf4"): 0.357}
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + float32 per 256 absmax
 WORKSPACE_GIB = 0.6  # cuBLAS workspaces, SDPA scratch, allocator rounding
 
