@@ -39,15 +39,23 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     """Run a layer without saving its activations; keep only its input, in host memory."""
 
     @staticmethod
-    def forward(ctx, run: Callable[[torch.Tensor], Any], hidden: torch.Tensor):
+    def forward(ctx, run: Callable[[torch.Tensor], Any], hidden: torch.Tensor, pool: dict):
         ctx.run = run
         ctx.device = hidden.device
         ctx.autocast = (torch.is_autocast_enabled(hidden.device.type), torch.get_autocast_dtype(hidden.device.type))
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
         if hidden.is_cuda:
-            host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+            # One pinned buffer per layer and shape, reused every step: pinning host memory is
+            # slow (tens of ms per GiB), copying into pinned memory is not.
+            key = (tuple(hidden.shape), hidden.dtype)
+            host = pool.get(key)
+            if host is None:
+                pool.clear()  # a new shape (another sequence length): drop the old buffer first
+                host = pool[key] = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
             stream = _side_stream(hidden.device)
+            # The side stream waits for everything queued so far: the layer's input is ready, and
+            # the previous step's read of this buffer (backward, main stream) is done.
             stream.wait_stream(torch.cuda.current_stream(hidden.device))
             with torch.cuda.stream(stream):
                 host.copy_(hidden, non_blocking=True)
@@ -65,7 +73,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         if ctx.copied is not None:
-            ctx.copied.synchronize()
+            torch.cuda.current_stream(ctx.device).wait_event(ctx.copied)
         hidden = ctx.host.to(ctx.device, non_blocking=True).requires_grad_(True)
         ctx.host = None
         with torch.random.fork_rng(devices=[ctx.device] if ctx.cuda_rng is not None else []):
@@ -77,7 +85,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         out = out[0] if isinstance(out, tuple) else out
         torch.autograd.backward(out, grad_out)
         # The layer's parameters got their gradients from the inner backward above.
-        return None, hidden.grad
+        return None, hidden.grad, None
 
 
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
@@ -90,6 +98,8 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def _offloaded_forward(layer: torch.nn.Module, plain_forward: Callable) -> Callable:
+    pool: dict = {}
+
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not (self.training and torch.is_grad_enabled() and hidden_states.requires_grad):
             return plain_forward(hidden_states, *args, **kwargs)
@@ -99,7 +109,7 @@ def _offloaded_forward(layer: torch.nn.Module, plain_forward: Callable) -> Calla
             out = plain_forward(h, *args, use_cache=False, **kwargs)
             return out[0] if isinstance(out, tuple) else out
 
-        return _OffloadedCheckpoint.apply(run, hidden_states)
+        return _OffloadedCheckpoint.apply(run, hidden_states, pool)
 
     return types.MethodType(forward, layer)
 
