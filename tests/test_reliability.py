@@ -133,23 +133,24 @@ def test_1_exact_resume_is_bitwise(reference, tiny_model_dir, tmp_path, monkeypa
 # ---------------------------------------------------------------------------- 2. hard kill
 
 # Runs `cpt train CONFIG` in a child process. With CPT_TEST_HANG_AT_SAVE=N the save of checkpoint-N
-# writes every file, then (before fsync and marker) announces itself and hangs, so the parent can
-# SIGKILL it in the middle of the checkpoint write.
+# writes the adapter and trained tensors, half of optimizer.pt, then announces itself and hangs, so
+# the parent can SIGKILL it in the middle of the checkpoint write.
 _CHILD = textwrap.dedent("""
-    import os, sys, time
+    import io, os, sys, time
     from pathlib import Path
-    from cpt import checkpoint as ckpt
-    hang = int(os.environ.get("CPT_TEST_HANG_AT_SAVE", "0"))
+    import torch
+    hang = os.environ.get("CPT_TEST_HANG_AT_SAVE")
     if hang:
-        real = ckpt.save_checkpoint
-        def save_checkpoint(out, step, write, *a, **k):
-            def slow(folder):
-                write(folder)
-                if step == hang:
-                    (Path(out) / "HANG").write_text(str(step))
-                    time.sleep(300)
-            return real(out, step, slow, *a, **k)
-        ckpt.save_checkpoint = save_checkpoint
+        real = torch.save
+        def save(obj, f, *a, **k):
+            if isinstance(f, (str, Path)) and Path(f).name == "optimizer.pt" and f"checkpoint-{hang}" in str(f):
+                buf = io.BytesIO()
+                real(obj, buf)
+                Path(f).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+                (Path(f).parent.parent / "HANG").write_text(hang)
+                time.sleep(300)
+            return real(obj, f, *a, **k)
+        torch.save = save
     from cpt.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
@@ -290,3 +291,116 @@ def test_5_sigterm_mid_step_saves_exits_0_and_resumes_next_step(reference, tiny_
     assert steps == [4, 5, 6, 7, 8]
     assert _metrics(out) == reference["metrics"]
     _assert_bitwise_equal(_final_state(out), reference["state"])
+
+
+# ---------------------------------------------------------------------------- 3. rotation with the best kept
+
+
+def test_3_rotation_keeps_newest_and_best(reference, tiny_model_dir, tmp_path, monkeypatch):
+    """save_total_limit=1 with best-model tracking: the best checkpoint (step 3, saved although 3 is no
+    save step) survives every rotation, the newest is never deleted, nothing else is kept — also across
+    a crash and resume."""
+    from cpt.evaluate import Evaluator
+
+    scripted = {3: 0.5, 6: 0.8, 8: 0.9}  # bits per byte by step: step 3 is the best
+    monkeypatch.setattr(Evaluator, "run", lambda self, model, step: {
+        "domain": {"loss": scripted[step], "bits_per_byte": scripted[step]}})
+    out = tmp_path / "run"
+    extra = (f"eval.sets=[{{name: domain, path: {reference['corpus']}}}]", "eval.eval_steps=3",
+             "output.save_total_limit=1", "output.metric_for_best_model=domain/bits_per_byte")
+    deleted_newest = []
+    real_rotate = ckpt.rotate
+
+    def watch_rotate(output_dir, limit, protect=()):
+        newest = ckpt.latest_checkpoint(output_dir)
+        gone = real_rotate(output_dir, limit, protect)
+        deleted_newest.extend(p for p in gone if p == newest)
+        return gone
+
+    monkeypatch.setattr(ckpt, "rotate", watch_rotate)
+
+    def crash(n):
+        if n == 6 * 2 + 1:  # step 7: after the evaluation at 6, before the save at 8
+            raise _Crash()
+
+    _wrap_loss(monkeypatch, crash)
+    with pytest.raises(_Crash):
+        run_training(_cfg(tiny_model_dir, reference["corpus"], out, *extra))
+    assert sorted(p.name for p in ckpt.list_checkpoints(out)) == ["checkpoint-3", "checkpoint-4"]
+    _wrap_loss(monkeypatch, lambda n: None)
+    summary = run_training(_cfg(tiny_model_dir, reference["corpus"], out, *extra))
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-3", "checkpoint-8"]
+    assert summary["best_checkpoint"] == str(out / "checkpoint-3") and summary["best_metric"] == 0.5
+    assert not deleted_newest
+    with pytest.raises(ConfigError, match="output.metric_for_best_model"):
+        run_training(_cfg(tiny_model_dir, reference["corpus"], tmp_path / "b", *extra[:-1],
+                          "output.metric_for_best_model=domain/accuracy"))
+
+
+# ---------------------------------------------------------------------------- 6. non-finite steps
+
+
+class _PoisonGrad(torch.autograd.Function):
+    """Identity forward, infinite gradient backward: a finite loss with a non-finite gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+def _snapshot(trainer) -> dict[str, torch.Tensor]:
+    from cpt.model import trainable_state
+
+    state = {f"w/{k}": v.clone() for k, v in trainable_state(trainer.accelerator.unwrap_model(trainer.model)).items()}
+    for i, (p, s) in enumerate(trainer.optimizer.state.items()):
+        for k, v in s.items():
+            state[f"o/{i}/{k}"] = v.clone() if torch.is_tensor(v) else torch.tensor(v)
+    return state
+
+
+def test_6_nonfinite_steps_are_skipped_counted_and_stop_after_k(reference, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import cpt.train as train_mod
+
+    accum, poison = 2, {3: "loss", 5: "grad", 7: "loss", 8: "loss", 9: "loss"}
+    snaps: dict[int, dict] = {}
+    real_init = train_mod.Trainer.__init__
+
+    def init(self, cfg, bundle, *a, **k):
+        real_fn, calls = bundle.loss_fn, {"n": 0}
+
+        def loss_fn(*args, **kw):
+            calls["n"] += 1
+            loss = real_fn(*args, **kw)
+            kind = poison.get((calls["n"] - 1) // accum + 1)
+            return loss + float("nan") if kind == "loss" else _PoisonGrad.apply(loss) if kind == "grad" else loss
+
+        bundle.loss_fn = loss_fn
+        real_init(self, cfg, bundle, *a, **k)
+        real_zero = self.optimizer.zero_grad
+
+        def zero_and_snapshot(*args, **kw):  # runs once per optimizer step, after the (skipped) update
+            real_zero(*args, **kw)
+            snaps[self.state.step + 1] = _snapshot(self)
+
+        self.optimizer.zero_grad = zero_and_snapshot
+
+    monkeypatch.setattr(train_mod.Trainer, "__init__", init)
+    out = tmp_path / "run"
+    yaml_path = _write_yaml(_cfg(tiny_model_dir, reference["corpus"], out, "train.max_steps=20",
+                                 "train.max_nonfinite_steps=3", "output.save_steps=0"), tmp_path / "run.yaml")
+    assert cli_main(["train", str(yaml_path)]) == 1
+    err = capsys.readouterr().err
+    assert "3 consecutive steps had a non-finite loss or gradient" in err and "train.max_nonfinite_steps=3" in err
+    for bad in (3, 5, 7, 8, 9):  # skipped: weights and optimizer state exactly as after the step before
+        _assert_bitwise_equal(snaps[bad], snaps[bad - 1])
+    for good in (2, 4, 6):
+        assert not torch.equal(snaps[good]["o/0/exp_avg"], snaps[good - 1]["o/0/exp_avg"])
+    m = {r["step"]: r for r in _metrics(out)}
+    assert max(m) == 9 and [m[s]["nonfinite_skipped"] for s in (2, 3, 4, 5, 6, 9)] == [0, 1, 1, 2, 2, 5]
+    # the stop saved the last good weights (those after step 6) for inspection
+    saved = load_file(str(out / "checkpoint-9" / "trainable.safetensors"))
+    assert all(torch.equal(v, snaps[6][f"w/{k}"]) for k, v in saved.items())

@@ -144,6 +144,9 @@ class TrainConfig:
     seed: int = _f(3407, "Seed for data order, dropout and everything else random.")
     max_nonfinite_steps: int = _f(5, "Stop after this many consecutive NaN/Inf steps (each is skipped, weights untouched).")
     deterministic: bool = _f(False, "Use deterministic algorithms (bitwise-reproducible resume on CPU; slower on GPU).")
+    fsdp: bool = _f(False, "Under torchrun / accelerate launch: shard parameters, gradients and optimizer state across the processes (FSDP2) instead of giving each a whole copy (DDP). For models whose weights and states do not fit on one GPU. `accelerate launch --use_fsdp` turns it on too. See docs/distributed.md.")
+    fsdp_offload_params: bool = _f(False, "FSDP only: keep parameter shards, gradients and optimizer state in host memory and step the optimizer there; each layer visits the GPU only while it runs. Fits much larger models, at a large cost in speed. CUDA only.")
+    fsdp_reshard_after_forward: bool = _f(True, "FSDP only: free each decoder layer's gathered weights after its forward pass and gather them again for backward (least memory). false keeps them until backward: one all-gather fewer per layer, more memory.")
 
 
 @dataclass
@@ -157,6 +160,7 @@ class OutputConfig:
     report_to: list[str] = _f(["tensorboard"], "Extra loggers: tensorboard. metrics.jsonl is always written.")
     save_grace_seconds: float = _f(120.0, "On SIGTERM/SIGINT: time allowed to finish the step and save before exiting.")
     report: bool = _f(True, "Write report.html at the end of the run.")
+    metric_for_best_model: Optional[str] = _f(None, "Track the best checkpoint by this eval metric, '<set>/<metric>' (e.g. 'domain/bits_per_byte'; lower is better). A new best is always checkpointed and save_total_limit never deletes it. Needs eval.eval_steps > 0.")
 
 
 @dataclass

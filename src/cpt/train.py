@@ -25,7 +25,8 @@ import torch
 
 from cpt import checkpoint as ckpt
 from cpt.config import Config, ConfigError
-from cpt.model import ModelBundle, load_trainable_state, save_trained, trainable_state
+from cpt.distributed import Parallel, plain
+from cpt.model import ModelBundle
 from cpt.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("cpt")
@@ -44,6 +45,8 @@ class TrainState:
     nonfinite_total: int = 0
     elapsed_s: float = 0.0
     data: dict = field(default_factory=dict)
+    best_metric: Optional[float] = None  # output.metric_for_best_model at best_step (lower is better)
+    best_step: Optional[int] = None
 
 
 def mixed_precision(cfg: Config, device: torch.device, dtype: torch.dtype) -> str:
@@ -84,38 +87,77 @@ class Trainer:
             mixed_precision=mixed_precision(cfg, bundle.device, bundle.dtype), cpu=bundle.device.type == "cpu")
         self.world = self.accelerator.num_processes
         self.total_steps = total_steps(cfg, data, self.world)
+        # Under FSDP the model is sharded here, so that the optimizer is built on the shards.
+        self.parallel = Parallel.setup(cfg, bundle, self.accelerator)
         optimizer = build_optimizer(bundle.groups, cfg.train, bundle.device)
         self.scheduler = build_scheduler(optimizer, cfg.train, self.total_steps)
-        self.model, self.optimizer = self.accelerator.prepare(bundle.model, optimizer)
+        self.model, self.optimizer = self.parallel.prepare(bundle.model, optimizer)
         self.state = TrainState()
         self.metrics_file: Optional[Any] = None
         self.tb: Any = None
+        self.best_key = self._best_metric_key()
+
+    def _best_metric_key(self) -> Optional[tuple[str, str]]:
+        """(eval set, metric) named by output.metric_for_best_model, checked against the eval sets."""
+        name = self.cfg.output.metric_for_best_model
+        if not name:
+            return None
+        if self.evaluator is None or not self.cfg.eval.eval_steps:
+            raise ConfigError("output.metric_for_best_model needs evaluation during training: set eval.eval_steps > 0 "
+                              "and give an eval set (eval.sets or eval.holdout_fraction)")
+        set_name, _, metric = name.partition("/")
+        sets = [s.name for s in self.evaluator.eval_sets]
+        metrics = ("loss", "perplexity", "bits_per_byte")
+        if set_name not in sets or metric not in metrics:
+            raise ConfigError(f"output.metric_for_best_model={name!r} is not '<set>/<metric>' with set one of {sets} and "
+                              f"metric one of {list(metrics)}")
+        return set_name, metric
+
+    def _track_best(self, result: Optional[dict]) -> bool:
+        """Note a new best evaluation; True when this step's state must be checkpointed and kept."""
+        new_best = False
+        if self.best_key is not None and result is not None and self.state.step > 0:
+            value = result.get(self.best_key[0], {}).get(self.best_key[1])
+            if isinstance(value, (int, float)) and math.isfinite(value) and (
+                    self.state.best_metric is None or value < self.state.best_metric):
+                self.state.best_metric, self.state.best_step = float(value), self.state.step
+                new_best = True
+                log.info("new best %s=%.5f at step %d", self.cfg.output.metric_for_best_model, value, self.state.step)
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+            new_best = broadcast_object_list([new_best])[0]
+        return new_best
 
     # ------------------------------------------------------------------ saving and resuming
 
     def _write_checkpoint(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
-        model = self.accelerator.unwrap_model(self.model)
-        save_trained(model, folder / "adapter", self.bundle.tokenizer)
-        save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, str(folder / "trainable.safetensors"))
-        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        snap = self._snapshot  # gathered by save() on every rank
+        self.parallel.save_trained(self.model, folder / "adapter", self.bundle.tokenizer, snap.adapter)
+        save_file({k: v.contiguous() for k, v in snap.trained.items()}, str(folder / "trainable.safetensors"))
+        # Full tensors keyed by parameter name: the same file under every strategy and world size.
+        torch.save(snap.optimizer, folder / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None:
             torch.save(scaler.state_dict(), folder / "scaler.pt")
-        torch.save(ckpt.torch_rng_state(), folder / "rng.pt")
+        torch.save(snap.rngs[0]["torch"], folder / "rng.pt")
+        self.parallel.write_rank_rng(folder, snap)
         self.state.data = self.data.train.state_dict()
-        state = {**self.state.__dict__, "rng": ckpt.rng_state(), "total_steps": self.total_steps,
+        state = {**self.state.__dict__, "rng": snap.rngs[0]["rng"], "total_steps": self.total_steps,
                  "world_size": self.world}
         ckpt.write_json(folder / "trainer_state.json", state)
         self.cfg.save(folder / "config.yaml")
 
     def save(self) -> Optional[Path]:
         self.accelerator.wait_for_everyone()
+        self._snapshot = self.parallel.snapshot(self.model, self.optimizer)  # every rank: FSDP gathers shards
         path = None
         if self.accelerator.is_main_process:
-            path = ckpt.save_checkpoint(self.out, self.state.step, self._write_checkpoint, self.cfg.output.save_total_limit)
+            best = (self.out / f"{ckpt.PREFIX}{self.state.best_step}",) if self.state.best_step is not None else ()
+            path = ckpt.save_checkpoint(self.out, self.state.step, self._write_checkpoint, self.cfg.output.save_total_limit,
+                                        protect=best)
             log.info("saved %s", path)
         self.accelerator.wait_for_everyone()
         return path
@@ -124,18 +166,14 @@ class Trainer:
         from safetensors.torch import load_file
 
         state = json.loads((path / "trainer_state.json").read_text())
-        model = self.accelerator.unwrap_model(self.model)
-        load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
-        self.optimizer.load_state_dict(ckpt.load_torch(path / "optimizer.pt"))
+        # Full tensors, loaded (and under FSDP sharded) on every rank: any world size, any strategy.
+        self.parallel.load_trained(self.model, load_file(str(path / "trainable.safetensors")))
+        self.parallel.load_optimizer(self.model, self.optimizer, ckpt.load_torch(path / "optimizer.pt"))
         self.scheduler.load_state_dict(ckpt.load_torch(path / "scheduler.pt"))
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and (path / "scaler.pt").is_file():
             scaler.load_state_dict(ckpt.load_torch(path / "scaler.pt"))
-        if state.get("world_size", 1) == self.world:
-            ckpt.set_rng_state(state["rng"], ckpt.load_torch(path / "rng.pt"))
-        else:
-            log.warning("resuming on %d processes from a checkpoint written on %d: RNG streams restart from the seed",
-                        self.world, state.get("world_size", 1))
+        self.parallel.restore_rng(path, state)
         self.state = TrainState(**{k: state[k] for k in TrainState.__dataclass_fields__ if k in state})
         self.data.train.load_state_dict(self.state.data)
         log.info("resumed from %s at step %d", path, self.state.step)
@@ -145,6 +183,7 @@ class Trainer:
         removed = ckpt.remove_partial(self.out) if self.accelerator.is_main_process else []
         for p in removed:
             log.warning("removed incomplete checkpoint %s (a save was interrupted)", p)
+        self.accelerator.wait_for_everyone()  # every rank must see the same checkpoints after the clean-up
         latest = ckpt.latest_checkpoint(self.out)
         if o.resume in (False, "false"):
             if ckpt.has_run_artifacts(self.out):
@@ -227,8 +266,12 @@ class Trainer:
         if self.evaluator is None:
             return None
         result = None
-        if self.accelerator.is_main_process:
+        # Under FSDP every rank runs the same forward passes (each one gathers the shards of all);
+        # the other ranks' evaluators write to a scratch folder (see cpt.api.run_training).
+        if self.accelerator.is_main_process or self.parallel.sharded:
             result = self.evaluator.run(self.accelerator.unwrap_model(self.model), self.state.step)
+            if not self.accelerator.is_main_process:
+                result = None
             if self.tb is not None:
                 for name, m in result.items():
                     if isinstance(m, dict) and "bits_per_byte" in m:
@@ -281,7 +324,7 @@ class Trainer:
                     step_loss += loss.detach() / self.world
                 grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
                 loss_value = float(acc.reduce(step_loss, "sum")) if self.world > 1 else float(step_loss)
-                grad_value = float(grad_norm) if grad_norm is not None else float("nan")
+                grad_value = float(plain(grad_norm)) if grad_norm is not None else float("nan")
                 finite = math.isfinite(loss_value) and (math.isfinite(grad_value) or acc.mixed_precision == "fp16")
                 if finite:
                     optimizer.step()
@@ -298,14 +341,9 @@ class Trainer:
                 window_tokens += sum(int(b["input_ids"].numel()) for b in micro) * self.world
                 if finite:
                     window_loss, window_n = window_loss + loss_value, window_n + 1
-                if self.state.nonfinite_in_a_row >= t.max_nonfinite_steps:
-                    self.save()
-                    raise NonFiniteError(
-                        f"{self.state.nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient (limit "
-                        f"train.max_nonfinite_steps={t.max_nonfinite_steps}). Lower train.learning_rate, check the data "
-                        f"near step {self.state.step}, or use bf16 instead of fp16. The last good weights were saved.")
 
-                if self.state.step % cfg.output.logging_steps == 0 or self.state.step == self.total_steps:
+                giving_up = self.state.nonfinite_in_a_row >= t.max_nonfinite_steps
+                if self.state.step % cfg.output.logging_steps == 0 or self.state.step == self.total_steps or giving_up:
                     now = time.perf_counter()
                     record = {
                         "step": self.state.step,
@@ -325,10 +363,17 @@ class Trainer:
                 else:
                     progress.update(self.state.step, None)
                 self.state.elapsed_s = time.perf_counter() - run_start
+                if giving_up:  # after logging, so the metrics show the skipped steps
+                    self.save()
+                    raise NonFiniteError(
+                        f"{self.state.nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient (limit "
+                        f"train.max_nonfinite_steps={t.max_nonfinite_steps}). Lower train.learning_rate, check the data "
+                        f"near step {self.state.step}, or use bf16 instead of fp16. The last good weights were saved.")
 
+                new_best = False
                 if cfg.eval.eval_steps and self.state.step % cfg.eval.eval_steps == 0 and self.state.step < self.total_steps:
-                    self._evaluate()
-                if cfg.output.save_steps and self.state.step % cfg.output.save_steps == 0:
+                    new_best = self._track_best(self._evaluate())
+                if (cfg.output.save_steps and self.state.step % cfg.output.save_steps == 0) or new_best:
                     self.save()
                     last_saved = self.state.step
                 if stop.requested:
@@ -357,9 +402,13 @@ class Trainer:
                    **self.bundle.trainable_summary()}
         if not interrupted:
             summary["eval"] = self._evaluate()
+            self._track_best(summary["eval"])
+            if self.state.best_step is not None:
+                summary["best_checkpoint"] = str(self.out / f"{ckpt.PREFIX}{self.state.best_step}")
+                summary["best_metric"] = self.state.best_metric
+            trained = self.parallel.gather_trained(self.model)  # every rank: FSDP gathers shards
             if acc.is_main_process:
-                model = acc.unwrap_model(self.model)
-                save_trained(model, self.out, self.bundle.tokenizer)
+                self.parallel.save_trained(self.model, self.out, self.bundle.tokenizer, trained)
                 self.cfg.save(self.out / "config.yaml")
                 if self.evaluator is not None:
                     summary["eval_table"] = self.evaluator.summary_table()
