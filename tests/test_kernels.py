@@ -196,8 +196,9 @@ def test_set_recompute_needs_checkpointing_enabled(tiny_model_dir):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device by bench/gpu_throughput.py's call)")
 @pytest.mark.parametrize("mode", ["cpt", "liger"])
 def test_cuda_fused_paths_match_plain_bf16(mode):
-    """On the GPU, bf16 with float32 trained embedding copies: the fused loss (ours or liger's) and
-    liger's RMSNorm/SwiGLU/RoPE give the plain path's loss and gradients within bf16 tolerance."""
+    """On the GPU: in float32 the fused paths (our loss and LoRA epilogue, or liger's loss; liger's
+    RMSNorm/SwiGLU/RoPE) give the plain path's loss and gradients to rounding; in bf16 with float32
+    trained copies they stay within bf16 tolerance of the float32 result."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -206,17 +207,24 @@ def test_cuda_fused_paths_match_plain_bf16(mode):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+    model = LlamaForCausalLM(cfg).to("cuda")
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, use_rslora=True, init_lora_weights=False,
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                              modules_to_save=["embed_tokens", "lm_head"]))
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            p.data = p.data.float()  # float32 masters, as cpt.model makes them
     model.train()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 32000, (2, 256), generator=g).cuda()
     batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(256, device="cuda").repeat(2, 1)}
+    loss_32, grads_32 = _loss_and_grads(model, apply_kernels(model, "none", torch.device("cuda")), batch, 2 * 255)
+    # All float32: the fused paths compute the same function as the plain one, to rounding.
+    loss_f32, grads_f32 = _loss_and_grads(model, apply_kernels(model, mode, torch.device("cuda")), batch, 2 * 255)
+    assert abs(loss_f32.item() - loss_32.item()) < 1e-5 * loss_32.item()
+    for n in grads_32:
+        assert _rel(grads_f32[n], grads_32[n]) < 1e-3, (n, _rel(grads_f32[n], grads_32[n]))
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.bfloat16()  # bf16 base, float32 trained tensors, as cpt.model makes them
+    model.get_base_model().model.embed_tokens.register_forward_hook(lambda m, a, o: o.to(torch.bfloat16))
 
     def run(loss_fn):
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -229,7 +237,10 @@ def test_cuda_fused_paths_match_plain_bf16(mode):
     assert grads.keys() == grads_ref.keys()
     for n in grads:
         assert grads[n].dtype == torch.float32
-        assert _rel(grads[n], grads_ref[n]) < 5e-2, (n, _rel(grads[n], grads_ref[n]))
+        # bf16: about as far from the float32 result as the plain bf16 path (deep gradients of a
+        # random model amplify rounding differently along the two paths, so allow 2x).
+        assert _rel(grads[n], grads_32[n]) <= 2 * _rel(grads_ref[n], grads_32[n]) + 0.02, (
+            n, _rel(grads[n], grads_32[n]), _rel(grads_ref[n], grads_32[n]))
     # The frozen originals went to host memory and still serve a disabled-adapter forward.
     head = model.get_base_model().lm_head
     assert head.original_module.weight.device.type == "cpu"
@@ -279,3 +290,51 @@ def test_cuda_offloaded_recompute_matches_plain(tiny_model_dir):
         assert abs(loss.item() - loss_ref.item()) < 1e-5 * loss_ref.item()
         for n in grads:
             assert _rel(grads[n], grads_ref[n]) < 1e-4, n
+
+
+def test_fused_lora_matches_peft(tiny_model_dir):
+    """The addmm-epilogue LoRA gives peft's outputs and gradients: exactly (fp32) and within bf16
+    tolerance under autocast; dropout or disabled adapters fall back to peft's forward."""
+    from cpt.kernels import fuse_lora_projections
+    from cpt.kernels.lora import unfuse_lora_projections
+
+    model = _peft_model(tiny_model_dir)
+    model.train()
+    batch = _batch(model.config.vocab_size, seed=5)
+    loss_ref, grads_ref = _loss_and_grads(model, plain_causal_lm_loss, batch, 45)
+    assert fuse_lora_projections(model) == 7 * model.config.num_hidden_layers
+    loss, grads = _loss_and_grads(model, plain_causal_lm_loss, batch, 45)
+    assert abs(loss.item() - loss_ref.item()) < 1e-5 * loss_ref.item()
+    for n in grads:
+        assert _rel(grads[n], grads_ref[n]) < 1e-5, n
+    # A LoRA-B change must show (the fused path really computes the adapter).
+    lora = next(m for m in model.modules() if hasattr(m, "_cpt_plain_lora_forward"))
+    x = torch.randn(5, lora.in_features)
+    with torch.no_grad():
+        before = lora(x)
+        lora.lora_B["default"].weight.add_(0.5)
+        assert not torch.allclose(lora(x), before)
+        assert torch.allclose(lora(x), lora._cpt_plain_lora_forward(x), atol=1e-5)
+        with model.disable_adapter():
+            assert torch.allclose(lora(x), lora.base_layer(x))
+    unfuse_lora_projections(model)
+    assert not hasattr(lora, "_cpt_plain_lora_forward")
+
+    # bf16 base with float32 LoRA under autocast (the GPU setting): the fused path is as close to
+    # the float32 result as peft's own bf16 path is (bf16 noise on deep gradients is several %).
+    model = _peft_model(tiny_model_dir)
+    model.train()
+    _, grads_32 = _loss_and_grads(model, plain_causal_lm_loss, batch, 45)
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.bfloat16()
+    model.get_base_model().model.embed_tokens.register_forward_hook(lambda m, a, o: o.to(torch.bfloat16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_peft, grads_peft = _loss_and_grads(model, plain_causal_lm_loss, batch, 45)
+    fuse_lora_projections(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = _loss_and_grads(model, plain_causal_lm_loss, batch, 45)
+    assert abs(loss.item() - loss_peft.item()) < 1e-2 * loss_peft.item()
+    for n in grads:
+        assert grads[n].dtype == torch.float32
+        assert _rel(grads[n], grads_32[n]) <= 1.3 * _rel(grads_peft[n], grads_32[n]) + 2e-3, n

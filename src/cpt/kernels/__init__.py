@@ -6,7 +6,7 @@ loss function the loop calls. Every fused path has a plain fallback here and an 
 Modes (config `model.kernels`):
 - none:  plain transformers forward; the loss is computed from the full logits.
 - cpt:   our chunked linear + cross-entropy for the output head (any device; the logits never
-         exist in full); on CUDA also liger-kernel's RMSNorm, SwiGLU and RoPE when it is installed,
+         exist in full) and the LoRA update added inside the projection's GEMM; on CUDA also liger-kernel's RMSNorm, SwiGLU and RoPE when it is installed,
          the frozen originals peft keeps of trained embeddings move to host memory, and peft's
          float32 upcast of every LoRA input is skipped while autocast is on.
 - liger: liger-kernel for all of these, its own fused linear cross-entropy included (CUDA only).
@@ -24,13 +24,14 @@ from typing import Any, Callable, Optional
 import torch
 
 from cpt.kernels.linear_ce import IGNORE_INDEX, fused_linear_cross_entropy, shift_labels
+from cpt.kernels.lora import fuse_lora_projections, unfuse_lora_projections
 from cpt.kernels.recompute import decoder_layers, set_recompute
 
 LossFn = Callable[[torch.nn.Module, dict, int], torch.Tensor]
 
 __all__ = ["LossFn", "plain_causal_lm_loss", "apply_kernels", "fused_linear_cross_entropy", "shift_labels",
            "set_recompute", "decoder_layers", "output_head", "liger_available", "enable_activation_offload", "offload_frozen_originals",
-           "skip_lora_input_upcast", "MODES"]
+           "skip_lora_input_upcast", "fuse_lora_projections", "MODES"]
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "none", "cpt", "liger")
@@ -229,6 +230,7 @@ def apply_kernels(model: torch.nn.Module, mode: str, device: torch.device) -> Lo
     if getattr(causal_lm, "_cpt_plain_forward", None) is not None:  # undo an earlier patch
         causal_lm.forward = causal_lm._cpt_plain_forward
         del causal_lm._cpt_plain_forward
+    unfuse_lora_projections(model)
     if mode == "auto":
         mode = "cpt" if device.type == "cuda" else "none"
     applied = []
@@ -239,6 +241,8 @@ def apply_kernels(model: torch.nn.Module, mode: str, device: torch.device) -> Lo
     if mode in ("cpt", "liger"):
         if _patch_loss(causal_lm, use_liger_loss=(mode == "liger")):
             applied.append("liger fused linear cross-entropy" if mode == "liger" else "cpt chunked linear cross-entropy")
+        if fuse_lora_projections(model):
+            applied.append("LoRA update fused into the projection (addmm epilogue)")
         if device.type == "cuda" and liger_available() and _model_type(causal_lm) in FUSABLE_MODEL_TYPES:
             if _patch_liger_elementwise(causal_lm):
                 applied.append("liger RMSNorm/SwiGLU/RoPE")
