@@ -446,7 +446,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--logs", default=None, help="folder for worker logs and profiles (default: OUT/logs)")
     p.add_argument("--rows", default="bf16,nf4,memory,long", help="comma list of: bf16, nf4, memory, long, order (experiment)")
     p.add_argument("--runs", type=int, default=1, help="repeat the bf16/nf4 pairs; the second run goes in reverse order")
-    p.add_argument("--profile-rows", action="store_true", help="profile one step of each bf16 row")
+    p.add_argument("--profile-rows", action="store_true", help="profile one step of the bf16 baseline and ours rows")
     args = p.parse_args(argv)
 
     if args.worker:
@@ -497,7 +497,7 @@ def drive(args) -> int:
         for run in range(args.runs):
             order = ["baseline", "ours"] if run % 2 == 0 else ["ours", "baseline"]
             for system in order:
-                prof = ["--profile", str(logs / f"profile_{system}_{mode}.txt")] if args.profile_rows and run == 0 else []
+                prof = ["--profile", str(logs / f"profile_{system}_{mode}.txt")] if args.profile_rows and run == 0 and mode == "bf16" else []
                 r = _run_worker(["--worker", system, "--mode", mode, *common, *prof], logs, f"{system}_{mode}_run{run + 1}", 900)
                 if r:
                     runs[system].append(r)
