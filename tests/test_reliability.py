@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -404,3 +405,114 @@ def test_6_nonfinite_steps_are_skipped_counted_and_stop_after_k(reference, tiny_
     # the stop saved the last good weights (those after step 6) for inspection
     saved = load_file(str(out / "checkpoint-9" / "trainable.safetensors"))
     assert all(torch.equal(v, snaps[6][f"w/{k}"]) for k, v in saved.items())
+
+
+# ---------------------------------------------------------------------------- 7. bad config and paths
+
+
+@pytest.mark.parametrize("extra, key", [
+    (["train.max_stepz=3"], "train.max_stepz"),  # unknown key (with a suggestion)
+    (["train.max_steps=many"], "train.max_steps"),  # wrong type
+    (["model.load_in_4bit=true"], "model.load_in_4bit"),  # 4-bit on a machine without CUDA
+    (["adapter.target_modules=[q_proj,v_proj]"], "train.embedding_learning_rate"),  # no trained embeddings
+    (["model.max_seq_length=1024"], "model.max_seq_length"),  # the tiny model allows 256 positions
+])
+def test_7_bad_config_fails_before_any_model_is_loaded(extra, key, tiny_model_dir, corpus_dir, tmp_path, monkeypatch, capsys):
+    import transformers
+
+    import cpt.model
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the config was checked")
+
+    monkeypatch.setattr(cpt.model, "load_base_model", no_load)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+    args = _overrides(tiny_model_dir, corpus_dir, tmp_path / "run", *extra)
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        run_training(load_config(None, args))
+    yaml_path = tmp_path / "run.yaml"
+    yaml_path.write_text(f"model:\n  name_or_path: {tiny_model_dir}\n")
+    assert cli_main(["train", str(yaml_path), *args[1:]]) == 2
+    assert key in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_7_output_dir_of_another_run_is_not_overwritten(tiny_model_dir, corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    earlier = ckpt.save_checkpoint(out, 50, lambda f: (f / "state.bin").write_bytes(b"another run"))
+    (out / "adapter_model.safetensors").write_bytes(b"another run's adapter")
+    before = _tree(out)
+    with pytest.raises(ConfigError, match="overwrite_output_dir"):
+        run_training(_cfg(tiny_model_dir, corpus_dir, out, "output.resume=false"))
+    assert _tree(out) == before and ckpt.latest_checkpoint(out) == earlier
+    # a finished run without checkpoints is not silently restarted by resume=auto either
+    ckpt.clear_checkpoints(out)
+    before = _tree(out)
+    with pytest.raises(ConfigError, match="overwrite_output_dir"):
+        run_training(_cfg(tiny_model_dir, corpus_dir, out))
+    assert _tree(out) == before
+    # with consent it is replaced
+    run_training(_cfg(tiny_model_dir, corpus_dir, out, "output.resume=false", "output.overwrite_output_dir=true",
+                      "train.max_steps=1"))
+    assert (out / "adapter_model.safetensors").read_bytes() != b"another run's adapter"
+
+
+# ---------------------------------------------------------------------------- 8. safe loading, secrets
+
+
+def test_8_planted_pickle_in_a_checkpoint_is_refused(reference, tiny_model_dir, tmp_path, capsys):
+    """An attacker swaps rng.pt of the newest checkpoint for a pickle that writes a file (and fixes the
+    manifest): resuming refuses it with a clear error and the file is never written."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference["out"], out)
+    target = tmp_path / "pwned.txt"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.write_text, (target, "pwned"))
+
+    last = ckpt.latest_checkpoint(out)
+    torch.save({"cpu": Payload()}, last / "rng.pt")
+    marker = json.loads((last / ckpt.COMPLETE).read_text())
+    marker["files"]["rng.pt"] = (last / "rng.pt").stat().st_size
+    (last / ckpt.COMPLETE).write_text(json.dumps(marker))
+    assert ckpt.latest_checkpoint(out) == last
+    yaml_path = _write_yaml(_cfg(tiny_model_dir, reference["corpus"], out), tmp_path / "run.yaml")
+    assert cli_main(["train", str(yaml_path)]) == 1
+    assert "refused to load" in capsys.readouterr().err
+    assert not target.exists()
+
+
+def test_8_remote_code_off_and_tokens_never_written(tiny_model_dir, corpus_dir, tmp_path, monkeypatch, capsys):
+    import transformers
+
+    assert load_config(None, []).model.trust_remote_code is False
+    seen = []
+    for cls in (transformers.AutoConfig, transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        real = cls.from_pretrained.__func__
+
+        def spy(klass, *a, _real=real, **k):
+            seen.append(k.get("trust_remote_code"))
+            return _real(klass, *a, **k)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+
+    token = "hf_" + "Zq8rT2vX9kLm4NpW7sYb3CdF6gHj1KoE5uAi"
+    monkeypatch.setenv("HF_TOKEN", token)
+    out = tmp_path / "run"
+    args = _overrides(tiny_model_dir, corpus_dir, out, "train.max_steps=2", "output.save_steps=1", "output.report=true",
+                      f"data.data_files=https://huggingface.co/x/resolve/main/a.jsonl?token={token}",
+                      "eval.holdout_fraction=0.1", "eval.prompts=[the court]", "eval.max_new_tokens=4")
+    yaml_path = tmp_path / "run.yaml"
+    yaml_path.write_text(f"model:\n  name_or_path: {tiny_model_dir}\n")
+    assert cli_main(["-v", "train", str(yaml_path), *args[1:]]) == 0
+    assert cli_main(["config", str(yaml_path), *args[1:]]) == 0
+    captured = capsys.readouterr()
+    assert seen and all(v is False for v in seen)
+    assert (out / "report.html").is_file()
+    leaks = [str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
+    assert not leaks, f"the token was written to {leaks}"
+    assert token not in captured.out and token not in captured.err
+    assert "***" in (out / "config.yaml").read_text()  # the field was dumped, with the token masked
