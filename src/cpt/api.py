@@ -37,12 +37,14 @@ def run_training(cfg: Config, *, model: Any = None, tokenizer: Any = None, train
     from cpt.train import Trainer
 
     validate(cfg)
-    bundle = build_model(cfg, device=device, model=model, tokenizer=tokenizer)
-    from accelerate import Accelerator
-    from cpt.train import mixed_precision
+    from cpt.distributed import build_accelerator
 
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg, bundle.device, bundle.dtype),
-                              cpu=bundle.device.type == "cpu")
+    # First the accelerator: under torchrun / accelerate launch it starts the process group and gives
+    # each rank its own GPU, which is where that rank's model must be loaded.
+    accelerator = build_accelerator(cfg, device)
+    if device is None and accelerator.num_processes > 1:
+        device = accelerator.device
+    bundle = build_model(cfg, device=device, model=model, tokenizer=tokenizer)
     data = build_data(cfg, bundle.tokenizer, train_dataset=train_dataset, rank=accelerator.process_index,
                       world_size=accelerator.num_processes)
     if data.stats.get("verdict"):
@@ -54,7 +56,14 @@ def run_training(cfg: Config, *, model: Any = None, tokenizer: Any = None, train
     summary_params = bundle.trainable_summary()
     log.info("trainable parameters: %s", ", ".join(f"{k}={v:,}" for k, v in summary_params.items()))
     eval_sets = load_eval_sets(cfg, data.holdout_texts)
-    evaluator = Evaluator(cfg, bundle.tokenizer, eval_sets, cfg.output.output_dir) if eval_sets or cfg.eval.prompts else None
+    eval_dir = cfg.output.output_dir
+    if not accelerator.is_main_process:
+        import tempfile
+
+        # Under FSDP every rank evaluates (the forward passes gather shards from all ranks); only the
+        # main process writes the run's eval.jsonl and samples.jsonl.
+        eval_dir = tempfile.mkdtemp(prefix=f"cpt-eval-rank{accelerator.process_index}-")
+    evaluator = Evaluator(cfg, bundle.tokenizer, eval_sets, eval_dir) if eval_sets or cfg.eval.prompts else None
     trainer = Trainer(cfg, bundle, data, evaluator=evaluator, accelerator=accelerator)
     summary = trainer.train()
     summary["data"] = {k: v for k, v in data.stats.items() if k != "verdict"}
