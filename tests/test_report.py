@@ -49,8 +49,10 @@ def write_full_run(d: Path, steps: int = 60) -> None:
     cfg = Config()
     cfg.eval.forgetting_limit = 0.05
     cfg.save(d / "config.yaml")
-    (d / "run_summary.json").write_text(json.dumps({"train_runtime_s": 48.2, "tokens": steps * 4096,
-                                                    "steps": steps}))
+    (d / "run_summary.json").write_text(json.dumps({
+        "train_runtime_s": 48.2, "tokens": steps * 4096, "step": steps, "total_steps": steps, "interrupted": False,
+        "tokens_per_s": 5097.3, "eval": {"general": {"loss": 2.5}}, "eval_table": [{"set": "general"}],
+        "data": {"n_tokens": 1234567, "sources": [{"name": "x"}]}}))
 
 
 def test_full_run_renders_every_plot(tmp_path):
@@ -73,7 +75,10 @@ def test_full_run_renders_every_plot(tmp_path):
     # samples are escaped, config and timings present
     assert "&lt;b&gt;step 60&lt;/b&gt;" in page and "<b>step 60</b>" not in page
     assert "name_or_path" in page
-    assert "48s (48.2 s)" in page and "No run_summary.json" not in page
+    assert "48s (48.2 s)" in page and "No run_summary.json" not in page and "interrupted at" not in page
+    assert "<td>tokens_per_s</td><td>5,097</td>" in page  # a rate, not a duration
+    assert "<td>data.n_tokens</td><td>1,234,567</td>" in page
+    assert "eval_table" not in page and "data.sources" not in page  # the table is shown once, above
 
 
 def test_plot_contents(tmp_path):
@@ -117,6 +122,12 @@ def test_empty_and_broken_files(tmp_path):
     assert "Nothing logged yet" in page and "No evaluation was recorded" in page
     assert "config.yaml is not valid YAML" in page and "run_summary.json is not valid JSON" in page
     assert list((tmp_path / "plots").glob("*.png")) == []
+
+
+def test_interrupted_run(tmp_path):
+    write_full_run(tmp_path)
+    (tmp_path / "run_summary.json").write_text(json.dumps({"step": 30, "total_steps": 60, "interrupted": True}))
+    assert "interrupted at step 30 of 60" in write_report(tmp_path).read_text()
 
 
 def test_stale_plots_are_removed(tmp_path):

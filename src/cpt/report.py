@@ -245,7 +245,7 @@ def _plot_memory(run: RunFiles) -> Figure | None:
         return None
     fig, ax = _figure("Peak memory (GPU allocated, or process RSS on CPU)", "GiB")
     ax.plot(xs, ys, color=COLORS[4], lw=1.2)
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, max(ys) * 1.15 or 1.0)
     return _finish(fig, ax)
 
 
@@ -358,31 +358,40 @@ def _table_html(rows: list[dict]) -> str:
     return f"<table>{head}{''.join(body)}</table>"
 
 
-def _timings(run: RunFiles) -> list[tuple[str, str]]:
-    rows: list[tuple[str, str]] = []
+def _timings(run: RunFiles) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(from the logged steps, from run_summary.json) as label/value rows."""
+    logged: list[tuple[str, str]] = []
     m = run.metrics
     if m:
         last = m[-1]
-        rows.append(("last logged step", str(last.get("step"))))
+        logged.append(("last logged step", str(last.get("step"))))
         if _num(last.get("tokens")) is not None:
-            rows.append(("tokens trained (at last log)", f"{int(last['tokens']):,}"))
+            logged.append(("tokens trained (at last log)", f"{int(last['tokens']):,}"))
         if _num(last.get("elapsed_s")) is not None:
-            rows.append(("elapsed (at last log)", _duration(last["elapsed_s"])))
-        tps = [y for y in _series(m, "tokens_per_s")[1]]
+            logged.append(("elapsed (at last log)", _duration(last["elapsed_s"])))
+        tps = _series(m, "tokens_per_s")[1]
         if tps:
-            rows.append(("tokens / s (mean of logged steps)", f"{sum(tps) / len(tps):,.0f}"))
+            logged.append(("tokens / s (mean of logged steps)", f"{sum(tps) / len(tps):,.1f}"))
         mem = _series(m, "memory_gib")[1]
         if mem:
-            rows.append(("peak memory", f"{max(mem):.2f} GiB"))
+            logged.append(("peak memory", f"{max(mem):.2f} GiB"))
+    summary: list[tuple[str, str]] = []
     for k, v in (run.summary or {}).items():
-        if isinstance(v, (dict, list)):
-            v = json.dumps(v)
-        elif k.endswith("_s") and _num(v) is not None:
-            v = f"{_duration(v)} ({v:,.1f} s)"
-        elif _num(v) is not None and float(v).is_integer() and abs(v) >= 1000:
-            v = f"{int(v):,}"
-        rows.append((f"run_summary: {k}", str(v)))
-    return rows
+        if k in ("eval", "eval_table", "report"):
+            continue  # shown above as the before/after table, or this page itself
+        items = [(f"{k}.{kk}", vv) for kk, vv in v.items()] if isinstance(v, dict) else [(k, v)]
+        for key, val in items:
+            if isinstance(val, (dict, list)):
+                continue
+            n = _num(val)
+            if key.endswith("_s") and not key.endswith("per_s") and n is not None:
+                text = f"{_duration(n)} ({n:,.1f} s)"
+            elif n is not None and not isinstance(val, bool):
+                text = f"{int(n):,}" if n.is_integer() else f"{n:,.4g}"
+            else:
+                text = str(val)
+            summary.append((key, text))
+    return logged, summary
 
 
 def _samples_html(samples: list[dict]) -> str:
@@ -408,7 +417,10 @@ def render_html(run: RunFiles, plots: dict[str, Path], output_dir: Path) -> str:
     r = _cfg(run.config, "adapter", "r")
     what = f"{model}" + (f" · {method}" if method else "") + (f" r={r}" if method == "lora" and r else "")
     status = ""
-    if run.summary is None:
+    if run.summary is not None and run.summary.get("interrupted"):
+        status = (f"<div class='warn'>The run was interrupted at step {_e(run.summary.get('step', '?'))} of "
+                  f"{_e(run.summary.get('total_steps', '?'))}; run the same command again to resume.</div>")
+    elif run.summary is None:
         last = run.metrics[-1].get("step") if run.metrics else None
         status = ("<div class='warn'>No run_summary.json: the run is still going or stopped early"
                   + (f" (last logged step {_e(last)})" if last is not None else " (no step logged yet)") + ".</div>")
@@ -420,7 +432,11 @@ def render_html(run: RunFiles, plots: dict[str, Path], output_dir: Path) -> str:
             figures.append(f"<figure><img alt='{_e(caption)}' src='data:image/png;base64,{data}'>"
                            f"<figcaption>{_e(caption)} ({_e(PLOTS_DIR + '/' + stem + '.png')})</figcaption></figure>")
     missing = [stem for stem, _, _ in PLOTS if stem not in plots]
-    timings = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in _timings(run))
+    logged, summary = _timings(run)
+    timings = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in logged)
+    if summary:
+        timings += "<tr><th colspan='2' class='l'>run_summary.json</th></tr>"
+        timings += "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in summary)
     generated = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>cpt report: {_e(output_dir.name)}</title>
