@@ -205,7 +205,7 @@ def _result(args, times: list[float], losses: list[float], **extra) -> dict:
     return {"system": args.worker, "mode": args.mode, "seq": args.seq, "batch": args.batch,
             "tokens_per_s": tokens / mean, "step_s_mean": mean, "step_s_min": min(timed), "step_s_max": max(timed),
             "peak_gib": _gib(torch.cuda.max_memory_allocated()), "peak_reserved_gib": _gib(torch.cuda.max_memory_reserved()),
-            "losses": losses, "warmup": args.warmup, "steps": args.steps, **extra}
+            "step_s": timed, "losses": losses, "warmup": args.warmup, "steps": args.steps, **extra}
 
 
 # ---------------------------------------------------------------------------- ours: cpt's setup and loop
@@ -479,7 +479,7 @@ def drive(args) -> int:
                                "setup": {"model": "Llama-3.1-8B shape, random weights", "micro_batch": MICRO_BATCH,
                                          "seq": SEQ, "r": R, "lora_alpha": ALPHA, "use_rslora": True,
                                          "optim": "bitsandbytes AdamW8bit", "lr": LR, "embedding_lr": EMB_LR,
-                                         "warmup_steps": args.warmup, "timed_steps": args.steps},
+                                         "warmup_steps": args.warmup, "timed_steps": args.steps, "runs": args.runs},
                                "flops_per_token": {"with_recompute": flops_per_token(SEQ, 32),
                                                    "without_recompute": flops_per_token(SEQ, 0),
                                                    "count": "6*N_frozen + 8*N_lora + 6*N_lm_head + 6*L*d*seq (causal attention), "
@@ -568,8 +568,8 @@ def _write(results: dict, out: Path) -> None:
              f"{results.get('versions')}", "",
              f"FLOPs per token for MFU: {results['flops_per_token']['with_recompute'] / 1e9:.2f} G with full recompute "
              f"({results['flops_per_token']['count']}); MFU against {PEAK_TFLOPS:.0f} TFLOP/s.", "",
-             "| mode | system | tokens/s | peak GiB | speedup | memory ratio | MFU | plan: tokens/s | plan: peak GiB | lm_head changed | embed rows changed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| mode | system | tokens/s | step ms min-max | peak GiB | speedup | memory ratio | MFU | plan: tokens/s | plan: peak GiB | lm_head changed | embed rows changed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode in ("bf16", "nf4"):
         e = results.get(mode)
         if not e:
@@ -577,24 +577,31 @@ def _write(results: dict, out: Path) -> None:
         for system in ("baseline", "ours"):
             s = e.get(system)
             if not s:
-                lines.append(f"| {mode} | {system} | failed | | | | | | | | |")
+                lines.append(f"| {mode} | {system} | failed | | | | | | | | | |")
                 continue
             ch = s.get("embedding_changed") or {}
             sp = _fmt(e.get("speedup"), ".2f") + "x" if system == "ours" else "1.00x"
             mr = _fmt(e.get("memory_ratio"), ".2f") + "x" if system == "ours" else "1.00x"
-            lines.append(f"| {mode} | {system} | {s['tokens_per_s']:,.0f} | {s['peak_gib']:.1f} | {sp} | {mr} | {100 * s['mfu']:.1f}% | "
+            rng = "-".join(f"{1000 * x:.0f}" for x in s["step_s_range"])
+            lines.append(f"| {mode} | {system} | {s['tokens_per_s']:,.0f} | {rng} | {s['peak_gib']:.1f} | {sp} | {mr} | {100 * s['mfu']:.1f}% | "
                          f"{s['plan']['tokens_per_s']:,.0f} | {s['plan']['peak_gib']:.1f} | {100 * ch.get('lm_head', float('nan')):.2f}% | "
                          f"{100 * ch.get('embed_tokens_seen_rows', float('nan')):.2f}% |")
     m = results.get("bf16_memory_aware")
     if m:
         lines.append(f"| bf16 | ours, memory-aware ({m['layers']['keep']} of 32 layers keep activations) | {m['tokens_per_s']:,.0f} | "
-                     f"{m['peak_gib']:.1f} | {_fmt(m.get('speedup'), '.2f')}x | {_fmt(m.get('memory_ratio'), '.2f')}x | "
+                     f"{1000 * m['step_s_min']:.0f}-{1000 * m['step_s_max']:.0f} | {m['peak_gib']:.1f} | {_fmt(m.get('speedup'), '.2f')}x | {_fmt(m.get('memory_ratio'), '.2f')}x | "
                      f"{100 * m['mfu']:.1f}% | {m['plan']['tokens_per_s']:,.0f} | {m['plan']['peak_gib']:.1f} | | |")
     x = results.get("bf16_experiment_embeddings_first")
     if x:
         lines.append(f"| bf16 | experiment: ours with the embedding group first in the optimizer | {x['tokens_per_s']:,.0f} | "
-                     f"{x['peak_gib']:.1f} | {_fmt(x.get('speedup'), '.2f')}x | {_fmt(x.get('memory_ratio'), '.2f')}x | | | | | |")
-    lines += ["", "Targets (ratios to the baseline in the same run): bf16 >= 1.8x tokens/s at <= 0.75x peak; "
+                     f"{1000 * x['step_s_min']:.0f}-{1000 * x['step_s_max']:.0f} | {x['peak_gib']:.1f} | {_fmt(x.get('speedup'), '.2f')}x | "
+                     f"{_fmt(x.get('memory_ratio'), '.2f')}x | | | | | |")
+    runs = results.get("setup", {}).get("runs", 1)
+    lines += ["", f"Each row: {results['setup']['warmup_steps']} warm-up + {results['setup']['timed_steps']} timed steps, "
+              f"tokens/s = tokens / mean step time, {runs} run(s) per row (the anchor used 2). Peak = "
+              "torch.cuda.max_memory_allocated after model and adapter setup. 'embed rows changed': share of the "
+              "embed_tokens elements, in the rows of tokens that occurred, that differ after the run.",
+              "", "Targets (ratios to the baseline in the same run): bf16 >= 1.8x tokens/s at <= 0.75x peak; "
               "nf4 >= 1.75x at <= 0.65x."]
     for mode in ("bf16", "nf4"):
         e = results.get(mode) or {}
@@ -612,6 +619,10 @@ def _write(results: dict, out: Path) -> None:
             ladder = "; ".join(f"{x['seq']}: {x['status']}" + (f" {x['step_s']:.1f} s, {x['peak_gib']:.1f} GiB (plan {x.get('plan_peak_gib', float('nan')):.1f})" if x["status"] == "ok" else "")
                                for x in r["ladder"])
             lines.append(f"| {system} | {r['longest_seq']:,} | {ladder} |")
+        lines += ["", "One step per length, each the first at its length (so it includes one-off costs: Triton "
+                  "compilation, cuBLAS plans, pinned host buffers for the offloaded layer inputs); ours uses "
+                  "use_gradient_checkpointing=offload. 'not tried (time limit)': the next step was predicted to "
+                  "overrun --time-limit, not known to fail."]
     lines += ["", f"Reference (anchor, another run of the same machine type): baseline bf16 {ANCHOR['bf16']['baseline']['tokens_per_s']:,} tokens/s "
               f"{ANCHOR['bf16']['baseline']['peak_gib']} GiB; nf4 {ANCHOR['nf4']['baseline']['tokens_per_s']:,} / {ANCHOR['nf4']['baseline']['peak_gib']}; "
               f"Unsloth bf16 {ANCHOR['bf16']['unsloth']['tokens_per_s']:,} / {ANCHOR['bf16']['unsloth']['peak_gib']}, "
