@@ -146,20 +146,25 @@ def test_training_mode_is_restored():
 def test_generate_samples_is_greedy_and_deterministic():
     tok = char_tokenizer()
     model = tiny_llama(len(tok))
-    model.generation_config.do_sample = True  # must be overridden: samples are greedy
+    # The model's own generation config asks for sampling and penalties; samples must ignore all of it.
+    model.generation_config.do_sample = True
     model.generation_config.temperature = 5.0
-    a = generate_samples(model, tok, ["the ", "ab"], max_new_tokens=6)
-    b = generate_samples(model, tok, ["the ", "ab"], max_new_tokens=6)
-    assert a == b
+    model.generation_config.repetition_penalty = 3.0
+    model.generation_config.no_repeat_ngram_size = 2
+    a = generate_samples(model, tok, ["the ", "ab"], max_new_tokens=8)
+    assert a == generate_samples(model, tok, ["the ", "ab"], max_new_tokens=8)
     assert [s["prompt"] for s in a] == ["the ", "ab"]
-    # Greedy: the first new token is the argmax of the logits after the prompt.
-    ids = tok("the ", return_tensors="pt")["input_ids"]
-    first = model(input_ids=ids).logits[0, -1].argmax().item()
-    out = model.generate(input_ids=ids, do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id)
-    assert out[0, ids.shape[1]].item() == first
-    assert a[0]["completion"] == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    assert 1 <= a[0]["new_tokens"] <= 6
+    for sample in a:
+        ids = tok(sample["prompt"])["input_ids"]
+        new: list[int] = []
+        for _ in range(8):  # greedy by hand: the argmax of the logits, token after token
+            nxt = model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax().item()
+            new.append(nxt)
+            if nxt == tok.eos_token_id:
+                break
+        assert sample["new_tokens"] == len(new)
+        assert sample["completion"] == tok.decode(new, skip_special_tokens=True)
+    assert len(set(a[0]["completion"])) < len(a[0]["completion"])  # repeats: no penalty was applied
 
 
 def _cfg(limit: float = 0.05, prompts: list[str] | None = None) -> Config:
@@ -250,18 +255,24 @@ def test_load_eval_sets_adds_holdout_as_domain(tmp_path):
     (tmp_path / "general.jsonl").write_text('{"body": "first general"}\n{"body": "  "}\n{"body": "second"}\n')
     cfg = Config(eval=EvalConfig(sets=[EvalSetConfig(name="general", path=str(tmp_path / "general.jsonl"),
                                                      text_field="body")]))
-    sets = load_eval_sets(cfg, ["held out one", "held out two"])
+    from cpt.data import DataWarning
+
+    with pytest.warns(DataWarning, match="1 empty"):  # the blank row is skipped, and said so
+        sets = load_eval_sets(cfg, ["held out one", "held out two"])
     assert [(s.name, s.texts) for s in sets] == [("general", ["first general", "second"]),
                                                  ("domain", ["held out one", "held out two"])]
-    assert [s.name for s in load_eval_sets(cfg, [])] == ["general"]
+    with pytest.warns(DataWarning):
+        assert [s.name for s in load_eval_sets(cfg, [])] == ["general"]
 
     (tmp_path / "d.txt").write_text("my domain text")
     cfg.eval.sets.append(EvalSetConfig(name="domain", path=str(tmp_path / "d.txt")))
-    sets = load_eval_sets(cfg, ["held out one"])  # a named domain set wins over the automatic slice
+    with pytest.warns(DataWarning):
+        sets = load_eval_sets(cfg, ["held out one"])  # a named domain set wins over the automatic slice
     assert [(s.name, s.texts) for s in sets] == [("general", ["first general", "second"]), ("domain", ["my domain text"])]
 
     cfg.eval.sets.append(EvalSetConfig(name="domain", path=str(tmp_path / "d.txt")))
-    with pytest.raises(ConfigError, match=r"eval.sets\[2\] \(domain\).*used by an earlier set"):
+    with pytest.raises(ConfigError, match=r"eval.sets\[2\] \(domain\).*used by an earlier set"), \
+            pytest.warns(DataWarning):
         load_eval_sets(cfg, [])
     cfg.eval.sets = [EvalSetConfig(name="general", path=str(tmp_path / "general.jsonl"), max_docs=1,
                                    text_field="body")]

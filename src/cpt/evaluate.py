@@ -217,6 +217,15 @@ def evaluate_texts(model: torch.nn.Module, tokenizer, texts: list[str], *, max_s
     }
 
 
+# Neutral values of everything that would make generate() differ from plain argmax decoding. They are
+# given explicitly because generate() fills every field left at None from the model's own generation
+# config (which may ask for sampling, a repetition penalty, a minimum length, ...).
+_GREEDY = {"do_sample": False, "num_beams": 1, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "typical_p": 1.0,
+           "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
+           "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "length_penalty": 1.0,
+           "min_new_tokens": 0}
+
+
 @torch.no_grad()
 def generate_samples(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int) -> list[dict]:
     """Greedy continuations, one prompt at a time (no padding, so each equals its unbatched run)."""
@@ -226,8 +235,7 @@ def generate_samples(model: torch.nn.Module, tokenizer, prompts: list[str], max_
         return []
     device = _model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    # A fresh config: the model's own may ask for sampling (temperature, top_p) which greedy must ignore.
-    gen = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+    gen = GenerationConfig(**_GREEDY, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     was_training = model.training
     model.eval()
