@@ -78,3 +78,18 @@ def test_plan_cli_reads_the_model_config(tiny_model_dir, capsys):
     assert "peak" in out and "tokens/s" in out
     assert plan_main([f"model.name_or_path={tiny_model_dir}", "--json", "--baseline"]) == 0
     assert '"system": "baseline"' in capsys.readouterr().out
+
+
+def test_plan_names_a_model_it_cannot_read(tmp_path):
+    with pytest.raises(ConfigError, match="model.name_or_path"):
+        plan(config_from_dict({"model": {"name_or_path": str(tmp_path / "nowhere")}}))
+
+
+def test_plan_leaves_headroom_near_the_cards_limit():
+    """The baseline's 64k-token step (micro-batch 1) ran out of memory on a 140 GiB H200, though its
+    estimate is 131 GiB: a plan that close to the limit is not called a fit."""
+    cfg = config_from_dict({"model": {"name_or_path": "unused", "max_seq_length": 65536},
+                            "train": {"per_device_train_batch_size": 1, "optim": "adamw_8bit"}})
+    est = plan(cfg, _llama_8b(), system="baseline", gpu_memory_gib=139.8)
+    assert 125 < est["peak_gib"] < 139.8 and not est["fits"]
+    assert plan(cfg, _llama_8b(), system="ours", gpu_memory_gib=139.8)["fits"]

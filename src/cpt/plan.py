@@ -35,6 +35,7 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10"
 EFFICIENCY = {("baseline", "bf16"): 0.337, ("baseline", "nf4"): 0.298, ("ours", "bf16"): 0.358, ("ours", "nf4"): 0.357}
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + float32 per 256 absmax
 WORKSPACE_GIB = 0.6  # cuBLAS workspaces, SDPA scratch, allocator rounding
+FIT_MARGIN = 0.92  # share of the GPU a plan may fill and still be called a fit
 
 
 @dataclass
@@ -120,7 +121,11 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
     (transformers + peft as in gpu_anchor.md: bf16 embedding copies, plain loss and norms)."""
     if model_config is None:
         from cpt.model import load_model_config
-        model_config = load_model_config(cfg.model)
+        try:
+            model_config = load_model_config(cfg.model)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cpt plan: cannot read the config of model.name_or_path={cfg.model.name_or_path!r} "
+                              f"(not a local folder, and not in the Hugging Face cache?): {str(e).splitlines()[0]}") from None
     s = shape_from_config(model_config)
     if None in (s.hidden, s.layers, s.heads, s.intermediate, s.vocab):
         raise ConfigError(f"cpt plan: {cfg.model.name_or_path!r} is not a decoder shape plan knows (needs hidden_size, num_hidden_layers, ...)")
@@ -201,7 +206,10 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
         "gradients_gib": grads / GIB,
         "peak_gib": peak / GIB, "peak_at": "loss" if at_loss >= at_end else "end of backward",
         "flops_per_token": flops, "assumed_efficiency": eff, "peak_tflops": tflops, "tokens_per_s": tps,
-        "fits": peak / GIB <= gpu_total,
+        # 8% headroom: allocator fragmentation and reserved-but-free blocks (the baseline's 64k step,
+        # estimated at 131 of 140 GiB, ran out of memory on the H200).
+        "fits": peak / GIB <= FIT_MARGIN * gpu_total,
+        "small_model": s.block_params < 1e9,
     }
 
 
@@ -226,7 +234,7 @@ def apply_memory_plan(model: Any, cfg: Config, device: Any) -> Optional[dict]:
         import torch
         if getattr(device, "type", str(device)) != "cuda":
             return None
-        budget = 0.92 * torch.cuda.get_device_properties(device).total_memory / GIB
+        budget = FIT_MARGIN * torch.cuda.get_device_properties(device).total_memory / GIB
     elif isinstance(budget, str):
         raise ConfigError(f"adapter.recompute_budget_gib: {budget!r} is not a number of GiB or 'auto'")
     from cpt.kernels import set_recompute
@@ -245,7 +253,8 @@ def format_plan(p: dict) -> str:
         lines.append(f"  {k:<42} {v:8.2f} GiB")
     lines.append(f"  peak (at the {p['peak_at']})".ljust(45) + f"{p['peak_gib']:8.2f} GiB  {'fits' if p['fits'] else 'DOES NOT FIT'}")
     lines.append(f"  speed: {p['flops_per_token'] / 1e9:.1f} GFLOP/token at {100 * p['assumed_efficiency']:.0f}% of "
-                 f"{p['peak_tflops']:.0f} TFLOP/s -> about {p['tokens_per_s']:,.0f} tokens/s")
+                 f"{p['peak_tflops']:.0f} TFLOP/s -> about {p['tokens_per_s']:,.0f} tokens/s"
+                 + (" (efficiency measured on an 8B model; small models reach far less)" if p["small_model"] else ""))
     return "\n".join(lines)
 
 
