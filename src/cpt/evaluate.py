@@ -96,17 +96,15 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 def _context_ids(tokenizer) -> list[int]:
-    """The tokens the tokenizer puts before any text by default (BOS), else [EOS]; see the module docstring."""
+    """The token the tokenizer puts before any text by default (BOS), else EOS; see the module docstring."""
     probe = "a"
     plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
     full = tokenizer(probe, add_special_tokens=True)["input_ids"]
-    prefix: list[int] = []
-    for i in range(len(full) - len(plain) + 1):
+    for i in range(1, len(full) - len(plain) + 1):
         if full[i:i + len(plain)] == plain:
-            prefix = list(full[:i])
-            break
-    if prefix:
-        return prefix
+            # One context token, so that every window scores all its positions but the first; tokenizers
+            # put a single BOS there, and of a longer prefix the last token is the one next to the text.
+            return [full[i - 1]]
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has neither a BOS it adds by default nor an EOS token: documents cannot be "
                          "given a context token, so their first token could not be scored")
@@ -132,11 +130,9 @@ def _windows(texts: list[str], tokenizer, max_seq_length: int, max_tokens: int |
             if max_tokens is not None and scored >= max_tokens:
                 return
             seq = context + list(ids) + [eos]
-            # The context is never scored; a longer BOS prefix is context in full (first window only).
-            first = len(context) - 1
             stats["bytes"] += len(text.encode("utf-8"))
             stats["documents"] += 1
-            for s in range(first, len(seq) - 1, step):
+            for s in range(0, len(seq) - 1, step):
                 window = seq[s:s + max_seq_length]
                 scored += len(window) - 1
                 yield window
