@@ -58,11 +58,14 @@ def run_training(cfg: Config, *, model: Any = None, tokenizer: Any = None, train
     eval_sets = load_eval_sets(cfg, data.holdout_texts)
     eval_dir = cfg.output.output_dir
     if not accelerator.is_main_process:
+        import atexit
+        import shutil
         import tempfile
 
         # Under FSDP every rank evaluates (the forward passes gather shards from all ranks); only the
         # main process writes the run's eval.jsonl and samples.jsonl.
         eval_dir = tempfile.mkdtemp(prefix=f"cpt-eval-rank{accelerator.process_index}-")
+        atexit.register(shutil.rmtree, eval_dir, ignore_errors=True)
     evaluator = Evaluator(cfg, bundle.tokenizer, eval_sets, eval_dir) if eval_sets or cfg.eval.prompts else None
     trainer = Trainer(cfg, bundle, data, evaluator=evaluator, accelerator=accelerator)
     summary = trainer.train()

@@ -25,7 +25,7 @@ import torch
 
 from cpt import checkpoint as ckpt
 from cpt.config import Config, ConfigError
-from cpt.distributed import Parallel, plain
+from cpt.distributed import Parallel, build_accelerator, plain
 from cpt.model import ModelBundle
 from cpt.optim import build_optimizer, build_scheduler
 
@@ -79,12 +79,9 @@ class Trainer:
     """Owns the optimizer, schedule, accelerator and state; `train()` is the loop."""
 
     def __init__(self, cfg: Config, bundle: ModelBundle, data: Any, evaluator: Any = None, accelerator: Any = None):
-        from accelerate import Accelerator
-
         self.cfg, self.bundle, self.data, self.evaluator = cfg, bundle, data, evaluator
         self.out = Path(cfg.output.output_dir)
-        self.accelerator = accelerator or Accelerator(
-            mixed_precision=mixed_precision(cfg, bundle.device, bundle.dtype), cpu=bundle.device.type == "cpu")
+        self.accelerator = accelerator or build_accelerator(cfg, bundle.device)
         self.world = self.accelerator.num_processes
         self.total_steps = total_steps(cfg, data, self.world)
         # Under FSDP the model is sharded here, so that the optimizer is built on the shards.
