@@ -37,14 +37,15 @@ def run_training(cfg: Config, *, model: Any = None, tokenizer: Any = None, train
     from cpt.train import Trainer
 
     validate(cfg)
-    from cpt.distributed import build_accelerator
+    from cpt.distributed import build_accelerator, loading_place
 
     # First the accelerator: under torchrun / accelerate launch it starts the process group and gives
     # each rank its own GPU, which is where that rank's model must be loaded.
     accelerator = build_accelerator(cfg, device)
     if device is None and accelerator.num_processes > 1:
         device = accelerator.device
-    bundle = build_model(cfg, device=device, model=model, tokenizer=tokenizer)
+    build_cfg, build_device = loading_place(cfg, accelerator, device)
+    bundle = build_model(build_cfg, device=build_device, model=model, tokenizer=tokenizer)
     data = build_data(cfg, bundle.tokenizer, train_dataset=train_dataset, rank=accelerator.process_index,
                       world_size=accelerator.num_processes)
     if data.stats.get("verdict"):

@@ -63,9 +63,16 @@ def build_accelerator(cfg: Config, device: Optional[torch.device] = None) -> Any
 
     device = torch.device(device) if device is not None else default_device()
     mp = mixed_precision_mode(cfg, device, resolve_dtype(cfg.model.dtype, device))
-    if _fsdp_wanted(cfg) and mp == "fp16":
-        raise ConfigError("train.fsdp with fp16 is not supported (sharded gradients need a sharded loss scaler); "
-                          "use train.bf16=true, or train.fsdp=false")
+    if _fsdp_wanted(cfg):
+        if mp == "fp16":
+            raise ConfigError("train.fsdp with fp16 is not supported (sharded gradients need a sharded loss scaler); "
+                              "use train.bf16=true, or train.fsdp=false")
+        if cfg.model.load_in_4bit:
+            raise ConfigError("train.fsdp with model.load_in_4bit (QLoRA) is not supported; shard a bf16 base instead "
+                              "(set model.load_in_4bit=false), or train on one GPU per run")
+        if cfg.train.optim == "adamw_8bit":
+            raise ConfigError("train.fsdp with train.optim=adamw_8bit is not supported (bitsandbytes cannot step "
+                              "sharded tensors); use train.optim=adamw_torch")
     # The model is sharded by us (fsdp) or wrapped by accelerate (ddp); the environment's FSDP switch
     # must not make accelerate apply its own plugin on top, so it is read here and then hidden.
     saved = os.environ.pop("ACCELERATE_USE_FSDP", None)
@@ -78,6 +85,26 @@ def build_accelerator(cfg: Config, device: Optional[torch.device] = None) -> Any
 
 def _fsdp_wanted(cfg: Config) -> bool:
     return bool(cfg.train.fsdp) or launched_with_fsdp()
+
+
+def loading_place(cfg: Config, accelerator: Any, device: Optional[torch.device]) -> tuple[Config, Optional[torch.device]]:
+    """(config, device) for building the model. Under FSDP on GPUs the model is built in host memory,
+    with the dtype and kernels it would get on the GPU, and `fully_shard` then moves only this rank's
+    shards to its GPU: no GPU ever holds the whole model. (Each rank still reads the whole model
+    into host memory once.) Otherwise: unchanged."""
+    if not (_fsdp_wanted(cfg) and accelerator.num_processes > 1 and accelerator.device.type == "cuda"):
+        return cfg, device
+    import copy
+
+    from cpt.model import resolve_dtype
+
+    built = copy.deepcopy(cfg)
+    built.model.dtype = str(resolve_dtype(cfg.model.dtype, accelerator.device)).replace("torch.", "")
+    if cfg.model.kernels == "auto":
+        # On a CPU device the kernel set-up applies only the fused loss of 'cpt'; the host-memory
+        # offload of frozen originals must not happen (FSDP shards them, and owns their placement).
+        built.model.kernels = "cpt"
+    return built, torch.device("cpu")
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
@@ -179,6 +206,7 @@ class Parallel:
             from cpt.model import param_groups
 
             bundle.groups = param_groups(bundle.model, cfg)
+            bundle.device = accelerator.device  # it may have been built in host memory (loading_place)
             strategy: Strategy = "fsdp"
         elif world > 1:
             strategy = "ddp"
