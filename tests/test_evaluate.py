@@ -327,3 +327,5 @@ def test_eval_main_errors(tmp_path, tiny_model_dir, capsys):
     rc, _, err = _run_eval_main([str(tiny_model_dir), "--data", str(tmp_path / "a.txt"), "--max-seq-length", "100000",
                                  "--device", "cpu"], capsys)
     assert rc == 2 and "max_position_embeddings" in err
+    rc, _, err = _run_eval_main([str(tiny_model_dir), "--data", f"general={tmp_path / 'missing.jsonl'}"], capsys)
+    assert rc == 2 and "no file or folder matches" in err and "missing.jsonl" in err

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from cpt.config import Config, ConfigError, EvalSetConfig, SourceConfig, load_config
+from cpt.data import read_documents
+from cpt.data.sources import SUFFIXES
 
 log = logging.getLogger("cpt")
 
@@ -64,8 +66,6 @@ def _source_for(s: EvalSetConfig, streaming: bool) -> SourceConfig:
 
 def load_eval_sets(cfg: Config, holdout_texts: list[str]) -> list[EvalSet]:
     """Read every `eval.sets` entry; add the automatic held-out slice as "domain" when none is named so."""
-    from cpt.data import read_documents
-
     sets: list[EvalSet] = []
     for i, s in enumerate(cfg.eval.sets):
         where = f"eval.sets[{i}] ({s.name})"
@@ -410,6 +410,10 @@ def _parse_data_arg(arg: str, args: argparse.Namespace) -> tuple[str, SourceConf
         if left and right and "/" not in left and os.sep not in left:
             name, target = left, right
     is_path = Path(target).exists() or bool(glob.glob(target))
+    looks_like_file = target.startswith((".", "/", "~")) or any(
+        target.endswith(suffix) or target.endswith(suffix + ".gz") for suffix in SUFFIXES)
+    if not is_path and looks_like_file:
+        raise ConfigError(f"--data {arg}: no file or folder matches {target!r}")
     if is_path:
         src = SourceConfig(path=target, text_field=args.text_field)
         name = name or Path(target.rstrip("/")).stem or target
@@ -427,8 +431,6 @@ def _load_model(path_or_name: str, gguf_file: str | None, device: str | None):
 
 
 def _eval_sets_from_args(args: argparse.Namespace) -> list[EvalSet]:
-    from cpt.data import read_documents
-
     specs: list[tuple[str, SourceConfig]] = []
     if args.data:
         specs = [_parse_data_arg(d, args) for d in args.data]
