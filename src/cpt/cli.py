@@ -55,11 +55,15 @@ def print_eval_table(rows: list[dict]) -> None:
     table = Table(title="held-out evaluation: before -> after")
     for col in ("set", "loss before", "loss after", "ppl before", "ppl after", "bits/byte before", "bits/byte after", "change"):
         table.add_column(col, justify="right" if col != "set" else "left")
+    def num(r: dict, k: str, fmt: str, scale: float = 1.0) -> str:
+        v = r.get(k)
+        return "-" if v is None else format(scale * v, fmt)
+
     for r in rows:
-        table.add_row(str(r.get("set")), *(f"{r.get(k, float('nan')):.4f}" for k in ("loss_before", "loss_after")),
-                      *(f"{r.get(k, float('nan')):.2f}" for k in ("perplexity_before", "perplexity_after")),
-                      *(f"{r.get(k, float('nan')):.4f}" for k in ("bits_per_byte_before", "bits_per_byte_after")),
-                      f"{100 * r.get('bits_per_byte_change', float('nan')):+.1f}%")
+        table.add_row(str(r.get("set")), num(r, "loss_before", ".4f"), num(r, "loss_after", ".4f"),
+                      num(r, "perplexity_before", ".2f"), num(r, "perplexity_after", ".2f"),
+                      num(r, "bits_per_byte_before", ".4f"), num(r, "bits_per_byte_after", ".4f"),
+                      num(r, "bits_per_byte_change", "+.1f", 100.0) + "%")
     Console().print(table)
 
 
