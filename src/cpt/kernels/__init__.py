@@ -181,10 +181,13 @@ def offload_frozen_originals(model: torch.nn.Module) -> int:
         if orig is None or not hasattr(mod, "modules_to_save") or getattr(orig, "_cpt_on_host", False):
             continue
         params = list(orig.parameters())
-        if not params or any(p.requires_grad for p in params) or params[0].device.type == "cpu":
+        if not params or any(p.requires_grad for p in params):
             continue
-        moved += sum(p.numel() * p.element_size() for p in params)
-        orig.to("cpu")
+        if params[0].device.type != "cpu":
+            moved += sum(p.numel() * p.element_size() for p in params)
+            orig.to("cpu")
+        # (Already on the host: a tied original that shares its matrix with one moved above; it
+        # needs the same visits.)
         orig.register_forward_pre_hook(_visit_on_device)
         orig.register_forward_hook(_back_to_host)
         orig._cpt_on_host = True
