@@ -271,3 +271,77 @@ def test_cache_reused_and_invalidated(tmp_path, corpus_dir, tokenizer):
     assert build_data(cfg, tokenizer).stats["sources"][0]["cached"] is False
     entries = [p for p in Path(cfg.data.cache_dir).iterdir() if p.is_dir()]
     assert all((p / "meta.json").exists() for p in entries) and not any(p.name.startswith(".") for p in entries)
+
+
+def test_cache_hit_reads_no_rows_and_tokenizer_change_rebuilds(tmp_path, corpus, tokenizer, tokenizer_dir,
+                                                                monkeypatch):
+    from transformers import AutoTokenizer
+
+    import cpt.data.sources as sources
+
+    p = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in corpus])
+    cfg = make_cfg(tmp_path, [{"path": str(p)}])
+    ref = epoch_tokens(build_data(cfg, tokenizer).train, 2, 5)
+
+    def no_reading(*a, **k):
+        raise AssertionError("a cache hit must not read the source")
+
+    monkeypatch.setattr(sources, "_iter_jsonl", no_reading)
+    hit = build_data(cfg, tokenizer)
+    assert hit.stats["sources"][0]["cached"]
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(ref, epoch_tokens(hit.train, 2, 5)))
+    monkeypatch.undo()
+    other = AutoTokenizer.from_pretrained(tokenizer_dir)
+    other.add_tokens(["statute"])  # same vocabulary file, different ids for one word
+    assert build_data(cfg, other).stats["sources"][0]["cached"] is False
+
+
+def test_failed_build_leaves_no_entry(tmp_path, corpus, tokenizer):
+    p = tmp_path / "x.jsonl"
+    write_jsonl(p, [{"text": t} for t in corpus[:10]] + ["{not json"] + [{"text": t} for t in corpus[10:]])
+    cfg = make_cfg(tmp_path, [{"path": str(p)}], data__strict=True)
+    with pytest.raises(DataError, match=rf"{p}:11: malformed JSON"):
+        build_data(cfg, tokenizer)
+    assert [q for q in Path(cfg.data.cache_dir).iterdir() if q.is_dir()] == []  # no half-written entry
+    cfg.data.strict = False
+    with pytest.warns(DataWarning, match="1 malformed JSON"):
+        ok = build_data(cfg, tokenizer)
+    assert ok.stats["n_documents"] == len(corpus)
+    with pytest.warns(DataWarning, match="1 malformed JSON"):  # a cache hit repeats the build's warning
+        assert build_data(cfg, tokenizer).stats["sources"][0]["cached"]
+
+
+def test_worker_processes_give_identical_tokens(tmp_path, corpus_dir, tokenizer):
+    one = build_data(make_cfg(tmp_path / "a", [{"path": str(corpus_dir)}]), tokenizer)
+    two = build_data(make_cfg(tmp_path / "b", [{"path": str(corpus_dir)}], data__dataset_num_proc=2), tokenizer)
+    assert one.stats["n_tokens"] == two.stats["n_tokens"]
+    for a, b in zip(epoch_tokens(one.train, 4, 10), epoch_tokens(two.train, 4, 10)):
+        assert torch.equal(a["input_ids"], b["input_ids"])
+
+
+def test_load_dataset_builder_and_train_dataset(tmp_path, corpus, tokenizer):
+    import datasets
+
+    p = write_jsonl(tmp_path / "d.jsonl", [{"content": t, "n": i} for i, t in enumerate(corpus)])
+    src = {"dataset": "json", "data_files": str(p), "text_field": "content", "filters": ["n < 30"],
+           "split": "train[:50%]"}
+    via_builder = build_data(make_cfg(tmp_path, [src]), tokenizer)
+    assert via_builder.stats["n_documents"] == 30
+    cfg = make_cfg(tmp_path, [])
+    cfg.data.dataset_text_field = "content"
+    ds = datasets.Dataset.from_dict({"content": corpus[:30]})
+    via_api = build_data(cfg, tokenizer, train_dataset=ds)
+    assert via_api.stats["n_tokens"] == via_builder.stats["n_tokens"]
+    assert build_data(cfg, tokenizer, train_dataset=ds).stats["sources"][0]["cached"]
+
+
+def test_invalid_utf8_text_file_reported_with_line(tmp_path):
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "a.txt").write_bytes(b"line one\nline two \xff\xfe here\n")
+    (d / "b.md").write_text("# fine\n")
+    with pytest.warns(DataWarning, match=rf"1 files with invalid UTF-8, bad bytes replaced by U\+FFFD \(first at {d / 'a.txt'}:2\)"):
+        docs = list(read_documents(SourceConfig(path=str(d))))
+    assert docs[0].startswith("line one\nline two \ufffd") and docs[1] == "# fine\n"
+    with pytest.raises(DataError, match=rf"{d / 'a.txt'}:2"):
+        list(read_documents(SourceConfig(path=str(d)), strict=True))

@@ -9,8 +9,7 @@
   sampler.py   TokenStream: deterministic order, rank sharding, O(1) position
   inspect.py   `cpt inspect`: fields, lengths, verdict (unlabeled / labeled pairs / classification), budget
 
-    python -c "from cpt.config import load_config; from cpt.data import build_data; ..."
-    python -m pytest tests/test_data.py -q
+    python -m pytest tests/test_data.py tests/test_data_stream.py tests/test_data_pack.py -q
 """
 from __future__ import annotations
 

@@ -67,7 +67,7 @@ class ReadReport:
 
     LABELS = {"empty": "empty or whitespace-only", "non_string": "non-string text", "bad_utf8": "invalid UTF-8",
               "bad_json": "malformed JSON", "missing_field": "missing text field",
-              "repaired_utf8": "files with invalid UTF-8 (bytes replaced)"}
+              "repaired_utf8": "invalid UTF-8 (bytes replaced)"}
 
     def skip(self, kind: str, where: str, detail: str = "") -> None:
         if self.strict:
@@ -83,8 +83,13 @@ class ReadReport:
     def summary(self) -> str | None:
         if not self.counts:
             return None
-        parts = [f"{n} {self.LABELS[k]} (first at {self.first[k]})" for k, n in self.counts.items()]
-        return f"{self.source}: skipped {self.skipped} rows: " + "; ".join(parts)
+        parts = [f"{n} {self.LABELS[k]} (first at {self.first[k]})" for k, n in self.counts.items()
+                 if k != "repaired_utf8"]
+        msg = [f"skipped {self.skipped} rows: " + "; ".join(parts)] if parts else []
+        if "repaired_utf8" in self.counts:
+            msg.append(f"read {self.counts['repaired_utf8']} files with invalid UTF-8, bad bytes replaced by U+FFFD "
+                       f"(first at {self.first['repaired_utf8']})")
+        return f"{self.source}: " + "; ".join(msg)
 
     def warn(self) -> None:
         msg = self.summary()

@@ -9,6 +9,7 @@ import collections
 import hashlib
 import json
 import multiprocessing as mp
+import os
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -38,6 +39,8 @@ _WORKER: "Encoder | None" = None
 
 def _worker_init(enc: "Encoder") -> None:
     global _WORKER
+    # One process per core already: the tokenizer's own threads would only compete (and warn after fork).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER = enc
 
 
@@ -78,14 +81,14 @@ class Encoder:
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         if self._fast is not None:
-            ids = [e.ids for e in self._fast(texts, add_special_tokens=False)]
+            encodings = self._fast(texts, add_special_tokens=False)
         else:
-            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            encodings = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         out = []
-        for seq in ids:
-            if self.add_eos:
-                seq = [*seq, self.eos_id]
-            out.append(np.asarray(seq, dtype=self.dtype))
+        tail = [self.eos_id] if self.add_eos else []
+        for i, e in enumerate(encodings):
+            out.append(np.array((e.ids if self._fast is not None else e) + tail, dtype=self.dtype))
+            encodings[i] = None  # drop each Rust encoding (ids, offsets, token strings) once converted
         return out
 
     def encode_stream(self, batches: Iterable[list[str]]) -> Iterator[list[np.ndarray]]:
@@ -111,8 +114,9 @@ class Encoder:
             yield from zip(pending.popleft(), ids)
 
 
-def batched_texts(docs: Iterable[Any], max_docs: int = 512, max_chars: int = 4 << 20) -> Iterator[list[Any]]:
-    """Group documents (anything with `.text`) into batches big enough to keep the Rust side busy."""
+def batched_texts(docs: Iterable[Any], max_docs: int = 256, max_chars: int = 1 << 20) -> Iterator[list[Any]]:
+    """Group documents (anything with `.text`) into batches big enough to keep the Rust threads busy
+    and small enough that a batch's encodings (about 100 bytes a token on the Rust side) stay small."""
     batch: list[Any] = []
     chars = 0
     for d in docs:

