@@ -251,3 +251,13 @@ def test_malicious_pickle_is_refused(tmp_path):
     # plain tensor files still load
     torch.save({"w": torch.ones(2)}, tmp_path / "ok.pt")
     assert torch.equal(ckpt.load_torch(tmp_path / "ok.pt")["w"], torch.ones(2))
+
+
+def test_damaged_tensor_file_is_a_clear_error(tmp_path):
+    torch.save({"w": torch.ones(1000)}, tmp_path / "opt.pt")
+    data = (tmp_path / "opt.pt").read_bytes()
+    (tmp_path / "opt.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match="opt.pt: the file is damaged"):
+        ckpt.load_torch(tmp_path / "opt.pt")
+    with pytest.raises(FileNotFoundError):
+        ckpt.load_torch(tmp_path / "missing.pt")

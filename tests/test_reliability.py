@@ -516,3 +516,19 @@ def test_8_remote_code_off_and_tokens_never_written(tiny_model_dir, corpus_dir, 
     assert not leaks, f"the token was written to {leaks}"
     assert token not in captured.out and token not in captured.err
     assert "***" in (out / "config.yaml").read_text()  # the field was dumped, with the token masked
+
+
+def test_damaged_checkpoint_is_named_in_a_clear_error(reference, tiny_model_dir, tmp_path, capsys):
+    """A checkpoint that passes the marker check but cannot be loaded (here: an old-style marker with no
+    manifest and a file gone) stops with exit 1 and names the folder, instead of a bare traceback."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference["out"], out)
+    last = ckpt.latest_checkpoint(out)
+    (last / "scheduler.pt").unlink()
+    (last / ckpt.COMPLETE).write_text(json.dumps({"step": ckpt.step_of(last)}))
+    yaml_path = _write_yaml(_cfg(tiny_model_dir, reference["corpus"], out), tmp_path / "run.yaml")
+    assert cli_main(["train", str(yaml_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot resume from {last}" in err and "scheduler.pt" in err

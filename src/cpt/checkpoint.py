@@ -273,10 +273,17 @@ def write_json(path: Path, obj: Any) -> None:
 
 def load_torch(path: Path) -> Any:
     """Only tensors and plain containers: a pickle that tries to run code is refused."""
+    import pickle
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError for anything that is not plain data
-        raise CheckpointError(f"refused to load {path}: it is not a plain tensor file ({type(e).__name__}: {str(e)[:200]})") from None
+    except pickle.UnpicklingError as e:  # what weights_only raises for anything that is not plain data
+        raise CheckpointError(f"refused to load {path}: it holds more than plain tensors and containers, and "
+                              f"unpickling it could run code ({str(e)[:200]})") from None
+    except OSError:
+        raise  # a missing file: the caller names the checkpoint
+    except Exception as e:  # a truncated or corrupt archive
+        raise CheckpointError(f"could not read {path}: the file is damaged ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 # ---------------------------------------------------------------------------- the stop signal

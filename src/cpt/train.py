@@ -160,6 +160,18 @@ class Trainer:
         return path
 
     def resume(self, path: Path) -> None:
+        try:
+            self._load_checkpoint(path)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            if isinstance(e, ckpt.CheckpointError):
+                raise
+            # A missing or damaged file, or a checkpoint of another configuration or data plan: name the folder.
+            raise ckpt.CheckpointError(f"cannot resume from {path}: {type(e).__name__}: {e}. Point output.resume at "
+                                       "another checkpoint, or start fresh with output.resume=false and "
+                                       "output.overwrite_output_dir=true") from e
+        log.info("resumed from %s at step %d", path, self.state.step)
+
+    def _load_checkpoint(self, path: Path) -> None:
         from safetensors.torch import load_file
 
         state = json.loads((path / "trainer_state.json").read_text())
@@ -173,7 +185,6 @@ class Trainer:
         self.parallel.restore_rng(path, state)
         self.state = TrainState(**{k: state[k] for k in TrainState.__dataclass_fields__ if k in state})
         self.data.train.load_state_dict(self.state.data)
-        log.info("resumed from %s at step %d", path, self.state.step)
 
     def _resume_point(self) -> Optional[Path]:
         o = self.cfg.output
