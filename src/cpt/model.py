@@ -252,8 +252,11 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
         names[key].append(name)
     spec = {GROUP_ADAPTER: (t.learning_rate, t.weight_decay), GROUP_NO_DECAY: (t.learning_rate, 0.0),
             GROUP_EMBEDDINGS: (emb_lr, 0.0)}
+    # Embeddings first: the optimizer's two largest updates start on the GPU while the host is still
+    # launching the many small adapter updates (bench/NOTES.md, "embedding group first").
+    order = (GROUP_EMBEDDINGS, GROUP_ADAPTER, GROUP_NO_DECAY)
     return [{"name": k, "params": groups[k], "param_names": names[k], "lr": spec[k][0], "weight_decay": spec[k][1]}
-            for k in groups if groups[k]]
+            for k in order if groups[k]]
 
 
 # ---------------------------------------------------------------------------- the bundle
