@@ -95,8 +95,8 @@ class CPTModel:
     @staticmethod
     def from_pretrained(model_name: str, max_seq_length: int = 2048, dtype: Any = None, load_in_4bit: bool = False,
                         gguf_file: Optional[str] = None, device: Any = None, **kwargs: Any):
-        from cpt.model import (check_against_model, check_device, default_device, load_base_model, load_model_config,
-                               load_tokenizer, resolve_dtype)
+        from cpt.model import (check_against_model, check_device, load_base_model, load_model_config, load_tokenizer,
+                               resolve_dtype)
 
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).replace("torch.", "")
@@ -105,7 +105,9 @@ class CPTModel:
             raise ConfigError(f"CPTModel.from_pretrained: unknown argument {unknown[0]!r}; valid: {', '.join(ModelConfig.__dataclass_fields__)}")
         mcfg = ModelConfig(name_or_path=model_name, max_seq_length=max_seq_length, dtype=dtype or "auto",
                            load_in_4bit=load_in_4bit, gguf_file=gguf_file, **kwargs)
-        device = torch.device(device) if device is not None else default_device()
+        from cpt.distributed import local_device
+
+        device = torch.device(device) if device is not None else local_device()
         cfg = Config(model=mcfg)
         check_device(cfg, device)
         check_against_model(cfg, load_model_config(mcfg))

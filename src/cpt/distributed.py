@@ -44,6 +44,17 @@ def launched_with_fsdp() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
+def local_device() -> torch.device:
+    """This process's device before any Accelerator exists: under torchrun / accelerate launch the
+    GPU numbered LOCAL_RANK, so that a model loaded early (the Python API) lands on its own GPU."""
+    from cpt.model import default_device
+
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None and torch.cuda.is_available():
+        return torch.device("cuda", int(local) % torch.cuda.device_count())
+    return default_device()
+
+
 def mixed_precision_mode(cfg: Config, device: torch.device, dtype: torch.dtype) -> str:
     """'no', 'bf16' or 'fp16' (the same rule as single-process training)."""
     from cpt.train import mixed_precision
@@ -59,9 +70,9 @@ def build_accelerator(cfg: Config, device: Optional[torch.device] = None) -> Any
     It is built before the model so that each rank loads its model onto its own GPU."""
     from accelerate import Accelerator
 
-    from cpt.model import default_device, resolve_dtype
+    from cpt.model import resolve_dtype
 
-    device = torch.device(device) if device is not None else default_device()
+    device = torch.device(device) if device is not None else local_device()
     mp = mixed_precision_mode(cfg, device, resolve_dtype(cfg.model.dtype, device))
     if _fsdp_wanted(cfg):
         if mp == "fp16":
@@ -218,6 +229,16 @@ class Parallel:
             log.info("distributed: %s on %d processes (%s backend)", strategy, world,
                      torch.distributed.get_backend() if torch.distributed.is_initialized() else "?")
         return cls(strategy=strategy, accelerator=accelerator, world_size=world)
+
+    def anyone(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any. A decision that leads into collectives (stop
+        and save after a signal that reached the ranks at different moments) must be taken by all
+        ranks at the same step, or one rank gathers while another waits in the next all-reduce."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.accelerator.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
         """DDP (and autocast) through accelerate; an FSDP model is already sharded and keeps its

@@ -384,10 +384,11 @@ class Trainer:
                 if (cfg.output.save_steps and self.state.step % cfg.output.save_steps == 0) or new_best:
                     self.save()
                     last_saved = self.state.step
-                if stop.requested:
+                if self.parallel.anyone(bool(stop.requested)):
                     if last_saved != self.state.step:
                         self.save()
-                    log.warning("stopped by %s at step %d; resume with the same command", stop.requested, self.state.step)
+                    log.warning("stopped by %s at step %d; resume with the same command",
+                                stop.requested or "a signal to another rank", self.state.step)
                     return self._finish(interrupted=True)
 
             if last_saved != self.state.step:
