@@ -19,8 +19,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cpt.cli import main as cli_main
-
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
 
@@ -36,6 +34,8 @@ def _overrides(model_dir: Path, corpus_dir: Path, out: Path, batch: int, *extra:
 
 
 def _one_process(*args: str) -> None:
+    from cpt.cli import main as cli_main  # here, not at the top: spawned workers re-import this module
+
     assert cli_main(["train", *args]) == 0
 
 
@@ -152,3 +152,54 @@ def test_optimizer_state_by_name_and_by_index_load_the_same(tmp_path):
     other = torch.nn.Sequential(torch.nn.Linear(4, 3))
     with pytest.raises(ValueError, match="parameter groups|no parameter"):
         par.load_optimizer(other, torch.optim.AdamW(other.parameters()), by_name)
+
+
+def _rng_and_stop_worker(rank: int, world: int, init_file: str, folder: str, results: str) -> None:
+    import random
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from cpt.distributed import Parallel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        acc = SimpleNamespace(device=torch.device("cpu"), process_index=rank, is_main_process=rank == 0,
+                              unwrap_model=lambda m: m)
+        par = Parallel("ddp", acc, world_size=world)
+        torch.manual_seed(100 + rank)  # each rank its own streams, as set_seed(device_specific=True) gives
+        random.seed(200 + rank)
+        rngs = par._gather_rng()
+        if rank == 0:
+            from cpt import checkpoint as ckpt
+            from cpt.distributed import Snapshot
+
+            torch.save(rngs[0]["torch"], Path(folder) / "rng.pt")
+            par.write_rank_rng(Path(folder), Snapshot({}, {}, rngs))
+            ckpt.write_json(Path(folder) / "trainer_state.json", {"world_size": world, "rng": rngs[0]["rng"]})
+        dist.barrier()
+        expected = (torch.rand(3).tolist(), random.random())
+        torch.manual_seed(0)
+        random.seed(0)
+        par.restore_rng(Path(folder), json.loads((Path(folder) / "trainer_state.json").read_text()))
+        again = (torch.rand(3).tolist(), random.random())
+        stop = [par.anyone(rank == 1), par.anyone(False)]
+        Path(results, f"{rank}.json").write_text(json.dumps({"expected": expected, "again": again, "stop": stop}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_each_rank_gets_its_own_random_streams_back_and_a_stop_reaches_every_rank(tmp_path):
+    """Exact resume on as many ranks needs every rank's dropout streams, not rank 0's copied to all;
+    a signal seen by one rank must stop all of them at the same step."""
+    import torch.multiprocessing as mp
+
+    folder, results = tmp_path / "ckpt", tmp_path / "results"
+    folder.mkdir()
+    results.mkdir()
+    mp.spawn(_rng_and_stop_worker, args=(2, str(tmp_path / "init"), str(folder), str(results)), nprocs=2)
+    out = [json.loads((results / f"{r}.json").read_text()) for r in (0, 1)]
+    for r in out:
+        assert r["again"] == r["expected"]
+        assert r["stop"] == [True, False]
+    assert out[0]["expected"] != out[1]["expected"]  # the ranks' streams really differ
