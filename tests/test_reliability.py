@@ -5,13 +5,12 @@ maps every guarantee to its test here or in tests/test_checkpoint.py).
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import signal
-import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -92,6 +91,16 @@ def _wrap_loss(monkeypatch, on_call):
     return calls
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread in this module: a forked child must not inherit a live OpenMP pool (it would
+    hang), and in-process and forked runs must add up floats in the same order to compare bitwise."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, corpus, tmp_path_factory):
     """An uninterrupted 8-step run (dropout on, accumulation 2, deterministic) to compare against."""
@@ -133,28 +142,54 @@ def test_1_exact_resume_is_bitwise(reference, tiny_model_dir, tmp_path, monkeypa
 
 # ---------------------------------------------------------------------------- 2. hard kill
 
-# Runs `cpt train CONFIG` in a child process. With CPT_TEST_HANG_AT_SAVE=N the save of checkpoint-N
-# writes the adapter and trained tensors, half of optimizer.pt, then announces itself and hangs, so
-# the parent can SIGKILL it in the middle of the checkpoint write.
-_CHILD = textwrap.dedent("""
-    import io, os, sys, time
-    from pathlib import Path
-    import torch
-    hang = os.environ.get("CPT_TEST_HANG_AT_SAVE")
-    if hang:
-        real = torch.save
-        def save(obj, f, *a, **k):
-            if isinstance(f, (str, Path)) and Path(f).name == "optimizer.pt" and f"checkpoint-{hang}" in str(f):
-                buf = io.BytesIO()
-                real(obj, buf)
-                Path(f).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-                (Path(f).parent.parent / "HANG").write_text(hang)
-                time.sleep(300)
-            return real(obj, f, *a, **k)
-        torch.save = save
-    from cpt.cli import main
-    sys.exit(main(sys.argv[1:]))
-""")
+def _fork_train(yaml_path: Path, log: Path, hang_at: int | None = None) -> int:
+    """`cpt train CONFIG` in a forked child (no new interpreter: the imports are already done), killed
+    by the test. With `hang_at`, the save of checkpoint-`hang_at` writes the adapter and trained tensors
+    and half of optimizer.pt, then announces itself with output_dir/HANG and hangs."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        sys.stdout = sys.stderr = open(log, "a", buffering=1)
+        os.dup2(sys.stdout.fileno(), 1)
+        os.dup2(sys.stdout.fileno(), 2)
+        if hang_at is not None:
+            real = torch.save
+
+            def save(obj, f, *a, **k):
+                if isinstance(f, (str, Path)) and Path(f).name == "optimizer.pt" and f"checkpoint-{hang_at}" in str(f):
+                    buf = io.BytesIO()
+                    real(obj, buf)
+                    Path(f).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+                    (Path(f).parent.parent / "HANG").write_text(str(hang_at))
+                    time.sleep(300)
+                return real(obj, f, *a, **k)
+
+            torch.save = save
+        code = cli_main(["train", str(yaml_path)])
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def _kill_when(cond, pid: int, log: Path, what: str, delay: float = 0.0, timeout: float = 120.0) -> None:
+    """SIGKILL the child `delay` seconds after cond() holds; fail if it exits or times out first."""
+    deadline = time.time() + timeout
+    while not cond():
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            raise AssertionError(f"child exited ({status}) before {what}: {log.read_text()[-2000:]}")
+        if time.time() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+    time.sleep(delay)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
 
 
 def _write_yaml(cfg, path: Path) -> Path:
@@ -185,9 +220,9 @@ def _lines(path: Path) -> int:
 
 
 def test_2_sigkill_at_random_moment_and_mid_checkpoint_write(reference, tiny_model_dir, tmp_path):
-    """SIGKILL once at a random moment, then again while checkpoint-N is half written (files there,
-    no fsync, no marker): the next run resumes from the newest complete checkpoint and ends bitwise
-    equal to the uninterrupted run."""
+    """SIGKILL once at a random moment, then again while checkpoint-8 is half written (adapter there,
+    optimizer.pt cut in half, no fsync, no marker): the third run resumes from checkpoint-4 and ends
+    bitwise equal to the uninterrupted run."""
     import random
 
     seed = int(time.time())
@@ -195,25 +230,22 @@ def test_2_sigkill_at_random_moment_and_mid_checkpoint_write(reference, tiny_mod
     out = tmp_path / "run"
     yaml_path = _write_yaml(_cfg(tiny_model_dir, reference["corpus"], out), tmp_path / "run.yaml")
 
-    proc = _spawn(yaml_path)
+    log = tmp_path / "children.log"
     after_lines = rng.randint(1, 7)
-    _wait_for(lambda: _lines(out / "metrics.jsonl") >= after_lines, proc, f"step {after_lines}")
-    time.sleep(rng.uniform(0, 0.3))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    latest = ckpt.latest_checkpoint(out)
-    resumed_from = ckpt.step_of(latest) if latest else 0
-
-    hang_at = resumed_from + 4
-    proc = _spawn(yaml_path, CPT_TEST_HANG_AT_SAVE=str(hang_at))
-    _wait_for(lambda: (out / "HANG").exists(), proc, f"the save of checkpoint-{hang_at}")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # The first run is killed a random 0-0.3 s after step `after_lines` is logged, or at the latest
+    # inside the write of checkpoint-8, so that a checkpoint to resume from always remains.
+    pid = _fork_train(yaml_path, log, hang_at=8)
+    _kill_when(lambda: _lines(out / "metrics.jsonl") >= after_lines or (out / "HANG").exists(), pid, log,
+               f"step {after_lines}", delay=0 if (out / "HANG").exists() else rng.uniform(0, 0.3))
+    # The second run resumes (or starts over) and is killed in the middle of writing checkpoint-8.
+    (out / "HANG").unlink(missing_ok=True)
+    pid = _fork_train(yaml_path, log, hang_at=8)
+    _kill_when(lambda: (out / "HANG").exists(), pid, log, "the save of checkpoint-8")
     (out / "HANG").unlink()
     partial = [p for p in out.iterdir() if p.name.startswith(ckpt.TMP_PREFIX)]
     assert partial and not any(ckpt.is_complete(p) for p in partial), f"seed {seed}"
-    assert not (out / f"checkpoint-{hang_at}").exists()
-    assert (ckpt.latest_checkpoint(out) or out).name == (latest.name if latest else out.name), f"seed {seed}"
+    assert not (out / "checkpoint-8").exists()
+    assert ckpt.latest_checkpoint(out) == out / "checkpoint-4", f"seed {seed}"
 
     run_training(_cfg(tiny_model_dir, reference["corpus"], out))
     assert not any(p.name.startswith(ckpt.TMP_PREFIX) for p in out.iterdir())
