@@ -245,6 +245,12 @@ class Parallel:
         plain optimizer (the optimizer steps on the local shards)."""
         if self.sharded:
             return model, optimizer
+        if self.strategy == "ddp":
+            # DDP would broadcast every parameter from rank 0 at start-up (16 GB for an 8B base) and
+            # refuses a module whose parameters sit on two device types (frozen originals kept in
+            # host memory). The frozen base is loaded identically on every rank and gets no
+            # gradient: leave it out of DDP.
+            model._ddp_params_and_buffers_to_ignore = [n for n, p in model.named_parameters() if not p.requires_grad]
         return self.accelerator.prepare(model, optimizer)
 
     # ------------------------------------------------------------------ gathering for a save
