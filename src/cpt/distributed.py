@@ -74,7 +74,8 @@ def build_accelerator(cfg: Config, device: Optional[torch.device] = None) -> Any
 
     device = torch.device(device) if device is not None else local_device()
     mp = mixed_precision_mode(cfg, device, resolve_dtype(cfg.model.dtype, device))
-    if _fsdp_wanted(cfg):
+    sharding = _fsdp_wanted(cfg) and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if sharding:
         if mp == "fp16":
             raise ConfigError("train.fsdp with fp16 is not supported (sharded gradients need a sharded loss scaler); "
                               "use train.bf16=true, or train.fsdp=false")
@@ -84,6 +85,12 @@ def build_accelerator(cfg: Config, device: Optional[torch.device] = None) -> Any
         if cfg.train.optim == "adamw_8bit":
             raise ConfigError("train.fsdp with train.optim=adamw_8bit is not supported (bitsandbytes cannot step "
                               "sharded tensors); use train.optim=adamw_torch")
+    if sharding and device.type == "cuda" and not torch.distributed.is_initialized():
+        # Host-memory shards (fsdp_offload_params) make the gradient norm and the gathering for a save
+        # run collectives on host tensors: give the process group gloo beside nccl, as accelerate
+        # does for its own FSDP offload. accelerate then uses this group.
+        torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend="cuda:nccl,cpu:gloo")
     # The model is sharded by us (fsdp) or wrapped by accelerate (ddp); the environment's FSDP switch
     # must not make accelerate apply its own plugin on top, so it is read here and then hidden.
     saved = os.environ.pop("ACCELERATE_USE_FSDP", None)
