@@ -455,6 +455,14 @@ def shard_model(model: nn.Module, cfg: Config, accelerator: Any) -> nn.Module:
     causal_lm = _causal_lm(model)
     for layer in decoder_layers(causal_lm):
         fully_shard(layer, reshard_after_forward=t.fsdp_reshard_after_forward, **kw)
+    # peft keeps the frozen originals of trained embed_tokens / lm_head beside the trained copies and
+    # calls them only while adapters are disabled. In a unit of their own (one unit for both: in a
+    # tied model they share a tensor) they stay sharded, instead of being gathered with the root
+    # every step for nothing (2 GiB for an 8B model).
+    originals = [m.original_module for m in causal_lm.modules()
+                 if hasattr(m, "modules_to_save") and isinstance(getattr(m, "original_module", None), nn.Module)]
+    if originals:
+        fully_shard(originals, reshard_after_forward=True, **kw)
     # The root's parameters are needed again right at the start of backward (the head): keeping them
     # gathered saves an all-gather that nothing could overlap.
     fully_shard(causal_lm, reshard_after_forward=False, **kw)
