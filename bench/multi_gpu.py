@@ -157,7 +157,8 @@ def worker(args: argparse.Namespace) -> None:
     if cuda:
         torch.cuda.synchronize()
     setup_s = time.perf_counter() - t0
-    # The final adapter save is not part of a training step; skip the disk.
+    # Checkpoints and the final adapter are not part of a training step; skip the disk.
+    trainer.save = lambda: None
     trainer.parallel.save_trained = lambda *a, **k: None
     trainer.train()
     if cuda:
