@@ -95,10 +95,14 @@ def build_accelerator(cfg: Config, device: Optional[torch.device] = None) -> Any
     # must not make accelerate apply its own plugin on top, so it is read here and then hidden.
     saved = os.environ.pop("ACCELERATE_USE_FSDP", None)
     try:
-        return Accelerator(mixed_precision=mp, cpu=device.type == "cpu")
+        accelerator = Accelerator(mixed_precision=mp, cpu=device.type == "cpu")
     finally:
         if saved is not None:
             os.environ["ACCELERATE_USE_FSDP"] = saved
+    if not accelerator.is_main_process and log.getEffectiveLevel() < logging.WARNING:
+        # N copies of every progress line help nobody; warnings and errors still come from every rank.
+        log.setLevel(logging.WARNING)
+    return accelerator
 
 
 def _fsdp_wanted(cfg: Config) -> bool:
