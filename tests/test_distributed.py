@@ -203,3 +203,17 @@ def test_each_rank_gets_its_own_random_streams_back_and_a_stop_reaches_every_ran
         assert r["again"] == r["expected"]
         assert r["stop"] == [True, False]
     assert out[0]["expected"] != out[1]["expected"]  # the ranks' streams really differ
+
+
+def test_fsdp_refuses_what_it_cannot_shard(monkeypatch):
+    """Refused before any process group or model exists, with the key to change; one process with
+    train.fsdp has nothing to shard and is not refused."""
+    from cpt.config import ConfigError, load_config
+    from cpt.distributed import build_accelerator
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for override, key in (("model.load_in_4bit=true", "model.load_in_4bit"), ("train.optim=adamw_8bit", "train.optim")):
+        with pytest.raises(ConfigError, match=key):
+            build_accelerator(load_config(None, ["train.fsdp=true", override]), torch.device("cpu"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert build_accelerator(load_config(None, ["train.fsdp=true", "train.optim=adamw_8bit"]), torch.device("cpu"))
