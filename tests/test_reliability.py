@@ -134,8 +134,15 @@ def test_1_exact_resume_is_bitwise(reference, tiny_model_dir, tmp_path, monkeypa
     assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4, 5]
     assert ckpt.latest_checkpoint(out).name == "checkpoint-4"
 
+    from cpt.data.sampler import TokenStream
+
+    blocks_read = []
+    real_fill = TokenStream._fill
+    monkeypatch.setattr(TokenStream, "_fill", lambda self, slot: (blocks_read.append(slot), real_fill(self, slot))[1])
     summary = run_training(_cfg(tiny_model_dir, reference["corpus"], out))
     assert summary["step"] == 8 and not summary["interrupted"]
+    # O(1) seek: only the blocks of steps 5-8 were read (4 steps x 2 micro-batches x 2 blocks), none replayed
+    assert blocks_read == list(range(16, 32))
     assert _metrics(out) == reference["metrics"]  # step 5 once, from the resumed run
     _assert_bitwise_equal(_final_state(out), reference["state"])
 
