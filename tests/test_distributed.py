@@ -149,6 +149,16 @@ def test_optimizer_state_by_name_and_by_index_load_the_same(tmp_path):
         for p in (model[0].weight, model[1].weight, model[0].bias):
             assert torch.equal(fresh.state[p]["exp_avg"], opt.state[p]["exp_avg"])
         assert fresh.param_groups[1]["lr"] == 1e-4
+    # Named groups match by name, whatever their order in the checkpoint.
+    named = [{"params": [model[0].weight, model[1].weight], "name": "adapter"}, {"params": [model[0].bias], "lr": 1e-4, "name": "embeddings"}]
+    opt2 = torch.optim.AdamW(named)
+    model(torch.randn(5, 4)).sum().backward()
+    opt2.step()
+    saved = _named_optimizer_state(model, opt2)
+    saved["param_groups"].reverse()
+    fresh = torch.optim.AdamW([{**g, "params": list(g["params"])} for g in named])
+    par.load_optimizer(model, fresh, saved)
+    assert [g["lr"] for g in fresh.param_groups] == [g["lr"] for g in opt2.param_groups]
     other = torch.nn.Sequential(torch.nn.Linear(4, 3))
     with pytest.raises(ValueError, match="parameter groups|no parameter"):
         par.load_optimizer(other, torch.optim.AdamW(other.parameters()), by_name)

@@ -392,6 +392,10 @@ class Parallel:
             saved = _index_to_named(saved, [names[id(p)] for p in order])
         index = {names[id(p)]: i for i, p in enumerate(order)}
         saved_groups = saved["param_groups"]
+        by_name = {g.get("name"): g for g in saved_groups}
+        if len(by_name) == len(saved_groups) and all(g.get("name") in by_name for g in optimizer.param_groups):
+            # Named groups (adapter, embeddings, ...) match by name: their order may change between versions.
+            saved_groups = [by_name[g.get("name")] for g in optimizer.param_groups]
         if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in optimizer.param_groups]:
             raise ValueError("the checkpoint's optimizer has other parameter groups than this run's; "
                              "was it written by another configuration?")
