@@ -210,6 +210,7 @@ def test_rotation_ignores_incomplete_and_counts_only_complete(tmp_path):
 def test_stop_signal_second_signal_does_not_interrupt_and_grace_expires(monkeypatch):
     exits = []
     monkeypatch.setattr(ckpt.os, "_exit", lambda code: exits.append(code))
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with ckpt.StopSignal(grace_seconds=0.3) as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.05)
@@ -223,7 +224,7 @@ def test_stop_signal_second_signal_does_not_interrupt_and_grace_expires(monkeypa
         time.sleep(0.05)
     time.sleep(0.4)
     assert exits == [143]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 # ---------------------------------------------------------------------------- safe loading

@@ -92,12 +92,16 @@ def _wrap_loss(monkeypatch, on_call):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread in this module: a forked child must not inherit a live OpenMP pool (it would
-    hang), and in-process and forked runs must add up floats in the same order to compare bitwise."""
+def _cpu_one_thread():
+    """These are CPU guarantees, so the module pretends there is no GPU (also on a GPU machine, where a
+    forked child must not touch CUDA). One intra-op thread: a forked child must not inherit a live
+    OpenMP pool (it would hang), and in-process and forked runs must add up floats in the same order
+    to compare bitwise."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        yield
     torch.set_num_threads(n)
 
 
