@@ -10,7 +10,9 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -153,10 +155,48 @@ def test_1_exact_resume_is_bitwise(reference, tiny_model_dir, tmp_path, monkeypa
 
 # ---------------------------------------------------------------------------- 2. hard kill
 
+# A forked child needs no new interpreter (the imports are done), but on a machine with a GPU the
+# autograd engine has device threads that a fork cannot take along: there the child is a new process.
+_CAN_FORK = not torch.cuda.is_available()
+
+def _hang_in_save(hang_at: int) -> None:
+    """Make the save of checkpoint-`hang_at` write half of optimizer.pt, announce itself with
+    output_dir/HANG, and hang there (until the test's SIGKILL)."""
+    real = torch.save
+
+    def save(obj, f, *a, **k):
+        if isinstance(f, (str, Path)) and Path(f).name == "optimizer.pt" and f"checkpoint-{hang_at}" in str(f):
+            buf = io.BytesIO()
+            real(obj, buf)
+            Path(f).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+            (Path(f).parent.parent / "HANG").write_text(str(hang_at))
+            time.sleep(300)
+        return real(obj, f, *a, **k)
+
+    torch.save = save
+
+
+_CHILD = textwrap.dedent("""
+    import sys
+    import torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, sys.argv[1])
+    from test_reliability import _hang_in_save
+    if int(sys.argv[2]):
+        _hang_in_save(int(sys.argv[2]))
+    from cpt.cli import main
+    sys.exit(main(sys.argv[3:]))
+""")
+
+
 def _fork_train(yaml_path: Path, log: Path, hang_at: int | None = None) -> int:
-    """`cpt train CONFIG` in a forked child (no new interpreter: the imports are already done), killed
-    by the test. With `hang_at`, the save of checkpoint-`hang_at` writes the adapter and trained tensors
-    and half of optimizer.pt, then announces itself with output_dir/HANG and hangs."""
+    """`cpt train CONFIG` in a child process, on CPU with one thread like this module, killed by the
+    test; with `hang_at`, see _hang_in_save."""
+    if not _CAN_FORK:
+        with open(log, "a") as f:
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+            return subprocess.Popen([sys.executable, "-c", _CHILD, str(Path(__file__).parent), str(hang_at or 0),
+                                     "train", str(yaml_path)], stdout=f, stderr=f, env=env).pid
     pid = os.fork()
     if pid:
         return pid
@@ -165,19 +205,8 @@ def _fork_train(yaml_path: Path, log: Path, hang_at: int | None = None) -> int:
         sys.stdout = sys.stderr = open(log, "a", buffering=1)
         os.dup2(sys.stdout.fileno(), 1)
         os.dup2(sys.stdout.fileno(), 2)
-        if hang_at is not None:
-            real = torch.save
-
-            def save(obj, f, *a, **k):
-                if isinstance(f, (str, Path)) and Path(f).name == "optimizer.pt" and f"checkpoint-{hang_at}" in str(f):
-                    buf = io.BytesIO()
-                    real(obj, buf)
-                    Path(f).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-                    (Path(f).parent.parent / "HANG").write_text(str(hang_at))
-                    time.sleep(300)
-                return real(obj, f, *a, **k)
-
-            torch.save = save
+        if hang_at:
+            _hang_in_save(hang_at)
         code = cli_main(["train", str(yaml_path)])
     except BaseException:
         import traceback
