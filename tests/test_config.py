@@ -74,3 +74,8 @@ def test_every_shipped_yaml_is_valid():
     from pathlib import Path
     for p in sorted(Path("examples").glob("*.yaml")):
         load_config(p)
+
+
+def test_environment_tokens_are_redacted_whatever_their_shape(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "plainlookingsecret42")
+    assert "plainlookingsecret42" not in yaml.safe_dump(redact({"model": {"revision": "x-plainlookingsecret42"}}))

@@ -34,9 +34,10 @@ def run_training(cfg: Config, *, model: Any = None, tokenizer: Any = None, train
     from cpt.data import build_data
     from cpt.evaluate import Evaluator, load_eval_sets
     from cpt.model import build_model
-    from cpt.train import Trainer
+    from cpt.train import Trainer, resume_point
 
     validate(cfg)
+    resume_point(cfg.output)  # refuse a foreign output_dir before minutes of model loading
     from cpt.distributed import build_accelerator, loading_place
 
     # First the accelerator: under torchrun / accelerate launch it starts the process group and gives

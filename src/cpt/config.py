@@ -200,6 +200,10 @@ def redact(obj: Any) -> Any:
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     if isinstance(obj, str):
+        for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "WANDB_API_KEY"):
+            value = os.environ.get(var)
+            if value and len(value) >= 8 and value in obj:
+                obj = obj.replace(value, "***")  # a token of any shape, wherever it was pasted
         return _SECRET.sub("***", obj)
     return obj
 

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 
 from cpt import checkpoint as ckpt
-from cpt.config import Config, ConfigError
+from cpt.config import Config, ConfigError, OutputConfig
 from cpt.distributed import Parallel, build_accelerator, plain
 from cpt.model import ModelBundle
 from cpt.optim import build_optimizer, build_scheduler
@@ -68,6 +68,32 @@ def total_steps(cfg: Config, data: Any, world_size: int) -> int:
         raise ConfigError("train.max_steps must be set when a data source is streamed (the stream's length is unknown)")
     per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
     return max(1, math.ceil(t.num_train_epochs * data.train.blocks_per_epoch / per_step))
+
+
+def resume_point(o: OutputConfig) -> Optional[Path]:
+    """The checkpoint a run continues from (None: start fresh), or a ConfigError when output_dir holds
+    another run that the settings do not allow us to continue or replace. Reads only; called before the
+    model is loaded and again by the Trainer."""
+    out = Path(o.output_dir)
+    latest = ckpt.latest_checkpoint(out)
+    if o.resume in (False, "false"):
+        if ckpt.has_run_artifacts(out) and not o.overwrite_output_dir:
+            raise ConfigError(f"output.output_dir {str(out)!r} holds another run's checkpoints or adapter; "
+                              "set output.resume=auto to continue it, output.overwrite_output_dir=true to replace it, or choose another output_dir")
+        return None
+    if o.resume in (True, "true"):
+        if latest is None:
+            raise ConfigError(f"output.resume=true but {out} has no complete checkpoint")
+        return latest
+    if o.resume == "auto":
+        if latest is None and ckpt.has_run_artifacts(out) and not o.overwrite_output_dir:
+            raise ConfigError(f"output.output_dir {str(out)!r} holds a finished run and no checkpoint to resume; "
+                              "set output.overwrite_output_dir=true to replace it, or choose another output_dir")
+        return latest
+    path = Path(o.resume)
+    if not ckpt.is_complete(path):
+        raise ConfigError(f"output.resume: {path} is not a complete checkpoint (no {ckpt.COMPLETE} marker)")
+    return path
 
 
 def target_tokens(labels: torch.Tensor) -> int:
@@ -187,33 +213,14 @@ class Trainer:
         self.data.train.load_state_dict(self.state.data)
 
     def _resume_point(self) -> Optional[Path]:
-        o = self.cfg.output
         removed = ckpt.remove_partial(self.out) if self.accelerator.is_main_process else []
         for p in removed:
             log.warning("removed incomplete checkpoint %s (a save was interrupted)", p)
         self.accelerator.wait_for_everyone()  # every rank must see the same checkpoints after the clean-up
-        latest = ckpt.latest_checkpoint(self.out)
-        if o.resume in (False, "false"):
-            if ckpt.has_run_artifacts(self.out):
-                if not o.overwrite_output_dir:
-                    raise ConfigError(f"output.output_dir {str(self.out)!r} holds another run's checkpoints or adapter; "
-                                      "set output.resume=auto to continue it, output.overwrite_output_dir=true to replace it, or choose another output_dir")
-                if self.accelerator.is_main_process:
-                    ckpt.clear_checkpoints(self.out)
-            return None
-        if o.resume in (True, "true"):
-            if latest is None:
-                raise ConfigError(f"output.resume=true but {self.out} has no complete checkpoint")
-            return latest
-        if o.resume == "auto":
-            if latest is None and ckpt.has_run_artifacts(self.out) and not o.overwrite_output_dir:
-                raise ConfigError(f"output.output_dir {str(self.out)!r} holds a finished run and no checkpoint to resume; "
-                                  "set output.overwrite_output_dir=true to replace it, or choose another output_dir")
-            return latest
-        path = Path(o.resume)
-        if not ckpt.is_complete(path):
-            raise ConfigError(f"output.resume: {path} is not a complete checkpoint (no {ckpt.COMPLETE} marker)")
-        return path
+        start = resume_point(self.cfg.output)
+        if start is None and self.accelerator.is_main_process and ckpt.has_run_artifacts(self.out):
+            ckpt.clear_checkpoints(self.out)  # a fresh start that overwrite_output_dir allowed
+        return start
 
     # ------------------------------------------------------------------ logging
 
