@@ -8,7 +8,7 @@ JSON lines to training blocks of 2048 tokens, with the SmolLM2 tokenizer (a fast
 
   ours      build_data (token cache: tokenize, write memory-mapped shards) + one epoch of batches
   stream    build_data with data.streaming (no cache: read, tokenize, pack on the fly), one epoch,
-            at two corpus sizes (20 and 80 MB): its peak memory must not grow with the corpus
+            at two corpus sizes (10 and 40 MB): its peak memory must not grow with the corpus
   baseline  load_dataset("json") -> .map(tokenize, batched, num_proc) -> .map(group_texts, batched, num_proc)
             (the run_clm recipe from transformers' examples)
 
@@ -23,6 +23,7 @@ drop, so they are reported apart as peak RSS.
 from __future__ import annotations
 
 import argparse
+import gc
 import glob
 import importlib.util
 import json
@@ -96,6 +97,12 @@ def save_tokenizer(out: Path) -> Path:
 # ---------------------------------------------------------------------------- the pipelines (child side)
 
 
+def _cpu() -> float:
+    """CPU seconds of this process (all threads) and of the worker processes it has joined."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def run_ours(corpus: Path, tokenizer: Path, work: Path, streaming: bool, num_proc: int) -> dict:
     from transformers import AutoTokenizer
 
@@ -106,7 +113,7 @@ def run_ours(corpus: Path, tokenizer: Path, work: Path, streaming: bool, num_pro
     cfg = config_from_dict({"model": {"max_seq_length": BLOCK},
                             "data": {"path": str(corpus), "cache_dir": str(work / "cache"), "streaming": streaming,
                                      "dataset_num_proc": num_proc}})
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu()
     bundle = build_data(cfg, tok)
     t_build = time.perf_counter() - t0
     s = bundle.train
@@ -125,9 +132,14 @@ def run_ours(corpus: Path, tokenizer: Path, work: Path, streaming: bool, num_pro
             tokens += int((b["labels"] != -100).sum())
             blocks += batch
     seconds = time.perf_counter() - t0
+    n_epoch = bundle.stats["n_tokens"]
+    del it, s, bundle  # ends the stream's tokenizer workers, so their CPU time is counted below
+    gc.collect()
+    cpu = _cpu() - c0
     if not streaming:
-        tokens = bundle.stats["n_tokens"]  # the last batch may run into the next epoch: count the epoch
-    return {"tokens": tokens, "seconds": seconds, "build_seconds": t_build, "blocks": blocks}
+        tokens = n_epoch  # the last batch may run into the next epoch: count the epoch
+    return {"tokens": tokens, "seconds": seconds, "cpu_seconds": round(cpu, 1), "build_seconds": t_build,
+            "blocks": blocks}
 
 
 def run_baseline(corpus: Path, tokenizer: Path, work: Path, num_proc: int) -> dict:
@@ -138,7 +150,7 @@ def run_baseline(corpus: Path, tokenizer: Path, work: Path, num_proc: int) -> di
 
     datasets.disable_progress_bars()
     tok = AutoTokenizer.from_pretrained(tokenizer)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu()
     raw = datasets.load_dataset("json", data_files=sorted(str(p) for p in corpus.glob("*.jsonl")), split="train",
                                 cache_dir=str(work / "hf"))
 
@@ -155,8 +167,8 @@ def run_baseline(corpus: Path, tokenizer: Path, work: Path, num_proc: int) -> di
         return result
 
     grouped = tokenized.map(group_texts, batched=True, num_proc=num_proc)
-    seconds = time.perf_counter() - t0
-    return {"tokens": len(grouped) * BLOCK, "seconds": seconds, "blocks": len(grouped)}
+    seconds, cpu = time.perf_counter() - t0, _cpu() - c0
+    return {"tokens": len(grouped) * BLOCK, "seconds": seconds, "cpu_seconds": round(cpu, 1), "blocks": len(grouped)}
 
 
 # ---------------------------------------------------------------------------- measuring (parent side)
@@ -218,6 +230,7 @@ def measure(args: list[str], env: dict) -> dict:
     res["peak_mib"] = round(peak["anon"] / 1024, 1)
     res["peak_rss_mib"] = round(peak["rss"] / 1024, 1)
     res["tokens_per_s"] = round(res["tokens"] / res["seconds"])
+    res["tokens_per_cpu_s"] = round(res["tokens"] / res["cpu_seconds"])
     res["seconds"] = round(res["seconds"], 2)
     if "build_seconds" in res:
         res["build_seconds"] = round(res["build_seconds"], 2)
@@ -227,11 +240,12 @@ def measure(args: list[str], env: dict) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mb", type=float, default=200, help="corpus size in MB of text (default 200)")
-    p.add_argument("--stream-mb", type=float, nargs=2, default=[20, 80], metavar=("SMALL", "LARGE"),
-                   help="two corpus sizes for the streaming memory check (default 20 80)")
+    p.add_argument("--stream-mb", type=float, nargs=2, default=[10, 40], metavar=("SMALL", "LARGE"),
+                   help="two corpus sizes for the streaming memory check (default 10 40)")
     p.add_argument("--num-proc", type=int, default=os.cpu_count() or 1, help="baseline map() workers (default: cores)")
     p.add_argument("--ours-num-proc", type=int, default=1,
-                   help="our dataset_num_proc (default 1: the Rust tokenizer already uses every core)")
+                   help="our dataset_num_proc (default 1: the Rust tokenizer's own threads use every core, and "
+                        "worker processes only add pickling)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for data_throughput.{md,json}")
     p.add_argument("--workdir", help="scratch folder (default: a temporary one, deleted afterwards)")
     p.add_argument("--run", choices=["ours", "stream", "baseline"], help=argparse.SUPPRESS)
@@ -261,18 +275,23 @@ def main() -> None:
         large = build_corpus(work / "corpus-large", args.stream_mb[1])
         tok = save_tokenizer(work / "tokenizer")
 
+        loads: list[float] = []
+
         def child(kind: str, corpus: str) -> dict:
             scratch = work / f"run-{kind}-{corpus}"
             if scratch.exists():
                 shutil.rmtree(scratch)
             scratch.mkdir()
             print(f"running {kind} on {corpus} ...", flush=True)
+            loads.append(round(os.getloadavg()[0], 2))
             r = measure(["--run", kind, "--corpus", str(work / corpus), "--tokenizer", str(tok), "--workdir",
                          str(scratch), "--num-proc", str(args.num_proc), "--ours-num-proc", str(args.ours_num_proc)],
                         env)
             shutil.rmtree(scratch, ignore_errors=True)
-            print(f"  {r['tokens']:,} tokens in {r['seconds']} s: {r['tokens_per_s']:,} tokens/s, "
-                  f"peak {r['peak_mib']} MiB (rss {r['peak_rss_mib']} MiB)", flush=True)
+            loads.append(round(os.getloadavg()[0], 2))
+            print(f"  {r['tokens']:,} tokens in {r['seconds']} s: {r['tokens_per_s']:,} tokens/s "
+                  f"({r['tokens_per_cpu_s']:,} per CPU second), peak {r['peak_mib']} MiB (rss {r['peak_rss_mib']} MiB)",
+                  flush=True)
             return r
 
         ours = child("ours", "corpus")
@@ -295,6 +314,8 @@ def main() -> None:
         "baseline": {**baseline, "pipeline": "load_dataset('json') + map(tokenize, batched) + map(group_texts, batched)",
                      "num_proc": args.num_proc},
         "speedup": round(ours["tokens_per_s"] / baseline["tokens_per_s"], 2),
+        "cpu_efficiency_ratio": round(ours["tokens_per_cpu_s"] / baseline["tokens_per_cpu_s"], 2),
+        "load_average_during_run": loads,
         "memory_ratio": round(ours["peak_mib"] / baseline["peak_mib"], 2) if baseline["peak_mib"] else None,
         "streaming": {"small": {**stream_small, "corpus_mb": small["text_mb"]},
                       "large": {**stream_big, "corpus_mb": large["text_mb"]},
@@ -324,15 +345,18 @@ def render_md(r: dict) -> str:
         f"{r['corpus']['shards']} JSON lines shards; {r['corpus']['source']}). Tokenizer: {r['tokenizer']}. "
         f"Blocks of {r['block_size']} tokens. Machine: {r['machine']['cpus']} CPUs, Python {r['machine']['python']}.",
         "",
-        "| pipeline | tokens | seconds | tokens/s | peak MiB (anon) | peak RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| pipeline | tokens | seconds | tokens/s | CPU s | tokens/CPU s | peak MiB (anon) | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, x in rows:
-        lines.append(f"| {name} | {x['tokens']:,} | {x['seconds']} | {x['tokens_per_s']:,} | {x['peak_mib']} | "
-                     f"{x['peak_rss_mib']} |")
+        lines.append(f"| {name} | {x['tokens']:,} | {x['seconds']} | {x['tokens_per_s']:,} | {x['cpu_seconds']} | "
+                     f"{x['tokens_per_cpu_s']:,} | {x['peak_mib']} | {x['peak_rss_mib']} |")
     lines += [
         "",
-        f"**Speedup: {r['speedup']}x** the baseline's tokens/s; peak memory {r['memory_ratio']}x the baseline's.",
+        f"**Speedup: {r['speedup']}x** the baseline's tokens/s ({r['cpu_efficiency_ratio']}x its tokens per CPU "
+        f"second); peak memory {r['memory_ratio']}x the baseline's.",
+        f"Load average over the run: {r['load_average_during_run']} (1-minute values at each pipeline's start and end; "
+        "the machine is shared, so wall-clock numbers carry that noise and CPU seconds do not).",
         f"Streaming peak memory grows by {s['peak_growth_mib']} MiB from the {s['small']['corpus_mb']} MB to the "
         f"{s['large']['corpus_mb']} MB corpus.",
         "",

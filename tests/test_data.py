@@ -345,3 +345,11 @@ def test_invalid_utf8_text_file_reported_with_line(tmp_path):
     assert docs[0].startswith("line one\nline two \ufffd") and docs[1] == "# fine\n"
     with pytest.raises(DataError, match=rf"{d / 'a.txt'}:2"):
         list(read_documents(SourceConfig(path=str(d)), strict=True))
+
+
+def test_worker_processes_surface_read_errors(tmp_path, corpus, tokenizer):
+    p = tmp_path / "x.jsonl"
+    write_jsonl(p, [{"text": t} for t in corpus[:5]] + ['{"text": 3}'])
+    cfg = make_cfg(tmp_path, [{"path": str(p)}], data__strict=True, data__dataset_num_proc=2)
+    with pytest.raises(DataError, match=rf"{p}:6: non-string text"):
+        build_data(cfg, tokenizer)

@@ -147,12 +147,15 @@ def build_data(cfg: Config, tokenizer: Any, *, train_dataset: Any = None, rank: 
                world_size: int = 1) -> DataBundle:
     """Training stream, held-out documents and statistics for `cfg` (see the package docstring).
 
-    Cached sources are tokenized once (`dataset_num_proc` workers) into the token cache; streamed
-    ones are tokenized on the fly. Held-out documents come from the first source and are never in
+    Cached sources are tokenized once (`dataset_num_proc` worker processes) into the token cache;
+    streamed ones are tokenized on the fly, in this process. Held-out documents come from the first source and are never in
     the training stream.
     """
     d, T = cfg.data, cfg.model.max_seq_length
     encoder = Encoder(tokenizer, add_eos=d.add_eos, num_proc=d.dataset_num_proc)
+    # Streams tokenize in this process (the Rust tokenizer's own threads): worker processes tied to a
+    # generator's lifetime could outlive a resumed or abandoned stream.
+    stream_encoder = Encoder(tokenizer, add_eos=d.add_eos, num_proc=1)
     sources = _as_sources(cfg, train_dataset)
     want_holdout = cfg.eval.holdout_fraction > 0 and not any(s.name == "domain" for s in cfg.eval.sets)
     root = cache_root(d.cache_dir)
@@ -191,7 +194,7 @@ def build_data(cfg: Config, tokenizer: Any, *, train_dataset: Any = None, rank: 
             held = held[: len(holdout_texts)]  # a short source has fewer documents than indices asked for
         info["holdout_documents"] = len(held)
         if streaming:
-            blocks.append(StreamPacker(_stream_docs(src, name, i, text_field, encoder, cfg,
+            blocks.append(StreamPacker(_stream_docs(src, name, i, text_field, stream_encoder, cfg,
                                                     {_text_key(t) for t in holdout_texts} if held else set()), T))
             info.update(documents=None, tokens=None, blocks=None)
         else:

@@ -102,7 +102,12 @@ def open_or_build(root: Path, key_parts: dict, docs: Callable[[], Iterator[Doc]]
         tmp = root / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             _build(tmp, key_parts, docs, encoder, report, label)
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                # another host on a shared file system (where flock may not reach) renamed first
+                if not (final / "meta.json").exists():
+                    raise
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

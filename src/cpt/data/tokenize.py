@@ -98,8 +98,21 @@ class Encoder:
                 yield self.encode(b)
             return
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-        with ctx.Pool(self.num_proc, initializer=_worker_init, initargs=(self,)) as pool:
-            yield from pool.imap(_worker_encode, batches, chunksize=1)
+        pool = ctx.Pool(self.num_proc, initializer=_worker_init, initargs=(self,))
+        try:
+            # Reading stays in this thread (its errors surface here, with file and line); a window of
+            # batches in flight keeps every worker busy without reading the whole source ahead.
+            pending: collections.deque = collections.deque()
+            for b in batches:
+                pending.append(pool.apply_async(_worker_encode, (b,)))
+                if len(pending) >= 2 * self.num_proc:
+                    yield pending.popleft().get()
+            while pending:
+                yield pending.popleft().get()
+            pool.close()
+        finally:
+            pool.terminate()
+            pool.join()
 
     def encode_docs(self, docs: Iterable[Any]) -> Iterator[tuple[Any, np.ndarray]]:
         """(doc, tokens) for documents with a `.text`, in order; reading runs ahead in batches."""
