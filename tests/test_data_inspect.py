@@ -96,3 +96,21 @@ def test_cli_json_and_render(unlabeled, tmp_path, capsys):
     assert "unlabeled" in text and "int_score" in text
     assert inspect_main([str(tmp_path / "missing.jsonl")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_build_data_carries_the_verdict(tmp_path, corpus, tokenizer, unlabeled, monkeypatch):
+    from cpt.data import build_data
+    from test_data import make_cfg
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"Q: {t[:20]}", "response": t} for t in corpus])
+    mixed = build_data(make_cfg(tmp_path, [{"path": str(unlabeled)}, {"path": str(pairs), "text_field": "response"}]),
+                       tokenizer)
+    v = mixed.stats["verdict"]
+    assert v["kind"] == "labeled_pairs" and v["source"] == str(pairs)
+    assert "'prompt'" in labeled_warning(v)
+    assert mixed.stats["sources"][0]["verdict"]["kind"] == "unlabeled"
+    import cpt.data.sources as sources
+
+    monkeypatch.setattr(sources, "_iter_jsonl", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
+    again = build_data(make_cfg(tmp_path, [{"path": str(pairs), "text_field": "response"}]), tokenizer)
+    assert again.stats["verdict"]["kind"] == "labeled_pairs"  # from the cache entry: nothing re-read

@@ -179,8 +179,9 @@ def build_data(cfg: Config, tokenizer: Any, *, train_dataset: Any = None, rank: 
             shards, hit = open_or_build(
                 root, key, lambda: iter_docs(src, text_field, max_docs=d.max_docs, strict=d.strict, report=report,
                                          loaded=loaded),
-                encoder, report, name)
+                encoder, report, name, extra_meta=lambda: {"verdict": _verdict(src, text_field)})
             _rewarn(shards, name)
+            info["verdict"] = shards.meta.get("verdict") or _verdict(src, text_field)
             n_docs = shards.n_docs
             info.update(cached=hit, cache_path=str(shards.path), skipped=shards.meta["skipped"],
                         filtered=shards.meta["filtered"])
@@ -194,6 +195,7 @@ def build_data(cfg: Config, tokenizer: Any, *, train_dataset: Any = None, rank: 
             held = held[: len(holdout_texts)]  # a short source has fewer documents than indices asked for
         info["holdout_documents"] = len(held)
         if streaming:
+            info["verdict"] = _verdict(src, text_field)
             blocks.append(StreamPacker(_stream_docs(src, name, i, text_field, stream_encoder, cfg,
                                                     {_text_key(t) for t in holdout_texts} if held else set()), T))
             info.update(documents=None, tokens=None, blocks=None)
@@ -210,7 +212,11 @@ def build_data(cfg: Config, tokenizer: Any, *, train_dataset: Any = None, rank: 
                          seed=cfg.train.seed, shuffle=d.shuffle, rank=rank, world_size=world_size,
                          names=[s[0] for s in sources])
     any_stream = any(s["streaming"] for s in per_source)
+    labeled = [s for s in per_source if s["verdict"]["kind"] in ("labeled_pairs", "classification")]
+    shown = labeled[0] if labeled else per_source[0]
     stats = {
+        # what `cpt train` warns about: the first source that looks like fine-tuning data, else the first
+        "verdict": {**shown["verdict"], "source": shown["name"]},
         "n_documents": None if any_stream else sum(s["documents"] for s in per_source),
         "n_tokens": None if any_stream else sum(s["tokens"] for s in per_source),
         "per_source_tokens": {s["name"]: s["tokens"] for s in per_source},
@@ -222,6 +228,18 @@ def build_data(cfg: Config, tokenizer: Any, *, train_dataset: Any = None, rank: 
         "max_seq_length": T,
     }
     return DataBundle(train=stream, holdout_texts=holdout_texts, stats=stats)
+
+
+def _verdict(source: Any, text_field: str) -> dict:
+    """The inspection verdict (unlabeled / labeled pairs / classification) from a few hundred rows."""
+    from cpt.data.inspect import inspect_source
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DataWarning)
+            return inspect_source(source, sample_rows=200, text_field=text_field)["verdict"]
+    except Exception as e:  # advisory only: a source the training pass can read must not fail here
+        return {"kind": "unknown", "label": "not inspected", "evidence": [f"inspection failed: {type(e).__name__}: {e}"]}
 
 
 def _rewarn(shards: TokenShards, name: str) -> None:

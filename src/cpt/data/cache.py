@@ -90,8 +90,13 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def open_or_build(root: Path, key_parts: dict, docs: Callable[[], Iterator[Doc]], encoder: Encoder,
-                  report: ReadReport, label: str) -> tuple[TokenShards, bool]:
-    """The cache entry for `key_parts`, built from `docs()` when missing. Returns (shards, was_cached)."""
+                  report: ReadReport, label: str,
+                  extra_meta: Callable[[], dict] | None = None) -> tuple[TokenShards, bool]:
+    """The cache entry for `key_parts`, built from `docs()` when missing. Returns (shards, was_cached).
+
+    `extra_meta()` is called only when building; what it returns is stored in meta.json (the
+    source's inspection verdict, so a cache hit needs no reading at all).
+    """
     key = cache_key(key_parts)
     final = root / key
     if (final / "meta.json").exists():
@@ -101,7 +106,7 @@ def open_or_build(root: Path, key_parts: dict, docs: Callable[[], Iterator[Doc]]
             return TokenShards(final), True
         tmp = root / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            _build(tmp, key_parts, docs, encoder, report, label)
+            _build(tmp, key_parts, docs, encoder, report, label, extra_meta() if extra_meta else {})
             try:
                 os.rename(tmp, final)
             except OSError:
@@ -115,7 +120,7 @@ def open_or_build(root: Path, key_parts: dict, docs: Callable[[], Iterator[Doc]]
 
 
 def _build(tmp: Path, key_parts: dict, docs: Callable[[], Iterator[Doc]], encoder: Encoder,
-           report: ReadReport, label: str) -> None:
+           report: ReadReport, label: str, extra: dict) -> None:
     tmp.mkdir(parents=True)
     t0 = time.time()
     offsets = array("q", [0])
@@ -148,7 +153,7 @@ def _build(tmp: Path, key_parts: dict, docs: Callable[[], Iterator[Doc]], encode
     np.save(tmp / "offsets.npy", np.frombuffer(offsets, dtype=np.int64))
     meta = {"format": FORMAT_VERSION, "source": label, "key_parts": key_parts, "dtype": encoder.dtype.name,
             "n_docs": len(offsets) - 1, "n_tokens": total, "shards": shards, "skipped": dict(report.counts),
-            "first_skipped": dict(report.first), "filtered": report.filtered, "build_seconds": round(time.time() - t0, 2)}
+            "first_skipped": dict(report.first), "filtered": report.filtered, "build_seconds": round(time.time() - t0, 2), **extra}
     with open(tmp / "meta.json.tmp", "w") as f:
         json.dump(meta, f, indent=1, default=str)
         f.flush()

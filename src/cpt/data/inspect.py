@@ -172,11 +172,16 @@ def labeled_warning(verdict: dict) -> str | None:
 # ---------------------------------------------------------------------------- inspection
 
 
-def inspect_source(source: Any, tokenizer: Any = None, cfg: Config | None = None, sample_rows: int = 2000) -> dict:
-    """Fields, counts, lengths, verdict and (with `cfg`) training budget of one source, as a dict."""
+def inspect_source(source: Any, tokenizer: Any = None, cfg: Config | None = None, sample_rows: int = 2000,
+                   text_field: str | None = None) -> dict:
+    """Fields, counts, lengths, verdict and (with `cfg`) training budget of one source, as a dict.
+
+    The text field: `text_field`, else the source's own, else the config's dataset_text_field, else "text".
+    """
     source = _as_source(source)
     default_field = cfg.data.dataset_text_field if cfg else "text"
-    text_field = (source.text_field if isinstance(source, SourceConfig) and source.text_field else None) or default_field
+    text_field = text_field or (source.text_field if isinstance(source, SourceConfig) and source.text_field
+                                else None) or default_field
     filters = parse_filters(source.filters if isinstance(source, SourceConfig) else [])
     report = ReadReport(source_label(source))
     fields: dict[str, dict] = {}
