@@ -64,7 +64,7 @@ def print_eval_table(rows: list[dict]) -> None:
                       num(r, "perplexity_before", ".2f"), num(r, "perplexity_after", ".2f"),
                       num(r, "bits_per_byte_before", ".4f"), num(r, "bits_per_byte_after", ".4f"),
                       num(r, "bits_per_byte_change", "+.1f", 100.0) + "%")
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 110).print(table)  # logs and CI: room for every column
 
 
 def _config_and_overrides(args: argparse.Namespace) -> tuple:

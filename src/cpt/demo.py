@@ -136,7 +136,7 @@ def demo_config(output_dir: str = "outputs/demo", overrides: Optional[list[str]]
                  "max_eval_tokens": 6000, "per_device_eval_batch_size": 4,
                  "prompts": ["def fractions.Fraction.limit_denominator(self, max_denominator=1000000)\n"],
                  "max_new_tokens": 32},
-        "output": {"output_dir": output_dir, "logging_steps": 5, "save_steps": 10, "save_total_limit": 2,
+        "output": {"output_dir": output_dir, "logging_steps": 5, "save_steps": 15, "save_total_limit": 1,
                    # The demo always starts over; real runs resume (output.resume: auto).
                    "resume": False, "overwrite_output_dir": True},
     }

@@ -324,7 +324,11 @@ def save_trained(model: nn.Module, path: str | Path, tokenizer: Any = None) -> N
     """Adapter in PEFT format (LoRA + trained embeddings, float32) or, in full mode, a whole HF model."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
+    with warnings.catch_warnings():
+        # peft looks for the base's config.json to see whether the vocabulary changed; a GGUF base has
+        # none, and the trained embeddings are saved in full either way.
+        warnings.filterwarnings("ignore", message="Could not find a config file")
+        model.save_pretrained(path, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
 
