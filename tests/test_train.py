@@ -115,3 +115,14 @@ def test_seed_example_runs(tiny_model_dir, corpus, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "seed" / "adapter_model.safetensors").is_file()
     assert "'step': 2" in r.stdout
+
+
+def test_delegated_commands_keep_their_own_options(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["plan", "--help"])
+    assert e.value.code == 0 and "plan" in capsys.readouterr().out
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"document number {i} about contracts", "id": i, "url": "u"}) for i in range(20)))
+    assert cli_main(["inspect", str(data), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "unlabeled" in json.dumps(report).lower()

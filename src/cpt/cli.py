@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                             ("plan", "estimate memory and speed of a config before running it")):
         s = sub.add_parser(name, help=help_text, add_help=False)
         s.add_argument("rest", nargs=argparse.REMAINDER)
-        s.set_defaults(func=None, delegate=name)
+        s.set_defaults(func=lambda a, name=name: _delegate(name, a.rest))
     return p
 
 
@@ -201,16 +201,27 @@ def _delegate(name: str, argv: list[str]) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = bool(argv) and argv[0] in ("-v", "--verbose")
+    rest = argv[1:] if verbose else argv
+    if rest and rest[0] in DELEGATED:
+        # These faces parse their own arguments (argparse would swallow their --help and options).
+        setup_logging(verbose)
+        return _guard(lambda: _delegate(rest[0], rest[1:]))
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    return _guard(lambda: args.func(args))
+
+
+DELEGATED = ("inspect", "eval", "report", "plan")
+
+
+def _guard(run) -> int:
+    """Known failures become one clear line and an exit code; anything else keeps its traceback."""
     from cpt.config import ConfigError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
     try:
-        if getattr(args, "delegate", None):
-            return _delegate(args.delegate, args.rest)
-        return args.func(args)
+        return run()
     except ConfigError as e:
         print(f"cpt: configuration error: {e}", file=sys.stderr)
         return 2
