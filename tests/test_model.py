@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from cpt.config import load_config
-from cpt.model import GROUP_EMBEDDINGS, build_model, load_for_inference, save_trained
+from cpt.model import GROUP_EMBEDDINGS, build_model as _build_model, load_for_inference, save_trained
+
+CPU = torch.device("cpu")
+
+
+def build_model(cfg, device=CPU):
+    """These tests build their batches on the CPU: keep the model there on a GPU machine too."""
+    return _build_model(cfg, device=device)
 
 
 def _cfg(model_dir, *extra):
