@@ -79,3 +79,15 @@ def test_every_shipped_yaml_is_valid():
 def test_environment_tokens_are_redacted_whatever_their_shape(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "plainlookingsecret42")
     assert "plainlookingsecret42" not in yaml.safe_dump(redact({"model": {"revision": "x-plainlookingsecret42"}}))
+
+
+def test_demo_corpus_is_the_same_in_every_process(tmp_path):
+    """The demo's corpus is gathered from live docstrings: two processes must produce identical files."""
+    import subprocess
+    import sys
+    code = "import sys; from pathlib import Path; from cpt.demo import build_corpus; build_corpus(Path(sys.argv[1]))"
+    for d in ("a", "b"):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / d)], check=True, timeout=300)
+    for name in ("train.jsonl", "domain_eval.jsonl", "general_eval.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert (tmp_path / "a" / "train.jsonl").stat().st_size > 100_000
