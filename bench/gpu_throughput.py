@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import subprocess
 import sys
@@ -119,7 +118,6 @@ def _changed_fraction(before: dict, after: dict, seen_rows) -> dict:
 
 
 def _profile_step(step_fn, path: Path) -> None:
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     _sync()

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

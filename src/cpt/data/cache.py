@@ -24,9 +24,8 @@ import shutil
 import time
 import uuid
 from array import array
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
