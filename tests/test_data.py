@@ -89,6 +89,17 @@ def test_bad_rows_counted_and_strict(tmp_path):
         list(read_documents(SourceConfig(path=str(p)), strict=True))
 
 
+def test_csv_invalid_utf8_row_reported_with_file_and_line(tmp_path):
+    p = tmp_path / "bad.csv"
+    p.write_bytes(b'id,text\n1,first good row\n2,"bad \xff\xfe byte"\n3,"a quoted\nmultiline row"\n4,last good\n')
+    with pytest.warns(DataWarning) as rec:
+        docs = list(read_documents(SourceConfig(path=str(p))))
+    assert docs == ["first good row", "a quoted\nmultiline row", "last good"]
+    assert f"invalid UTF-8 (first at {p}:3)" in str(rec[0].message)
+    with pytest.raises(DataError, match=rf"{p}:3: invalid UTF-8.*column 'text'"):
+        list(read_documents(SourceConfig(path=str(p)), strict=True))
+
+
 def test_missing_text_field_names_fields(tmp_path):
     p = write_jsonl(tmp_path / "x.jsonl", [{"content": "a", "url": "u"}])
     with pytest.raises(DataError, match=r"no text field 'text'; the fields are: content, url"):

@@ -87,6 +87,7 @@ class DataConfig:
     dataset_text_field: str = _f("text", "Default text column for every source.")
     dataset_num_proc: int = _f(1, "Worker processes for tokenization.")
     packing: Literal["concat", "document"] = _f("concat", "concat: blocks span documents. document: attention and positions restart at each document.")
+    fast_tokenizer: bool = _f(True, "Byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM ...) encode through tiktoken's merge loop: the same ids, 2.5-3x faster. Checked against the tokenizer on every batch's first document.")
     streaming: bool = _f(False, "Stream sources instead of materialising them.")
     cache_dir: Optional[str] = _f(None, "Where token shards are cached. Default: ~/.cache/cpt/tokens (or $CPT_CACHE).")
     shuffle: bool = _f(True, "Shuffle blocks (deterministically, from train.seed).")

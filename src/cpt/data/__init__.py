@@ -152,10 +152,10 @@ def build_data(cfg: Config, tokenizer: Any, *, train_dataset: Any = None, rank: 
     the training stream.
     """
     d, T = cfg.data, cfg.model.max_seq_length
-    encoder = Encoder(tokenizer, add_eos=d.add_eos, num_proc=d.dataset_num_proc)
+    encoder = Encoder(tokenizer, add_eos=d.add_eos, num_proc=d.dataset_num_proc, fast=d.fast_tokenizer)
     # Streams tokenize in this process (the Rust tokenizer's own threads): worker processes tied to a
     # generator's lifetime could outlive a resumed or abandoned stream.
-    stream_encoder = Encoder(tokenizer, add_eos=d.add_eos, num_proc=1)
+    stream_encoder = Encoder(tokenizer, add_eos=d.add_eos, num_proc=1, fast=d.fast_tokenizer)
     sources = _as_sources(cfg, train_dataset)
     want_holdout = cfg.eval.holdout_fraction > 0 and not any(s.name == "domain" for s in cfg.eval.sets)
     root = cache_root(d.cache_dir)
