@@ -140,3 +140,10 @@ def test_worker_processes_keep_the_fast_path(tokenizer, corpus):
     want = [ids + [tokenizer.eos_token_id] for ids in hf_ids(tokenizer, corpus[:70])]
     assert got == want
     assert np.dtype(enc.dtype).itemsize == 2
+
+
+def test_without_tiktoken_the_tokenizer_itself_encodes(tokenizer, corpus, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "tiktoken", None)  # import fails
+    enc = Encoder(tokenizer, add_eos=False)
+    assert enc.bpe is None and "tiktoken" in enc.why_not_fast
+    assert [o.tolist() for o in enc.encode(corpus[:5])] == hf_ids(tokenizer, corpus[:5])
