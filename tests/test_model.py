@@ -140,3 +140,24 @@ def test_4bit_on_cpu_fails_clearly(tiny_model_dir):
     from cpt.config import ConfigError
     with pytest.raises(ConfigError, match="load_in_4bit needs a CUDA GPU"):
         build_model(_cfg(tiny_model_dir, "model.load_in_4bit=true"), device=torch.device("cpu"))
+
+
+def test_prepare_leaves_the_frozen_originals_where_the_kernels_put_them(tiny_model_dir):
+    """On a GPU the kernels move the frozen embed_tokens/lm_head originals to host memory; accelerate's
+    prepare must not move the model again (model.to(device) would bring ~2 GiB back for an 8B model).
+    Here the originals go to the meta device, which any model.to() would fail on."""
+    from cpt.distributed import Parallel, build_accelerator
+
+    cfg = _cfg(tiny_model_dir)
+    b = build_model(cfg)
+    originals = [m.original_module for m in b.model.modules()
+                 if hasattr(m, "modules_to_save") and getattr(m, "original_module", None) is not None]
+    assert originals
+    for o in originals:
+        o.to("meta")
+    acc = build_accelerator(cfg, b.device)
+    par = Parallel.setup(cfg, b, acc)
+    opt = torch.optim.AdamW([p for p in b.model.parameters() if p.requires_grad])
+    model, _ = par.prepare(b.model, opt)
+    assert all(p.device.type == "meta" for o in originals for p in o.parameters())
+    assert all(p.device == b.device for p in model.parameters() if p.requires_grad)

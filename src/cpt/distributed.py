@@ -262,7 +262,13 @@ class Parallel:
             # host memory). The frozen base is loaded identically on every rank and gets no
             # gradient: leave it out of DDP.
             model._ddp_params_and_buffers_to_ignore = [n for n, p in model.named_parameters() if not p.requires_grad]
-        return self.accelerator.prepare(model, optimizer)
+        # accelerate would call model.to(device) on a model that is already there (build_model put it
+        # on this rank's device), which also pulls the frozen embedding originals that the kernels moved
+        # to host memory back onto the GPU (about 2 GiB for an 8B model). Place it only if a trained
+        # tensor is elsewhere.
+        device = self.accelerator.device
+        placed = all(p.device == device for p in model.parameters() if p.requires_grad)
+        return self.accelerator.prepare(model, optimizer, device_placement=[not placed, True])
 
     # ------------------------------------------------------------------ gathering for a save
 
