@@ -210,11 +210,12 @@ def _result(args, times: list[float], losses: list[float], **extra) -> dict:
 
 
 def ours_config(model_dir: Path, mode: str, seq: int, batch: int, steps: int, recompute_budget: Optional[str] = None,
-                checkpointing: Any = True):
+                checkpointing: Any = True, compile: str = "auto"):
     from cpt.config import config_from_dict
     raw = {
         "model": {"name_or_path": str(model_dir), "max_seq_length": seq, "dtype": "bfloat16",
-                  "load_in_4bit": mode == "nf4", "attn_implementation": "sdpa", "kernels": "auto"},
+                  "load_in_4bit": mode == "nf4", "attn_implementation": "sdpa", "kernels": "auto",
+                  "compile": compile},
         "adapter": {"r": R, "lora_alpha": ALPHA, "lora_dropout": 0.0, "use_rslora": True,
                     "target_modules": LORA_TARGETS + ["embed_tokens", "lm_head"],
                     "use_gradient_checkpointing": checkpointing, "embedding_master_dtype": "float32"},
@@ -265,7 +266,7 @@ def worker_ours(args) -> dict:
     from cpt.model import build_model, trained_embedding_modules
 
     cfg = ours_config(Path(args.model_dir), args.mode, args.seq, args.batch, args.warmup + args.steps + 1,
-                      recompute_budget=args.recompute_budget, checkpointing=args.checkpointing)
+                      recompute_budget=args.recompute_budget, checkpointing=args.checkpointing, compile=args.compile)
     t_setup = time.perf_counter()
     bundle = build_model(cfg, torch.device(args.device), tokenizer=_tokenizer())
     setup_s = time.perf_counter() - t_setup
@@ -289,10 +290,15 @@ def worker_ours(args) -> dict:
     losses = [json.loads(line)["loss"] for line in open(Path(cfg.output.output_dir) / "metrics.jsonl")]
     base = bundle.model.get_base_model() if hasattr(bundle.model, "get_base_model") else bundle.model
     from cpt.kernels import decoder_layers
+    from cpt.kernels.compile import recomputes
     layers = decoder_layers(bundle.model)
-    plan_layers = {"keep": sum(1 for l in layers if not l.gradient_checkpointing and not hasattr(l, "_cpt_plain_forward")),
+    plan_layers = {"keep": sum(1 for l in layers if not recomputes(l) and not hasattr(l, "_cpt_plain_forward")),
                    "offload": sum(1 for l in layers if hasattr(l, "_cpt_plain_forward"))}
-    res = _result(args, times, losses, setup_s=setup_s, kernels=getattr(base, "_cpt_kernels", []), layers=plan_layers)
+    from torch._dynamo.utils import counters
+    dynamo = {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+              "break_reasons": [k[:300] for k in counters["graph_break"]][:5]}
+    res = _result(args, times, losses, setup_s=setup_s, kernels=getattr(base, "_cpt_kernels", []), layers=plan_layers,
+                  dynamo=dynamo)
     res["embedding_changed"] = _changed_fraction(before, emb_named, data.seen)
     if args.profile:
         model, opt, loss_fn = trainer.model, trainer.optimizer, bundle.loss_fn
@@ -333,7 +339,9 @@ def worker_long(args) -> dict:
         cfg = ours_config(Path(args.model_dir), args.mode, max(LONG_LADDER), 1, 1, checkpointing="offload")
         bundle = build_model(cfg, torch.device("cuda", 0), tokenizer=_tokenizer())
         acc = Accelerator(mixed_precision="bf16")
-        model, opt = acc.prepare(bundle.model, build_optimizer(bundle.groups, cfg.train, bundle.device))
+        # As cpt's Trainer does: the model is placed already (frozen originals stay in host memory).
+        model, opt = acc.prepare(bundle.model, build_optimizer(bundle.groups, cfg.train, bundle.device),
+                                 device_placement=[False, True])
 
         def step(ids):
             pos = torch.arange(ids.shape[1], device="cuda")[None]
@@ -436,13 +444,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--recompute-budget", default=None, help="ours: adapter.recompute_budget_gib (memory-aware row)")
     p.add_argument("--checkpointing", default="true", help="ours: adapter.use_gradient_checkpointing")
+    p.add_argument("--compile", default="auto", help="ours: model.compile (auto, true, false)")
     p.add_argument("--profile", default=None, help="write a torch profiler table of one step here")
     p.add_argument("--embeddings-first", action="store_true", help="ours: embedding group first in the optimizer (experiment row)")
     p.add_argument("--time-limit", type=float, default=150.0, help="long-context worker: seconds for the ladder")
     p.add_argument("--model-dir", default="/tmp/cpt-bench/llama-3.1-8b-random")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--logs", default=None, help="folder for worker logs and profiles (default: OUT/logs)")
-    p.add_argument("--rows", default="bf16,nf4,memory,long", help="comma list of: bf16, nf4, memory, long, order (experiment)")
+    p.add_argument("--rows", default="bf16,nf4,memory,long", help="comma list of: bf16, nf4, memory, long, order (experiment), "
+                   "eager (ours with model.compile=false beside ours in the bf16/nf4 rows), nf4compile (experiment: nf4 with model.compile=true)")
     p.add_argument("--runs", type=int, default=1, help="repeat the bf16/nf4 pairs; the second run goes in reverse order")
     p.add_argument("--profile-rows", action="store_true", help="profile one step of the bf16 baseline and ours rows")
     args = p.parse_args(argv)
@@ -491,12 +501,14 @@ def drive(args) -> int:
     for mode in ("bf16", "nf4"):
         if mode not in rows:
             continue
-        runs: dict[str, list] = {"baseline": [], "ours": []}
+        systems = ["baseline", "ours"] + (["ours_eager"] if "eager" in rows else [])
+        runs: dict[str, list] = {s: [] for s in systems}
         for run in range(args.runs):
-            order = ["baseline", "ours"] if run % 2 == 0 else ["ours", "baseline"]
+            order = systems if run % 2 == 0 else systems[::-1]
             for system in order:
                 prof = ["--profile", str(logs / f"profile_{system}_{mode}.txt")] if args.profile_rows and run == 0 and mode == "bf16" else []
-                r = _run_worker(["--worker", system, "--mode", mode, *common, *prof], logs, f"{system}_{mode}_run{run + 1}", 900)
+                worker = ["--worker", "ours", "--compile", "false"] if system == "ours_eager" else ["--worker", system]
+                r = _run_worker([*worker, "--mode", mode, *common, *prof], logs, f"{system}_{mode}_run{run + 1}", 900)
                 if r:
                     runs[system].append(r)
         entry: dict[str, Any] = {}
@@ -510,13 +522,17 @@ def drive(args) -> int:
                              "step_s_range": [min(r["step_s_min"] for r in rs), max(r["step_s_max"] for r in rs)],
                              "mfu": tps * flops_per_token(SEQ, 32) / (PEAK_TFLOPS * 1e12),
                              "embedding_changed": rs[0].get("embedding_changed"), "loss_first_last": [rs[0]["losses"][0], rs[0]["losses"][-1]],
-                             **({"kernels": rs[0].get("kernels"), "setup_s": rs[0].get("setup_s")} if system == "ours" else {})}
-            entry[system]["plan"] = _plan_estimate(model_dir, mode, SEQ, MICRO_BATCH, system=system)
+                             **({"kernels": rs[0].get("kernels"), "setup_s": rs[0].get("setup_s"), "dynamo": rs[0].get("dynamo")}
+                                if system != "baseline" else {})}
+            entry[system]["plan"] = _plan_estimate(model_dir, mode, SEQ, MICRO_BATCH, system="baseline" if system == "baseline" else "ours")
         if entry.get("ours") and entry.get("baseline"):
             entry["speedup"] = entry["ours"]["tokens_per_s"] / entry["baseline"]["tokens_per_s"]
             entry["memory_ratio"] = entry["ours"]["peak_gib"] / entry["baseline"]["peak_gib"]
             entry["target_met"] = {"speedup": entry["speedup"] >= TARGETS[mode]["speedup"],
                                    "memory_ratio": entry["memory_ratio"] <= TARGETS[mode]["memory_ratio"]}
+        if entry.get("ours_eager") and entry.get("baseline"):
+            entry["ours_eager"]["speedup"] = entry["ours_eager"]["tokens_per_s"] / entry["baseline"]["tokens_per_s"]
+            entry["ours_eager"]["memory_ratio"] = entry["ours_eager"]["peak_gib"] / entry["baseline"]["peak_gib"]
         entry["mfu"] = entry["ours"]["mfu"] if entry.get("ours") else None
         results[mode] = entry
         _write(results, out)
@@ -542,6 +558,14 @@ def drive(args) -> int:
                 rung["plan_peak_gib"] = _plan_estimate(model_dir, "bf16", rung["seq"], 1, checkpointing=ckpt, system=system)["peak_gib"]
             results["long_context_bf16_micro_batch_1"] = long
             _write(results, out)
+    if "nf4compile" in rows:
+        r = _run_worker(["--worker", "ours", "--mode", "nf4", "--compile", "true", *common], logs, "ours_nf4_compiled", 600)
+        base = results.get("nf4", {}).get("baseline")
+        if r and base:
+            r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
+            r["memory_ratio"] = r["peak_gib"] / base["peak_gib"]
+        results["nf4_experiment_compiled"] = r
+        _write(results, out)
     if "order" in rows:
         r = _run_worker(["--worker", "ours", "--mode", "bf16", "--embeddings-first", *common], logs, "ours_bf16_embeddings_first", 600)
         if r and results.get("bf16", {}).get("baseline"):
@@ -572,16 +596,18 @@ def _write(results: dict, out: Path) -> None:
         e = results.get(mode)
         if not e:
             continue
-        for system in ("baseline", "ours"):
+        for system in [k for k in ("baseline", "ours", "ours_eager") if k in e]:
             s = e.get(system)
+            label = "ours, eager (model.compile=false)" if system == "ours_eager" else system
             if not s:
-                lines.append(f"| {mode} | {system} | failed | | | | | | | | | |")
+                lines.append(f"| {mode} | {label} | failed | | | | | | | | | |")
                 continue
             ch = s.get("embedding_changed") or {}
-            sp = _fmt(e.get("speedup"), ".2f") + "x" if system == "ours" else "1.00x"
-            mr = _fmt(e.get("memory_ratio"), ".2f") + "x" if system == "ours" else "1.00x"
+            ratios = e if system == "ours" else s
+            sp = _fmt(ratios.get("speedup"), ".2f") + "x" if system != "baseline" else "1.00x"
+            mr = _fmt(ratios.get("memory_ratio"), ".2f") + "x" if system != "baseline" else "1.00x"
             rng = "-".join(f"{1000 * x:.0f}" for x in s["step_s_range"])
-            lines.append(f"| {mode} | {system} | {s['tokens_per_s']:,.0f} | {rng} | {s['peak_gib']:.1f} | {sp} | {mr} | {100 * s['mfu']:.1f}% | "
+            lines.append(f"| {mode} | {label} | {s['tokens_per_s']:,.0f} | {rng} | {s['peak_gib']:.1f} | {sp} | {mr} | {100 * s['mfu']:.1f}% | "
                          f"{s['plan']['tokens_per_s']:,.0f} | {s['plan']['peak_gib']:.1f} | {100 * ch.get('lm_head', float('nan')):.2f}% | "
                          f"{100 * ch.get('embed_tokens_seen_rows', float('nan')):.2f}% |")
     m = results.get("bf16_memory_aware")
@@ -589,6 +615,11 @@ def _write(results: dict, out: Path) -> None:
         lines.append(f"| bf16 | ours, memory-aware ({m['layers']['keep']} of 32 layers keep activations) | {m['tokens_per_s']:,.0f} | "
                      f"{1000 * m['step_s_min']:.0f}-{1000 * m['step_s_max']:.0f} | {m['peak_gib']:.1f} | {_fmt(m.get('speedup'), '.2f')}x | {_fmt(m.get('memory_ratio'), '.2f')}x | "
                      f"{100 * m['mfu']:.1f}% | {m['plan']['tokens_per_s']:,.0f} | {m['plan']['peak_gib']:.1f} | | |")
+    x = results.get("nf4_experiment_compiled")
+    if x:
+        lines.append(f"| nf4 | experiment: ours with model.compile=true | {x['tokens_per_s']:,.0f} | "
+                     f"{1000 * x['step_s_min']:.0f}-{1000 * x['step_s_max']:.0f} | {x['peak_gib']:.1f} | {_fmt(x.get('speedup'), '.2f')}x | "
+                     f"{_fmt(x.get('memory_ratio'), '.2f')}x | | | | | |")
     x = results.get("bf16_experiment_embeddings_first")
     if x:
         lines.append(f"| bf16 | experiment: ours with the embedding group first in the optimizer | {x['tokens_per_s']:,.0f} | "

@@ -338,3 +338,136 @@ def test_fused_lora_matches_peft(tiny_model_dir):
     for n in grads:
         assert grads[n].dtype == torch.float32
         assert _rel(grads[n], grads_32[n]) <= 1.3 * _rel(grads_peft[n], grads_32[n]) + 2e-3, n
+
+
+def _saved_bytes(model, loss_fn, batch, num_items) -> tuple:
+    """(loss, grads, bytes of activations saved for backward outside parameters) of one step."""
+    seen = {p.data_ptr() for p in model.parameters()}
+    total = [0]
+
+    def pack(t):
+        if t.data_ptr() not in seen:  # each storage once (layers share RoPE tables, for one)
+            seen.add(t.data_ptr())
+            total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, grads = _loss_and_grads(model, loss_fn, batch, num_items)
+    return loss, grads, total[0]
+
+
+def _dynamo_counts() -> dict:
+    from torch._dynamo.utils import counters
+    return {"graphs": counters["stats"]["unique_graphs"], "breaks": sum(counters["graph_break"].values())}
+
+
+def test_compiled_layers_match_eager():
+    """Regional compile (aot_eager here: dynamo and autograd's graphs without inductor's codegen,
+    which CI cannot afford on CPU) gives the eager loss and gradients, for a layer that keeps and
+    layers that recompute (and they still recompute); traces without graph breaks; shares one
+    graph between layers of the same kind; and leaves no-grad forwards (evaluation, generation)
+    to the plain layers."""
+    import torch._dynamo
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpt.kernels import compile_decoder_layers, decoder_layers, skip_lora_input_upcast
+    from cpt.kernels.compile import recomputes, uncompile_layer
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, use_rslora=True, init_lora_weights=False,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                             modules_to_save=["embed_tokens", "lm_head"]))
+    model.train()
+    batch = _batch(97, seed=6)
+    loss_fn = apply_kernels(model, "cpt", torch.device("cpu"))  # the fused LoRA forward, traced too
+    skip_lora_input_upcast(model)  # its pre-hook (CUDA's setting) must not break the graph
+    layers = decoder_layers(model)
+    set_recompute(model, 0)
+    saved_keep = _saved_bytes(model, loss_fn, batch, 45)[2]
+    set_recompute(model, 2)  # layer 0 keeps its activations, layers 1 and 2 recompute
+    loss_ref, grads_ref, saved_ref = _saved_bytes(model, loss_fn, batch, 45)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert compile_decoder_layers(model, backend="aot_eager") == {"compiled": 3, "recompute": 2, "eager": 0}
+    assert [recomputes(l) for l in layers] == [False, True, True]
+    for _ in range(2):  # the second step reuses the graphs
+        loss, grads, saved = _saved_bytes(model, loss_fn, batch, 45)
+        assert abs(loss.item() - loss_ref.item()) < 1e-5 * loss_ref.item()
+        assert grads.keys() == grads_ref.keys()
+        for n in grads:
+            assert _rel(grads[n], grads_ref[n]) < 1e-5, n
+        # The recomputing layers still recompute: the compiled step saves about what eager saves (a
+        # little more: it holds layer inputs as saved tensors, eager in the checkpoint's closure).
+        assert saved <= 1.25 * saved_ref < saved_keep, (saved, saved_ref, saved_keep)
+    assert _dynamo_counts() == {"graphs": 2, "breaks": 0}
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"])
+    assert _dynamo_counts()["graphs"] == 2
+    # Undo: the class's forward and the recompute choice come back.
+    for layer in layers:
+        was = recomputes(layer)
+        assert uncompile_layer(layer) == was
+        assert "forward" not in layer.__dict__ and layer.gradient_checkpointing == was
+    torch._dynamo.reset()
+
+
+def test_use_compile_resolution():
+    from cpt.kernels import use_compile
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert use_compile("auto", "auto", cuda) and use_compile("auto", "cpt", cuda) and use_compile("auto", "none", cuda)
+    assert not use_compile("auto", "auto", cpu)
+    assert not use_compile("auto", "liger", cuda) and not use_compile("auto", "auto", cuda, fsdp=True)
+    assert not use_compile("auto", "auto", cuda, load_in_4bit=True) and use_compile(True, "auto", cuda, load_in_4bit=True)
+    assert use_compile(True, "auto", cpu) and use_compile("true", "liger", cuda)
+    assert not use_compile(False, "auto", cuda) and not use_compile("false", "auto", cuda)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
+def test_cuda_compiled_layers_match_eager_bf16():
+    """On the GPU, with inductor: compiled layers (recompute inside the graph, norms/RoPE/SwiGLU
+    generated instead of liger's) give the eager path's loss and gradients within bf16 tolerance,
+    against the same float32 reference."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg).to("cuda")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, use_rslora=True, init_lora_weights=False,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                             modules_to_save=["embed_tokens", "lm_head"]))
+    model.train()
+    set_recompute(model, 1)  # one layer keeps, one recomputes
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 32000, (2, 256), generator=g).cuda()
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(256, device="cuda").repeat(2, 1)}
+    _, grads_32 = _loss_and_grads(model, apply_kernels(model, "none", torch.device("cuda")), batch, 2 * 255)
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.bfloat16()
+    model.get_base_model().model.embed_tokens.register_forward_hook(lambda m, a, o: o.to(torch.bfloat16))
+
+    def run(loss_fn):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return _loss_and_grads(model, loss_fn, batch, 2 * 255)
+
+    loss_ref, grads_ref = run(apply_kernels(model, "cpt", torch.device("cuda")))
+    loss_fn = apply_kernels(model, "cpt", torch.device("cuda"), compile=True)
+    assert any("compiled" in k for k in model.get_base_model()._cpt_kernels)
+    assert not any("liger" in k for k in model.get_base_model()._cpt_kernels)
+    for _ in range(2):
+        loss, grads = run(loss_fn)
+        assert abs(loss.item() - loss_ref.item()) < 1e-2 * loss_ref.item()
+        assert grads.keys() == grads_ref.keys()
+        for n in grads:
+            assert grads[n].dtype == torch.float32
+            assert _rel(grads[n], grads_32[n]) <= 2 * _rel(grads_ref[n], grads_32[n]) + 0.02, (
+                n, _rel(grads[n], grads_32[n]), _rel(grads_ref[n], grads_32[n]))

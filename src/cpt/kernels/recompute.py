@@ -125,7 +125,10 @@ def set_recompute(model: torch.nn.Module, recompute_layers: Optional[int] = None
     n = len(layers)
     k = n if recompute_layers is None else max(0, min(n, int(recompute_layers)))
     summary = {"keep": 0, "recompute": 0, "offload": 0}
+    from cpt.kernels.compile import uncompile_layer
+
     for i, layer in enumerate(layers):
+        uncompile_layer(layer)  # a compiled layer fixed its recompute choice: back to eager (compile again after)
         plain = getattr(layer, "_cpt_plain_forward", None)
         if plain is not None:  # undo an earlier offload patch
             layer.forward = plain

@@ -1,0 +1,104 @@
+"""Regional torch.compile: each decoder layer's training step as one compiled graph.
+
+An 8B step in eager mode is host-bound on an H200 (bench/NOTES.md): the GPU needs about 400 ms,
+the host about 690 ms to issue it, because every LoRA projection, norm and activation is a few
+Python calls and several kernel launches, three times per step (forward, recompute, backward).
+Compiling the decoder layer turns each of those passes into one call of a generated graph that
+also fuses the elementwise work (RMSNorm, RoPE, SwiGLU, residual adds) into a few kernels.
+
+Only the decoder layer is compiled, and only while training with gradients: embeddings, the
+chunked loss and the optimizer stay eager, and evaluation and generation (KV caches, changing
+shapes) run the plain layer. All layers of a model share one compiled graph (the layer is an
+argument, not a constant), so the compile cost is one layer's, not 32.
+
+Recomputation moves inside the graph: a layer that recomputes calls torch.utils.checkpoint within
+the compiled function, so its backward graph recomputes the forward itself (transformers' own
+checkpoint wrapper is switched off for that layer, never both). Layers whose inputs are offloaded
+to host memory (kernels/recompute.py) stay eager.
+
+    python -m pytest tests/test_kernels.py -q -k compile
+"""
+from __future__ import annotations
+
+import types
+from typing import Any, Callable, Optional
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from cpt.kernels.recompute import decoder_layers
+
+_DROPPED = ("use_cache", "past_key_values", "past_key_value", "cache", "layer_past")
+
+
+def _layer_step(layer: torch.nn.Module, recompute: bool, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    # The class's own forward: with layer.gradient_checkpointing off it is the plain computation in
+    # every transformers version (newer ones wrap `forward` itself in their checkpoint switch).
+    forward = type(layer).forward
+    if recompute:
+        return checkpoint(forward, layer, hidden, *args, use_reentrant=False, **kwargs)
+    return forward(layer, hidden, *args, **kwargs)
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled_step(backend: str) -> Callable:
+    # One compiled function per backend for the whole process: every layer of every model goes
+    # through the same code object, so dynamo's cache holds one graph per distinct layer shape.
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(_layer_step, backend=backend)
+    return _COMPILED[backend]
+
+
+def _compiled_forward(layer: torch.nn.Module, recompute: bool, backend: str) -> Callable:
+    step = _compiled_step(backend)
+    plain = layer.forward
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not (self.training and torch.is_grad_enabled()):
+            return plain(hidden_states, *args, **kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if k not in _DROPPED}
+        return step(self, recompute, hidden_states, *args, **kwargs)
+
+    return types.MethodType(forward, layer)
+
+
+def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor") -> dict:
+    """Compile every decoder layer's training forward (and so its backward). Reads each layer's
+    recompute choice as model setup left it (set_recompute / gradient checkpointing), so call it
+    last. Returns {"compiled": n, "recompute": n, "eager": n} (eager: offloaded layers)."""
+    summary = {"compiled": 0, "recompute": 0, "eager": 0}
+    for layer in decoder_layers(model):
+        if getattr(layer, "_cpt_compiled", None) is not None:
+            uncompile_layer(layer)
+        if getattr(layer, "_cpt_plain_forward", None) is not None:  # offloaded: its own autograd.Function
+            summary["eager"] += 1
+            continue
+        recompute = bool(getattr(layer, "gradient_checkpointing", False))
+        layer._cpt_compiled = {"recompute": recompute, "forward": layer.__dict__.get("forward")}
+        layer.gradient_checkpointing = False
+        layer.forward = _compiled_forward(layer, recompute, backend)
+        summary["compiled"] += 1
+        summary["recompute"] += int(recompute)
+    return summary
+
+
+def uncompile_layer(layer: torch.nn.Module) -> Optional[bool]:
+    """Undo compile_decoder_layers for one layer; returns its recompute choice (None: not compiled)."""
+    state = getattr(layer, "_cpt_compiled", None)
+    if state is None:
+        return None
+    if state["forward"] is None:
+        del layer.forward  # back to the class's forward
+    else:
+        layer.forward = state["forward"]
+    layer.gradient_checkpointing = state["recompute"]
+    del layer._cpt_compiled
+    return state["recompute"]
+
+
+def recomputes(layer: torch.nn.Module) -> bool:
+    """Whether a decoder layer recomputes its activations in backward, compiled or not."""
+    state = getattr(layer, "_cpt_compiled", None)
+    return bool(state["recompute"]) if state is not None else bool(getattr(layer, "gradient_checkpointing", False))
