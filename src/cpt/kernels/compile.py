@@ -24,7 +24,7 @@ import types
 from typing import Any, Callable, Optional
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from cpt.kernels.recompute import decoder_layers
 
@@ -36,8 +36,20 @@ def _layer_step(layer: torch.nn.Module, recompute: bool, hidden: torch.Tensor, *
     # every transformers version (newer ones wrap `forward` itself in their checkpoint switch).
     forward = type(layer).forward
     if recompute:
-        return checkpoint(forward, layer, hidden, *args, use_reentrant=False, **kwargs)
+        return checkpoint(forward, layer, hidden, *args, use_reentrant=False, context_fn=_recompute_everything,
+                          **kwargs)
     return forward(layer, hidden, *args, **kwargs)
+
+
+def _must_recompute(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_RECOMPUTE
+
+
+def _recompute_everything() -> tuple:
+    # A plain checkpoint only lets the compiler prefer recomputation, and it keeps the outputs of ops
+    # it will not recompute, such as bitsandbytes' fused 4-bit GEMM (a custom op): about 9 GiB for an
+    # 8B model (bench/NOTES.md). Every op of the layer is recomputed, as in the eager checkpoint.
+    return create_selective_checkpoint_contexts(_must_recompute)
 
 
 _COMPILED: dict[str, Callable] = {}
