@@ -193,6 +193,18 @@ def test_set_recompute_needs_checkpointing_enabled(tiny_model_dir):
         set_recompute(model, None, offload=False)
 
 
+def _assert_bf16_close(loss, grads, loss_ref, grads_ref, grads_32) -> None:
+    """A bf16 path's loss and float32 gradients against the plain bf16 path's (`*_ref`): about as far
+    from the float32 result (`grads_32`) as the plain path is (deep gradients of a random model
+    amplify rounding differently along two paths, so allow 2x)."""
+    assert abs(loss.item() - loss_ref.item()) < 1e-2 * loss_ref.item()
+    assert grads.keys() == grads_ref.keys()
+    for n in grads:
+        assert grads[n].dtype == torch.float32
+        assert _rel(grads[n], grads_32[n]) <= 2 * _rel(grads_ref[n], grads_32[n]) + 0.02, (
+            n, _rel(grads[n], grads_32[n]), _rel(grads_ref[n], grads_32[n]))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device by bench/gpu_throughput.py's call)")
 @pytest.mark.parametrize("mode", ["cpt", "liger"])
 def test_cuda_fused_paths_match_plain_bf16(mode):
@@ -233,14 +245,7 @@ def test_cuda_fused_paths_match_plain_bf16(mode):
     loss_ref, grads_ref = run(apply_kernels(model, "none", torch.device("cuda")))
     loss, grads = run(apply_kernels(model, mode, torch.device("cuda")))
     assert any("liger" in k for k in model.get_base_model()._cpt_kernels) or mode == "cpt"
-    assert abs(loss.item() - loss_ref.item()) < 1e-2 * loss_ref.item()
-    assert grads.keys() == grads_ref.keys()
-    for n in grads:
-        assert grads[n].dtype == torch.float32
-        # bf16: about as far from the float32 result as the plain bf16 path (deep gradients of a
-        # random model amplify rounding differently along the two paths, so allow 2x).
-        assert _rel(grads[n], grads_32[n]) <= 2 * _rel(grads_ref[n], grads_32[n]) + 0.02, (
-            n, _rel(grads[n], grads_32[n]), _rel(grads_ref[n], grads_32[n]))
+    _assert_bf16_close(loss, grads, loss_ref, grads_ref, grads_32)
     # The frozen originals went to host memory and still serve a disabled-adapter forward.
     head = model.get_base_model().lm_head
     assert head.original_module.weight.device.type == "cpu"
@@ -465,12 +470,7 @@ def test_cuda_compiled_layers_match_eager_bf16():
     assert not any("liger" in k for k in model.get_base_model()._cpt_kernels)
     for _ in range(2):
         loss, grads = run(loss_fn)
-        assert abs(loss.item() - loss_ref.item()) < 1e-2 * loss_ref.item()
-        assert grads.keys() == grads_ref.keys()
-        for n in grads:
-            assert grads[n].dtype == torch.float32
-            assert _rel(grads[n], grads_32[n]) <= 2 * _rel(grads_ref[n], grads_32[n]) + 0.02, (
-                n, _rel(grads[n], grads_32[n]), _rel(grads_ref[n], grads_32[n]))
+        _assert_bf16_close(loss, grads, loss_ref, grads_ref, grads_32)
 
 
 def test_compiled_recompute_marks_every_op_must_recompute(monkeypatch):

@@ -95,7 +95,8 @@ class Encoder:
         self.__init__(**state)
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(f"{tokenizer_fingerprint(self.tokenizer)}|eos={self.add_eos}|fast={self.bpe is not None}".encode()).hexdigest()
+        key = f"{tokenizer_fingerprint(self.tokenizer)}|eos={self.add_eos}|fast={self.bpe is not None}"
+        return hashlib.sha256(key.encode()).hexdigest()
 
     def _encode_hf(self, texts: list[str]) -> list[list[int]]:
         if self._fast is not None:
