@@ -421,6 +421,50 @@ def test_compiled_layers_match_eager():
     torch._dynamo.reset()
 
 
+def test_a_failing_compiler_leaves_the_plain_layers_training(caplog):
+    """model.compile is on by default on CUDA: a machine whose compiler fails (no C compiler, no
+    Triton, an op it cannot handle) must still train, with a warning, recomputing as planned."""
+    import logging
+
+    import torch._dynamo
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpt.kernels import compile_decoder_layers, decoder_layers
+    from cpt.kernels.compile import _FAILED, recomputes
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C compiler on this machine")
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    batch = _batch(97, seed=7)
+    loss_fn = apply_kernels(model, "cpt", torch.device("cpu"))
+    set_recompute(model, 1)  # layer 0 keeps, layer 1 recomputes
+    loss_ref, grads_ref, saved_ref = _saved_bytes(model, loss_fn, batch, 45)
+    torch._dynamo.reset()
+    try:
+        assert compile_decoder_layers(model, backend=broken)["compiled"] == 2
+        with caplog.at_level(logging.WARNING, logger="cpt.kernels.compile"):
+            loss, grads, saved = _saved_bytes(model, loss_fn, batch, 45)
+        assert "compiling the decoder layers failed" in caplog.text and "no C compiler" in caplog.text
+        assert abs(loss.item() - loss_ref.item()) < 1e-6 * loss_ref.item()
+        for n in grads_ref:
+            assert _rel(grads[n], grads_ref[n]) < 1e-6, n
+        assert saved <= 1.25 * saved_ref  # layer 1 still recomputes
+        layers = decoder_layers(model)
+        assert [recomputes(l) for l in layers] == [False, True]
+        assert all("forward" not in l.__dict__ for l in layers)  # plain layers from now on
+        loss2, _, _ = _saved_bytes(model, loss_fn, batch, 45)
+        assert abs(loss2.item() - loss_ref.item()) < 1e-6 * loss_ref.item()
+    finally:
+        _FAILED.pop(broken, None)
+        torch._dynamo.reset()
+
+
 def test_use_compile_resolution():
     from cpt.kernels import use_compile
 

@@ -14,12 +14,14 @@ argument, not a constant), so the compile cost is one layer's, not 32.
 Recomputation moves inside the graph: a layer that recomputes calls torch.utils.checkpoint within
 the compiled function, so its backward graph recomputes the forward itself (transformers' own
 checkpoint wrapper is switched off for that layer, never both). Layers whose inputs are offloaded
-to host memory (kernels/recompute.py) stay eager.
+to host memory (kernels/recompute.py) stay eager. If the compiler fails (no C compiler or Triton
+on the machine, an op it cannot handle), a warning says why and the layers train uncompiled.
 
     python -m pytest tests/test_kernels.py -q -k compile
 """
 from __future__ import annotations
 
+import logging
 import types
 from typing import Any, Callable, Optional
 
@@ -27,6 +29,8 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from cpt.kernels.recompute import decoder_layers
+
+log = logging.getLogger(__name__)
 
 _DROPPED = ("use_cache", "past_key_values", "past_key_value", "cache", "layer_past")
 
@@ -52,7 +56,8 @@ def _recompute_everything() -> tuple:
     return create_selective_checkpoint_contexts(_must_recompute)
 
 
-_COMPILED: dict[str, Callable] = {}
+_COMPILED: dict[Any, Callable] = {}
+_FAILED: dict[Any, str] = {}  # backend -> why compiling failed in this process (then nothing more is compiled)
 
 
 def _compiled_step(backend: str) -> Callable:
@@ -71,7 +76,19 @@ def _compiled_forward(layer: torch.nn.Module, recompute: bool, backend: str) -> 
         if not (self.training and torch.is_grad_enabled()):
             return plain(hidden_states, *args, **kwargs)
         kwargs = {k: v for k, v in kwargs.items() if k not in _DROPPED}
-        return step(self, recompute, hidden_states, *args, **kwargs)
+        if backend not in _FAILED:
+            try:
+                return step(self, recompute, hidden_states, *args, **kwargs)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:  # the compiler's own failure (no C compiler, Triton, an unsupported op)
+                _FAILED[backend] = f"{type(e).__name__}: {e}".strip()[:400]
+                log.warning("compiling the decoder layers failed, training goes on with the plain layers "
+                            "(model.compile: false skips the attempt): %s", _FAILED[backend])
+        # Back to the plain layer for good (its own checkpointing switch restored); this call
+        # recomputes as the compiled one would have.
+        uncompile_layer(self)
+        return _layer_step(self, recompute, hidden_states, *args, **kwargs)
 
     return types.MethodType(forward, layer)
 
