@@ -51,7 +51,7 @@ class ModelConfig:
     trust_remote_code: bool = _f(False, "Run model code shipped with a Hub repository. Off unless you trust its author.")
     attn_implementation: Optional[str] = _f("sdpa", "Attention backend passed to transformers: sdpa, eager, flash_attention_2. None lets transformers choose.")
     kernels: Literal["auto", "none", "liger", "cpt"] = _f("auto", "Fused GPU kernels. auto: the fastest available on this device; none: plain PyTorch.")
-    compile: Union[bool, str] = _f("auto", "torch.compile each decoder layer's training step (forward, recompute and backward as generated graphs: far fewer kernel launches and Python calls per step). auto: on for CUDA, off on CPU, with model.kernels=liger, with train.fsdp and with load_in_4bit (there it measured faster but held 9 GiB more on an 8B model). The first step pays the compilation (tens of seconds); evaluation and generation run the plain layers.")
+    compile: Union[bool, str] = _f("auto", "torch.compile each decoder layer's training step (forward, recompute and backward as generated graphs: far fewer kernel launches and Python calls per step). auto: on for CUDA, off on CPU, with model.kernels=liger, with train.fsdp and with load_in_4bit (there it measured faster but held 9 GiB more on an 8B model). The first step pays the compilation (tens of seconds); evaluation and generation run the plain layers. If the compiler fails, a warning says why and training goes on uncompiled.")
 
 
 @dataclass
