@@ -615,16 +615,14 @@ def _write(results: dict, out: Path) -> None:
         lines.append(f"| bf16 | ours, memory-aware ({m['layers']['keep']} of 32 layers keep activations) | {m['tokens_per_s']:,.0f} | "
                      f"{1000 * m['step_s_min']:.0f}-{1000 * m['step_s_max']:.0f} | {m['peak_gib']:.1f} | {_fmt(m.get('speedup'), '.2f')}x | {_fmt(m.get('memory_ratio'), '.2f')}x | "
                      f"{100 * m['mfu']:.1f}% | {m['plan']['tokens_per_s']:,.0f} | {m['plan']['peak_gib']:.1f} | | |")
-    x = results.get("nf4_experiment_compiled")
-    if x:
-        lines.append(f"| nf4 | experiment: ours with model.compile=true | {x['tokens_per_s']:,.0f} | "
-                     f"{1000 * x['step_s_min']:.0f}-{1000 * x['step_s_max']:.0f} | {x['peak_gib']:.1f} | {_fmt(x.get('speedup'), '.2f')}x | "
-                     f"{_fmt(x.get('memory_ratio'), '.2f')}x | | | | | |")
-    x = results.get("bf16_experiment_embeddings_first")
-    if x:
-        lines.append(f"| bf16 | experiment: ours with the embedding group first in the optimizer | {x['tokens_per_s']:,.0f} | "
-                     f"{1000 * x['step_s_min']:.0f}-{1000 * x['step_s_max']:.0f} | {x['peak_gib']:.1f} | {_fmt(x.get('speedup'), '.2f')}x | "
-                     f"{_fmt(x.get('memory_ratio'), '.2f')}x | | | | | |")
+    for key, mode, label in (("nf4_experiment_compiled", "nf4", "experiment: ours with model.compile=true"),
+                             ("bf16_experiment_embeddings_first", "bf16",
+                              "experiment: ours with the embedding group first in the optimizer")):
+        x = results.get(key)
+        if x:
+            lines.append(f"| {mode} | {label} | {x['tokens_per_s']:,.0f} | "
+                         f"{1000 * x['step_s_min']:.0f}-{1000 * x['step_s_max']:.0f} | {x['peak_gib']:.1f} | "
+                         f"{_fmt(x.get('speedup'), '.2f')}x | {_fmt(x.get('memory_ratio'), '.2f')}x | | | | | |")
     runs = results.get("setup", {}).get("runs", 1)
     lines += ["", f"Each row: {results['setup']['warmup_steps']} warm-up + {results['setup']['timed_steps']} timed steps, "
               f"tokens/s = tokens / mean step time, {runs} run(s) per row (the anchor used 2). Peak = "
