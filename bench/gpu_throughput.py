@@ -159,6 +159,21 @@ def baseline_setup(model_dir: Path, mode: str):
     return model, opt, emb_named
 
 
+def _baseline_step(model, opt):
+    """The anchor's loop body: forward with labels under bf16 autocast, backward, step, zero_grad."""
+    import torch
+
+    def step(ids):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
 def worker_baseline(args) -> dict:
     import torch
 
@@ -171,13 +186,7 @@ def worker_baseline(args) -> dict:
     before = _embedding_snapshot(emb_named)
     seen = set()
 
-    def step(ids):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+    step = _baseline_step(model, opt)
 
     times, losses = [], []
     for i, ids in enumerate(data):
@@ -325,12 +334,7 @@ def worker_long(args) -> dict:
     if args.system == "baseline":
         model, opt, _ = baseline_setup(Path(args.model_dir), args.mode)
 
-        def step(ids):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step = _baseline_step(model, opt)
     else:
         from accelerate import Accelerator
 
