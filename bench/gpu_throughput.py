@@ -308,7 +308,10 @@ def worker_ours(args) -> dict:
               "break_reasons": [k[:300] for k in counters["graph_break"]][:5]}
     res = _result(args, times, losses, setup_s=setup_s, kernels=getattr(base, "_cpt_kernels", []), layers=plan_layers,
                   dynamo=dynamo)
-    res["embedding_changed"] = _changed_fraction(before, emb_named, data.seen)
+    from cpt.optim import master_weight
+    # The values being trained: for split masters the bf16 weight together with its low half.
+    res["embedding_changed"] = _changed_fraction(before, {k: master_weight(p, trainer.optimizer) for k, p in emb_named.items()},
+                                                 data.seen)
     if args.profile:
         model, opt, loss_fn = trainer.model, trainer.optimizer, bundle.loss_fn
         ids = torch.randint(0, TOKEN_HIGH, (args.batch, args.seq), device="cuda")

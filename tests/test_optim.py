@@ -81,3 +81,41 @@ def test_adamw_8bit_without_syncs_matches_bitsandbytes(monkeypatch):
     for a, b in zip(ours, ref):
         for k, v in opt.state[a].items():
             assert torch.equal(v, ref_opt.state[b][k]) if torch.is_tensor(v) else v == ref_opt.state[b][k], k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: bitsandbytes' GPU kernels and the compiled update")
+def test_split_masters_follow_bitsandbytes_on_float32_copies():
+    """The trained-embedding path (bf16 weight + low half, our compiled blockwise update, sparse rows)
+    tracks bitsandbytes' AdamW8bit run on float32 copies of the same matrices."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from cpt.optim import _adamw_8bit_without_syncs, join_float32, mark_split_master
+
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(1000, 96, generator=g) * 0.02, torch.randn(517, 64, generator=g) * 0.02]
+    init = [t.bfloat16().float().cuda() for t in init]  # start from values bf16 holds exactly
+    ref = [torch.nn.Parameter(t.clone()) for t in init]
+    ours = [torch.nn.Parameter(t.bfloat16()) for t in init]
+    for p in ours:
+        mark_split_master(p)
+    kw = dict(betas=(0.9, 0.999), eps=1e-8)
+    ref_opt = bnb.optim.AdamW8bit([{"params": ref, "lr": 1e-4, "weight_decay": 0.01}], **kw)
+    opt = _adamw_8bit_without_syncs()([{"params": ours, "lr": 1e-4, "weight_decay": 0.01}], **kw)
+    for _ in range(4):
+        rows = torch.randint(0, 1000, (300,), generator=g)
+        vals = torch.randn(300, 96, generator=g).bfloat16().cuda()
+        sparse = torch.sparse_coo_tensor(rows[None].cuda(), vals, (1000, 96))
+        dense = torch.randn(517, 64, generator=g).bfloat16().cuda()
+        ref[0].grad, ref[1].grad = sparse.coalesce().to_dense().float(), dense.float()
+        ours[0].grad, ours[1].grad = sparse, dense
+        ref_opt.step()
+        opt.step()
+    for p, r, start in zip(ours, ref, init):
+        master = join_float32(p.detach(), opt.state[p]["lo"])
+        close = (master - r.detach()).abs() <= 1e-6
+        assert close.float().mean() > 0.99, close.float().mean()
+        assert (master != start).float().mean() > 0.5
+    state = opt.state_dict()
+    opt2 = _adamw_8bit_without_syncs()([{"params": ours, "lr": 1e-4, "weight_decay": 0.01}], **kw)
+    opt2.load_state_dict(state)
+    assert opt2.state[ours[0]]["lo"].dtype == torch.int16
+    assert torch.equal(opt2.state[ours[0]]["lo"], opt.state[ours[0]]["lo"])

@@ -2,7 +2,8 @@
 
 The continued-pretraining recipe lives here: LoRA (rsLoRA) on the projections, and `embed_tokens` /
 `lm_head` trained in full through peft's `modules_to_save`, kept as float32 master copies so that
-small updates (lr 1e-6) do not round away in bf16. Tied embeddings stay tied.
+small updates (lr 1e-6) do not round away in bf16 (with the 8-bit optimizer in bf16: held as the bf16
+weight plus a low half in the optimizer state, cpt.optim). Tied embeddings stay tied.
 
     python -m pytest tests/test_model.py -q
 """
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from cpt.config import EMBEDDING_MODULES, Config, ConfigError, ModelConfig
+from cpt.optim import SPLIT_MASTER, mark_split_master
 
 log = logging.getLogger("cpt")
 
@@ -194,7 +196,15 @@ def add_adapters(model: nn.Module, cfg: Config, compute_dtype: torch.dtype) -> n
     if not lora_targets:
         raise ConfigError("adapter.target_modules has no LoRA projection (only embeddings); add e.g. q_proj, v_proj or use adapter.method=full")
     if a.embedding_master_dtype == "float32":
+        split = use_split_masters(cfg, compute_dtype)
         for leaf, mod in trained_embedding_modules(model).items():
+            if split:
+                # bf16 weight + low half in the optimizer state: float32 masters at bf16 gradient cost.
+                mod.to(torch.bfloat16)
+                mark_split_master(mod.weight)
+                if leaf == "embed_tokens" and not tied and _world_size() == 1:
+                    mod.sparse = True  # a gradient for the rows the batch used, not a dense 0.5B matrix
+                continue
             if mod.weight.dtype != torch.float32:
                 mod.float()
             if leaf == "embed_tokens" and compute_dtype != torch.float32:
@@ -203,9 +213,26 @@ def add_adapters(model: nn.Module, cfg: Config, compute_dtype: torch.dtype) -> n
             if leaf == "lm_head":
                 mod.register_forward_pre_hook(_cast_input_to_weight)
     for n, p in model.named_parameters():
-        if p.requires_grad and p.dtype != torch.float32 and p.is_floating_point():
+        if p.requires_grad and p.dtype != torch.float32 and p.is_floating_point() and not getattr(p, SPLIT_MASTER, False):
             p.data = p.data.float()  # every trained tensor has a float32 master
     return model
+
+
+def use_split_masters(cfg: Config, compute_dtype: torch.dtype) -> bool:
+    """Whether the trained embeddings' float32 masters are held split (bf16 weight + int16 low half,
+    cpt.optim): bf16 runs of LoRA with the 8-bit optimizer, which knows the layout; not under FSDP,
+    whose sharded parameters the optimizer sees as pieces."""
+    return (cfg.adapter.method == "lora" and cfg.adapter.embedding_master_dtype == "float32"
+            and compute_dtype == torch.bfloat16 and cfg.train.optim == "adamw_8bit" and not cfg.train.fsdp)
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def sparse_gradients(model: nn.Module) -> bool:
+    """Whether some trained embedding produces row-sparse gradients (the loop clips them itself)."""
+    return any(getattr(m, "sparse", False) for m in trained_embedding_modules(model).values())
 
 
 def _weights_shared(model: nn.Module) -> bool:

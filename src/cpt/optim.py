@@ -41,10 +41,19 @@ def _adamw_8bit_without_syncs() -> type:
     updates are queued on one stream in order either way. With ~450 LoRA tensors that serialises the
     host and the GPU for each of them: about 25 ms of an 8B step in which the GPU waits for Python
     (bench/NOTES.md). Same kernels, same arguments, same order, so the same result bit for bit.
+
+    Parameters marked as split masters (the trained embeddings of a bf16 run, `mark_split_master`)
+    take `split_adamw8bit_step` instead: the same blockwise 8-bit AdamW, updating the float32 value
+    that the bf16 weight and its low half in the optimizer state make together.
     """
     import bitsandbytes as bnb
 
     class AdamW8bit(bnb.optim.AdamW8bit):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # The low halves of split masters are integers: loading a checkpoint must not cast them.
+            self.non_castable_tensor_keys = set(self.non_castable_tensor_keys) | {"lo"}
+
         @torch.no_grad()
         def step(self, closure=None):
             if self.is_paged:
@@ -61,12 +70,222 @@ def _adamw_8bit_without_syncs() -> type:
                 for pindex, p in enumerate(group["params"]):
                     if p.grad is None:
                         continue
+                    if getattr(p, SPLIT_MASTER, False):
+                        self._split_step(group, p)
+                        continue
                     if not self.state[p]:
                         self.init_state(group, p, gindex, pindex)
                     self.update_step(group, p, gindex, pindex)
             return loss
 
+        def _split_step(self, group: dict, p: torch.Tensor) -> None:
+            """Trained embeddings held as bf16 + low bits (see split_float32): our blockwise update."""
+            state = self.state[p]
+            if not state:
+                n = p.numel()
+                padded = -(-n // BLOCK) * BLOCK
+                state["step"] = 0
+                state["state1"] = torch.zeros(padded, dtype=torch.uint8, device=p.device)
+                state["state2"] = torch.zeros(padded, dtype=torch.uint8, device=p.device)
+                state["absmax1"] = torch.zeros(padded // BLOCK, dtype=torch.float32, device=p.device)
+                state["absmax2"] = torch.zeros(padded // BLOCK, dtype=torch.float32, device=p.device)
+                state["lo"] = torch.zeros(p.shape, dtype=torch.int16, device=p.device)
+            if "dynamic" not in self.name2qmap:
+                self.fill_qmap()
+            key = ("maps", p.device)
+            if key not in self.name2qmap:
+                self.name2qmap[key] = QuantMaps(self.name2qmap["dynamic"], self.name2qmap["udynamic"], p.device)
+            state["step"] += 1
+            b1, b2 = group["betas"][0], group["betas"][1]
+            split_adamw8bit_step(p, p.grad, state, self.name2qmap[key], lr=group["lr"], betas=(b1, b2),
+                                 eps=group["eps"], weight_decay=group["weight_decay"], step=state["step"])
+
     return AdamW8bit
+
+
+# ---------------------------------------------------------------------------- split float32 masters
+#
+# A trained embedding matrix of a bf16 run needs float32 masters: at lr 1e-6 almost every update is
+# smaller than half a bf16 step and rounds away (gpu_anchor.md: 2% of elements ever change). The usual
+# answer, a float32 copy beside the bf16 weight or a float32 weight cast for every use, costs 4 bytes
+# per element plus float32 gradients. Here the float32 value is kept in two 16-bit halves: the bf16
+# weight the model computes with (the float32 value rounded to nearest) and an int16 remainder that
+# lives in the optimizer state. Together they are the float32 master bit for bit; autograd sees a bf16
+# weight, so its gradient is bf16 too. On an 8B model's 1.05B embedding elements this saves 2 GiB of
+# gradients and the per-step casts, and loses nothing.
+
+SPLIT_MASTER = "_cpt_split_master"
+BLOCK = 256  # elements per quantisation block of the 8-bit states (as bitsandbytes' blockwise optimizers)
+_CHUNK_ELEMENTS = 1 << 24  # elements updated per call: float32 temporaries stay at 64 MiB each
+
+
+def mark_split_master(p: torch.Tensor) -> None:
+    """Let the 8-bit optimizer treat this bf16 parameter as the high half of a float32 master."""
+    if p.dtype != torch.bfloat16 or p.ndim != 2:
+        raise ValueError(f"split masters are 2-d bf16 weights, not {p.dtype} {tuple(p.shape)}")
+    setattr(p, SPLIT_MASTER, True)
+
+
+def split_float32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 -> (the nearest bf16, an int16 remainder); join_float32 gives x back bit for bit.
+
+    bf16 is the top half of a float32's bits, so rounding is an integer add on the bit pattern; the
+    remainder is what the rounding took away, in [-2**15, 2**15)."""
+    bits = x.contiguous().view(torch.int32)
+    high = (bits + 0x8000) >> 16
+    low = bits - (high << 16)
+    return high.to(torch.int16).view(torch.bfloat16), low.to(torch.int16)
+
+
+def join_float32(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    return ((high.view(torch.int16).to(torch.int32) << 16) + low.to(torch.int32)).view(torch.float32)
+
+
+class QuantMaps:
+    """The 256 values an 8-bit state can take (signed for the first moment, unsigned for the second)
+    and the midpoints between neighbours, so that rounding to the nearest value is one bucketize."""
+
+    def __init__(self, signed: torch.Tensor, unsigned: torch.Tensor, device: torch.device):
+        for name, m in (("signed", signed), ("unsigned", unsigned)):
+            if m.numel() != 256 or bool((m[1:] < m[:-1]).any()):
+                raise ValueError(f"the {name} 8-bit map must hold 256 sorted values")
+        self.q1, self.q2 = signed.float().to(device), unsigned.float().to(device)
+        self.mid1, self.mid2 = (self.q1[1:] + self.q1[:-1]) / 2, (self.q2[1:] + self.q2[:-1]) / 2
+
+
+def _adamw8bit_blocks(master, g, s1, s2, a1, a2, q1, q2, mid1, mid2, hp):
+    """Blockwise 8-bit AdamW on flat float32 `master` and gradient `g` (length a multiple of BLOCK).
+    Returns the new master, states and block maxima. hp = [beta1, beta2, step size, eps, decay]:
+    the bias corrections are folded into step size and eps, and weight decay multiplies after the
+    update, as in bitsandbytes' kernels."""
+    b1, b2, step_size, eps, decay = hp[0], hp[1], hp[2], hp[3], hp[4]
+    g = g.float().view(-1, BLOCK)
+    m = q1[s1.long()].view(-1, BLOCK) * a1[:, None] * b1 + (1 - b1) * g
+    v = q2[s2.long()].view(-1, BLOCK) * a2[:, None] * b2 + (1 - b2) * g * g
+    new = (master.view(-1, BLOCK) + step_size * m / (v.sqrt() + eps)) * decay
+    n1 = m.abs().amax(1, keepdim=True)
+    n2 = v.amax(1, keepdim=True)
+    i1 = torch.bucketize(m / n1.clamp_min(1e-30), mid1)
+    i2 = torch.bucketize(v / n2.clamp_min(1e-30), mid2)
+    return new.view(-1), i1.to(torch.uint8).view(-1), i2.to(torch.uint8).view(-1), n1.view(-1), n2.view(-1)
+
+
+def _split_chunk(high, low, g, s1, s2, a1, a2, q1, q2, mid1, mid2, hp):
+    """Update rows of a split master in place; `g` is the dense gradient of those rows."""
+    n = high.numel()
+    pad = s1.numel() - n  # only the last chunk of a matrix whose size is not a multiple of BLOCK
+    master = join_float32(high, low).view(-1)
+    g = g.reshape(-1)
+    if pad:
+        master, g = torch.nn.functional.pad(master, (0, pad)), torch.nn.functional.pad(g, (0, pad))
+    new, i1, i2, n1, n2 = _adamw8bit_blocks(master, g, s1, s2, a1, a2, q1, q2, mid1, mid2, hp)
+    h, lo = split_float32(new[:n].view(high.shape))
+    high.copy_(h)
+    low.copy_(lo)
+    s1.copy_(i1)
+    s2.copy_(i2)
+    a1.copy_(n1)
+    a2.copy_(n2)
+
+
+def _split_chunk_sparse(high, low, slot, values, s1, s2, a1, a2, q1, q2, mid1, mid2, hp):
+    """As _split_chunk, the gradient given as rows: row i's is values[slot[i]], or zero if slot[i] < 0.
+    Rows without a gradient still move (their moments decay), exactly as with a dense zero gradient."""
+    g = torch.where((slot >= 0)[:, None], values[slot.clamp(min=0)], 0)
+    _split_chunk(high, low, g, s1, s2, a1, a2, q1, q2, mid1, mid2, hp)
+
+
+_compiled: dict = {}
+
+
+def _chunk_fn(sparse: bool, device: torch.device) -> Callable:
+    fn = _split_chunk_sparse if sparse else _split_chunk
+    if device.type != "cuda":
+        return fn
+    if sparse not in _compiled:
+        # One fused kernel per chunk instead of ~30 passes over it; any compiler failure falls back.
+        _compiled[sparse] = torch.compile(fn)
+    return _compiled[sparse]
+
+
+def _run_chunk(sparse: bool, device: torch.device, *args) -> None:
+    fn = _chunk_fn(sparse, device)
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - a compiler problem must not stop training
+        if fn is (_split_chunk_sparse if sparse else _split_chunk):
+            raise
+        import logging
+
+        logging.getLogger("cpt").warning("compiling the 8-bit embedding update failed (%s: %s); running it uncompiled",
+                                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        _compiled[sparse] = _split_chunk_sparse if sparse else _split_chunk
+        _compiled[sparse](*args)
+
+
+def split_adamw8bit_step(p: torch.Tensor, grad: torch.Tensor, state: dict, maps: QuantMaps, *, lr: float,
+                         betas: tuple[float, float], eps: float, weight_decay: float, step: int) -> None:
+    """One AdamW step (8-bit blockwise states) of the float32 master held as bf16 `p` + state["lo"].
+    `grad` is dense, or sparse COO over rows (an embedding's gradient: only the rows the batch used)."""
+    b1, b2 = betas
+    c1 = 1 - b1 ** step
+    c2 = math.sqrt(1 - b2 ** step)
+    hp = torch.tensor([b1, b2, -lr * c2 / c1, eps * c2, 1 - lr * weight_decay], dtype=torch.float32)
+    hp = hp.pin_memory().to(p.device, non_blocking=True) if p.device.type == "cuda" else hp
+    rows, width = p.shape
+    step_rows = max(1, _CHUNK_ELEMENTS // width)
+    align = BLOCK // math.gcd(width, BLOCK)  # chunks start on a block boundary
+    step_rows = max(align, step_rows // align * align)
+    sparse = grad.is_sparse
+    if sparse:
+        grad = grad.coalesce()
+        slot = torch.full((rows,), -1, dtype=torch.int64, device=p.device)
+        idx = grad.indices()[0]
+        slot[idx] = torch.arange(idx.numel(), device=p.device)
+        values = grad.values()
+        if values.numel() == 0:
+            values = torch.zeros(1, width, dtype=p.dtype, device=p.device)
+    maps_args = (maps.q1, maps.q2, maps.mid1, maps.mid2, hp)
+    for r0 in range(0, rows, step_rows):
+        r1 = min(rows, r0 + step_rows)
+        e0 = r0 * width
+        e1 = min(state["state1"].numel(), -(-(r1 * width) // BLOCK) * BLOCK)
+        states = (state["state1"][e0:e1], state["state2"][e0:e1],
+                  state["absmax1"][e0 // BLOCK:e1 // BLOCK], state["absmax2"][e0 // BLOCK:e1 // BLOCK])
+        high, low = p.data[r0:r1], state["lo"][r0:r1]
+        if sparse:
+            _run_chunk(True, p.device, high, low, slot[r0:r1], values, *states, *maps_args)
+        else:
+            _run_chunk(False, p.device, high, low, grad[r0:r1], *states, *maps_args)
+
+
+def master_weight(p: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """The float32 value the optimizer trains for p: for a split master the weight and its low half."""
+    state = getattr(optimizer, "optimizer", optimizer).state.get(p, {})
+    if getattr(p, SPLIT_MASTER, False) and "lo" in state:
+        return join_float32(p.detach(), state["lo"])
+    return p.detach()
+
+
+def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_ (2-norm over all gradients), also over row-sparse gradients, whose
+    repeated rows are summed first. Returns the norm before clipping."""
+    grads = []
+    for p in params:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+            grads.append(p.grad._values())
+        else:
+            grads.append(p.grad)
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, coef)
+    return total
 
 
 def warmup_steps(t: TrainConfig, total_steps: int) -> int:

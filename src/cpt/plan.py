@@ -144,6 +144,12 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
     n_trained_emb = emb_elems * (1 if s.tied else len(trained_emb))
     n_all_emb = emb_elems * (1 if s.tied else 2)
     master = 4 if (ours and a.embedding_master_dtype == "float32") else 2
+    # Split masters (cpt.optim): the same 4 bytes as bf16 weight + low half, but bf16 gradients, no
+    # bf16 copy of the head for the matmuls, and embed_tokens' gradient only for the rows used.
+    import torch
+    from cpt.model import use_split_masters
+    split = ours and master == 4 and use_split_masters(cfg, torch.bfloat16)
+    sparse_embed = split and not s.tied and "embed_tokens" in trained_emb  # one process
     state_bytes = 2 if t.optim == "adamw_8bit" else 8
 
     mem: dict[str, float] = {}
@@ -163,7 +169,13 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
         n_lora = s.layers * sum(a.r * (i + o) for k, (i, o) in s.linear_shapes().items() if k in targets)
         mem["LoRA adapters (float32)"] = n_lora * 4
         mem["optimizer states"] = (n_trained_emb + n_lora) * state_bytes
-        grads = n_trained_emb * master + n_lora * 4
+        if split:
+            head = emb_elems if (s.tied or "lm_head" in trained_emb) else 0
+            embed = 0 if s.tied or "embed_tokens" not in trained_emb else (
+                tokens * t.gradient_accumulation_steps * (s.hidden * 2 + 8) if sparse_embed else emb_elems * 2)
+            grads = head * 2 + embed + n_lora * 4
+        else:
+            grads = n_trained_emb * master + n_lora * 4
     mem["norms"] = (2 * s.layers + 1) * s.hidden * 2
     static = sum(mem.values())
 
@@ -183,8 +195,8 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
     if fused:
         chunk = min(tokens, max(1, (1 << 27) // s.vocab))
         # bf16 copy of the head for the matmuls, float32 logits of one chunk and its bf16 gradient.
-        loss = v_h * 2 * (master == 4) + chunk * s.vocab * (4 + 2 + 2)
-        head_grad_early = v_h * master if "lm_head" in trained_emb or s.tied else 0
+        loss = v_h * 2 * (master == 4 and not split) + chunk * s.vocab * (4 + 2 + 2)
+        head_grad_early = v_h * (2 if split else master) if "lm_head" in trained_emb or s.tied else 0
     else:
         # bf16 logits, their float32 upcast and its gradient, the bf16 gradient of the logits.
         loss = tokens * s.vocab * (2 + 4 + 4 + 2)

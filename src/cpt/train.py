@@ -26,8 +26,8 @@ import torch
 from cpt import checkpoint as ckpt
 from cpt.config import Config, ConfigError, OutputConfig
 from cpt.distributed import Parallel, build_accelerator, plain
-from cpt.model import ModelBundle
-from cpt.optim import build_optimizer, build_scheduler
+from cpt.model import ModelBundle, sparse_gradients
+from cpt.optim import build_optimizer, build_scheduler, clip_grad_norm_
 
 log = logging.getLogger("cpt")
 
@@ -115,6 +115,10 @@ class Trainer:
         optimizer = build_optimizer(bundle.groups, cfg.train, bundle.device)
         self.scheduler = build_scheduler(optimizer, cfg.train, self.total_steps)
         self.model, self.optimizer = self.parallel.prepare(bundle.model, optimizer)
+        self.sparse_grads = sparse_gradients(bundle.model)
+        if self.sparse_grads and self.world > 1:
+            raise ConfigError("row-sparse embedding gradients were set up for one process but this run has "
+                              f"{self.world}; build the model after the launcher has set WORLD_SIZE")
         self.state = TrainState()
         self.metrics_file: Optional[Any] = None
         self.tb: Any = None
@@ -337,7 +341,10 @@ class Trainer:
                         loss = self.bundle.loss_fn(model, b, max(n_items, 1)) * self.world
                         acc.backward(loss)
                     step_loss += loss.detach() / self.world
-                grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+                max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+                # Row-sparse embedding gradients (one process only) need their rows summed before the norm.
+                grad_norm = (clip_grad_norm_(model.parameters(), max_norm) if self.sparse_grads
+                             else acc.clip_grad_norm_(model.parameters(), max_norm))
                 loss_value = float(acc.reduce(step_loss, "sum")) if self.world > 1 else float(step_loss)
                 grad_value = float(plain(grad_norm)) if grad_norm is not None else float("nan")
                 finite = math.isfinite(loss_value) and (math.isfinite(grad_value) or acc.mixed_precision == "fp16")

@@ -1,0 +1,186 @@
+"""Float32 masters held as bf16 weight + int16 low half, their blockwise 8-bit AdamW update, and
+row-sparse embedding gradients (cpt.optim, cpt.model)."""
+import pytest
+import torch
+
+import cpt.optim as optim
+from cpt.optim import QuantMaps, clip_grad_norm_, join_float32, split_adamw8bit_step, split_float32
+
+SIGNED = torch.linspace(-1, 1, 256)
+UNSIGNED = torch.linspace(0, 1, 256) ** 2
+
+
+def _maps():
+    return QuantMaps(SIGNED, UNSIGNED, torch.device("cpu"))
+
+
+def test_split_is_exact_and_its_high_half_is_the_nearest_bf16():
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31 - 1, (200_000,), generator=g, dtype=torch.int64).to(torch.int32)
+    x = bits.view(torch.float32)
+    x = torch.cat([x[torch.isfinite(x)], torch.tensor([0.0, -0.0, 1e-40, -1e-40, 3.0e38, -3.0e38, 1.0, -1.0])])
+    high, low = split_float32(x)
+    assert high.dtype == torch.bfloat16 and low.dtype == torch.int16
+    assert torch.equal(join_float32(high, low).view(torch.int32), x.view(torch.int32))
+    tie = (x.view(torch.int32) & 0xFFFF) == 0x8000  # exactly halfway: we round up in magnitude, torch to even
+    assert torch.equal(high[~tie].float(), x[~tie].bfloat16().float())
+    assert ((high.float() - x).abs() <= (x.bfloat16().float() - x).abs() * 1.0001 + (x == 0)).all() or tie.any()
+
+
+def _reference_step(master, grad, m, v, lr, betas, eps, wd, step):
+    """Blockwise 8-bit AdamW written plainly: float64, a loop over blocks, nearest value by argmin."""
+    b1, b2 = betas
+    out_master = master.double().clone().view(-1)
+    flat_g = grad.double().reshape(-1)
+    n = flat_g.numel()
+    q1, q2 = SIGNED.double(), UNSIGNED.double()
+    idx1, idx2 = torch.zeros(len(m["q"]), dtype=torch.uint8), torch.zeros(len(v["q"]), dtype=torch.uint8)
+    max1, max2 = torch.zeros(len(m["max"]), dtype=torch.float64), torch.zeros(len(v["max"]), dtype=torch.float64)
+    for blk in range(len(m["max"])):
+        sl = slice(blk * 256, min(n, blk * 256 + 256))
+        k = sl.stop - sl.start
+        mm = q1[m["q"][blk * 256:blk * 256 + k].long()] * m["max"][blk] * b1 + (1 - b1) * flat_g[sl]
+        vv = q2[v["q"][blk * 256:blk * 256 + k].long()] * v["max"][blk] * b2 + (1 - b2) * flat_g[sl] ** 2
+        c1, c2 = 1 - b1 ** step, (1 - b2 ** step) ** 0.5
+        out_master[sl] = (out_master[sl] - lr * c2 / c1 * mm / (vv.sqrt() + eps * c2)) * (1 - lr * wd)
+        max1[blk], max2[blk] = mm.abs().max(), vv.max()
+        idx1[blk * 256:blk * 256 + k] = (mm[:, None] / max(max1[blk], 1e-30) - q1[None]).abs().argmin(1).to(torch.uint8)
+        idx2[blk * 256:blk * 256 + k] = (vv[:, None] / max(max2[blk], 1e-30) - q2[None]).abs().argmin(1).to(torch.uint8)
+    return out_master.view(master.shape), {"q": idx1, "max": max1}, {"q": idx2, "max": max2}
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (37, 24)])  # the second is not a whole number of blocks
+def test_update_matches_a_plain_blockwise_8bit_adamw(shape, monkeypatch):
+    monkeypatch.setattr(optim, "_CHUNK_ELEMENTS", 300)  # several chunks per matrix
+    g = torch.Generator().manual_seed(1)
+    master = torch.randn(shape, generator=g) * 0.02
+    high, low = split_float32(master)
+    p = torch.nn.Parameter(high.clone())
+    state = {}
+    ref_master = master.clone()
+    blocks = -(-master.numel() // 256)
+    ref_m = {"q": torch.full((blocks * 256,), 127, dtype=torch.uint8), "max": torch.zeros(blocks, dtype=torch.float64)}
+    ref_v = {"q": torch.zeros(blocks * 256, dtype=torch.uint8), "max": torch.zeros(blocks, dtype=torch.float64)}
+    for step in range(1, 4):
+        grad = torch.randn(shape, generator=g).bfloat16()
+        if not state:
+            n = blocks * 256
+            state = {"state1": torch.full((n,), 127, dtype=torch.uint8), "state2": torch.zeros(n, dtype=torch.uint8),
+                     "absmax1": torch.zeros(blocks), "absmax2": torch.zeros(blocks), "lo": low.clone()}
+        split_adamw8bit_step(p, grad, state, _maps(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, step=step)
+        ref_master, ref_m, ref_v = _reference_step(ref_master, grad, ref_m, ref_v, 1e-3, (0.9, 0.999), 1e-8, 0.1, step)
+        ref_master = ref_master.float()
+        n = master.numel()
+        assert (state["state1"][:n] == ref_m["q"][:n]).float().mean() > 0.995
+        assert (state["state2"][:n] == ref_v["q"][:n]).float().mean() > 0.995
+        torch.testing.assert_close(state["absmax1"].double(), ref_m["max"], rtol=1e-5, atol=1e-9)
+        ours = join_float32(p.detach(), state["lo"])
+        diff = (ours - ref_master).abs()  # a state rounded to the other neighbour moves an element by a little
+        assert (diff <= 2e-6).float().mean() > 0.995 and diff.max() < 1e-4
+        assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), split_float32(ours)[0])
+    assert not torch.equal(ours, master)
+
+
+def _fresh_state(shape):
+    blocks = -(-shape[0] * shape[1] // 256)
+    return {"state1": torch.full((blocks * 256,), 127, dtype=torch.uint8), "state2": torch.zeros(blocks * 256, dtype=torch.uint8),
+            "absmax1": torch.zeros(blocks), "absmax2": torch.zeros(blocks), "lo": torch.zeros(shape, dtype=torch.int16)}
+
+
+def test_sparse_row_gradient_gives_exactly_the_dense_update(monkeypatch):
+    """Rows outside the batch still move (their moments decay), as with a dense zero gradient."""
+    monkeypatch.setattr(optim, "_CHUNK_ELEMENTS", 256)
+    shape = (50, 16)
+    g = torch.Generator().manual_seed(2)
+    start = (torch.randn(shape, generator=g) * 0.02).bfloat16()
+    dense_p, sparse_p = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    dense_s, sparse_s = _fresh_state(shape), _fresh_state(shape)
+    for step in range(1, 4):
+        rows = torch.randint(0, shape[0], (12,), generator=g)  # repeats: the sparse tensor is uncoalesced
+        vals = torch.randn(12, shape[1], generator=g).bfloat16()
+        sparse = torch.sparse_coo_tensor(rows[None], vals, shape)
+        dense = sparse.coalesce().to_dense()  # repeated rows summed as the optimizer sums them
+        kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, step=step)
+        split_adamw8bit_step(dense_p, dense, dense_s, _maps(), **kw)
+        split_adamw8bit_step(sparse_p, sparse, sparse_s, _maps(), **kw)
+        assert torch.equal(dense_p, sparse_p)
+        for k in dense_s:
+            assert torch.equal(dense_s[k], sparse_s[k]), k
+    assert not torch.equal(dense_p.detach(), start)
+
+
+def test_tiny_updates_land_in_the_master_not_in_a_bf16_copy():
+    """lr 1e-6 on weights of ~0.02: each update is ~1/40 of a bf16 step."""
+    g = torch.Generator().manual_seed(3)
+    start = (torch.randn(64, 64, generator=g) * 0.02).bfloat16()
+    p = torch.nn.Parameter(start.clone())
+    state = _fresh_state(tuple(start.shape))
+    plain = torch.nn.Parameter(start.clone())
+    plain_opt = torch.optim.AdamW([plain], lr=1e-6, weight_decay=0.0)
+    for step in range(1, 6):
+        grad = torch.randn(start.shape, generator=g).bfloat16()
+        split_adamw8bit_step(p, grad, state, _maps(), lr=1e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, step=step)
+        plain.grad = grad.clone()
+        plain_opt.step()
+    master = join_float32(p.detach(), state["lo"])
+    assert (master != start.float()).float().mean() > 0.99
+    assert (plain.detach() != start).float().mean() < 0.2
+
+
+def test_clip_grad_norm_sums_repeated_rows_first():
+    g = torch.Generator().manual_seed(4)
+    a = torch.nn.Parameter(torch.zeros(10, 4))
+    b = torch.nn.Parameter(torch.zeros(3, 3))
+    rows = torch.tensor([1, 1, 7])
+    vals = torch.randn(3, 4, generator=g)
+    a.grad = torch.sparse_coo_tensor(rows[None], vals, (10, 4))
+    b.grad = torch.randn(3, 3, generator=g)
+    a_dense, b_dense = torch.nn.Parameter(torch.zeros(10, 4)), torch.nn.Parameter(torch.zeros(3, 3))
+    a_dense.grad, b_dense.grad = a.grad.to_dense(), b.grad.clone()
+    expected = torch.nn.utils.clip_grad_norm_([a_dense, b_dense], 0.5)
+    got = clip_grad_norm_([a, b], 0.5)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(a.grad.to_dense(), a_dense.grad)
+    torch.testing.assert_close(b.grad, b_dense.grad)
+
+
+def test_model_holds_split_masters_and_sparse_embedding_gradients(tiny_model_dir):
+    """bf16 LoRA with the 8-bit optimizer: bf16 trained copies marked as split masters, a row-sparse
+    embed_tokens gradient, the same loss as float32 masters within bf16 rounding; one update lands."""
+    from transformers import AutoModelForCausalLM
+
+    from cpt.config import load_config
+    from cpt.model import add_adapters, sparse_gradients, trained_embedding_modules
+
+    def build(*extra):
+        cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "adapter.r=8", "model.max_seq_length=64",
+                                 "adapter.use_gradient_checkpointing=false", *extra])
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+        for q in base.parameters():
+            q.requires_grad_(False)
+        return add_adapters(base, cfg, torch.bfloat16)
+
+    split = build("train.optim=adamw_8bit")
+    plain = build()
+    mods = trained_embedding_modules(split)
+    assert all(m.weight.dtype == torch.bfloat16 and getattr(m.weight, optim.SPLIT_MASTER, False) for m in mods.values())
+    assert mods["embed_tokens"].sparse and sparse_gradients(split) and not sparse_gradients(plain)
+    assert all(m.weight.dtype == torch.float32 for m in trained_embedding_modules(plain).values())
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(5))
+    losses = []
+    for model in (split, plain):
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        losses.append(out.loss.item())
+    assert abs(losses[0] - losses[1]) < 0.02 * abs(losses[1])
+    emb, head = mods["embed_tokens"].weight, mods["lm_head"].weight
+    assert emb.grad.is_sparse and set(emb.grad.coalesce().indices()[0].tolist()) == set(ids.unique().tolist())
+    assert not head.grad.is_sparse and head.grad.dtype == torch.bfloat16
+    for w in (emb, head):
+        state = _fresh_state(tuple(w.shape))
+        before = w.detach().clone()
+        nonzero = w.grad.to_dense() != 0  # every element with a gradient moves by ~lr, the others stay
+        split_adamw8bit_step(w, w.grad, state, _maps(), lr=1e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, step=1)
+        moved = join_float32(w.detach(), state["lo"]) != before.float()
+        assert torch.equal(moved, nonzero) and nonzero.float().mean() > (0.1 if w is emb else 0.9)
+        assert (w.detach() != before).float().mean() < 0.1  # the bf16 weight alone would have lost it
