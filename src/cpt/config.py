@@ -66,7 +66,7 @@ class AdapterConfig:
     random_state: int = _f(3407, "Seed for the adapter's initialisation.")
     use_gradient_checkpointing: Union[bool, str] = _f(True, "Recompute activations in the backward pass: true, false, or 'offload' (keep checkpointed inputs in host memory).")
     recompute_budget_gib: Optional[Union[float, str]] = _f(None, "Memory-aware recomputation (with use_gradient_checkpointing on): the first decoder layers keep their activations instead of recomputing them while `cpt plan`'s estimated peak stays under this many GiB; 'auto': 92% of the GPU's memory. null: every layer recomputes.")
-    embedding_master_dtype: Literal["float32", "model"] = _f("float32", "Dtype of the trained embed_tokens/lm_head copies. float32 keeps small updates from rounding away in bf16 runs.")
+    embedding_master_dtype: Literal["float32", "model"] = _f("float32", "Dtype of the trained embed_tokens/lm_head copies. float32 keeps small updates from rounding away in bf16 runs. With train.optim=adamw_8bit in bf16 (not FSDP) the float32 value is held as the bf16 weight plus a 16-bit low half in the optimizer state: bit-exact float32 masters with bf16 gradients, and embed_tokens gets a gradient only for the rows the batch used. The adapter then saves the bf16 weights; the checkpoint keeps the low halves.")
 
 
 @dataclass
