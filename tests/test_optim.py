@@ -119,3 +119,54 @@ def test_split_masters_follow_bitsandbytes_on_float32_copies():
     opt2.load_state_dict(state)
     assert opt2.state[ours[0]]["lo"].dtype == torch.int16
     assert torch.equal(opt2.state[ours[0]]["lo"], opt.state[ours[0]]["lo"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: bitsandbytes' GPU kernels and the compiled update")
+def test_flat_adapter_update_follows_bitsandbytes_and_its_checkpoints_are_interchangeable():
+    """Many float32 tensors updated in one flat pass track bitsandbytes' per-tensor AdamW8bit; a state
+    saved by one path loads into the other; a step where one tensor has no gradient uses the views."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from cpt.optim import _adamw_8bit_without_syncs
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(128, 96), (64, 128), (300, 17), (40, 200), (8, 16)]  # the last is below min_8bit_size
+    init = [torch.randn(s, generator=g).cuda() * 0.02 for s in shapes]
+    kw = dict(betas=(0.9, 0.999), eps=1e-8)
+
+    def make(cls, params):
+        return cls([{"params": params, "lr": 1e-3, "weight_decay": 0.1}], **kw)
+
+    ref = [torch.nn.Parameter(t.clone()) for t in init]
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    ref_opt, opt = make(bnb.optim.AdamW8bit, ref), make(_adamw_8bit_without_syncs(), ours)
+    assert opt._flat and len(next(iter(opt._flat.values())).members) == 4
+    grads = [[torch.randn(s, generator=g).cuda() for s in shapes] for _ in range(4)]
+    for k, step in enumerate(grads):
+        for p, r, gr in zip(ours, ref, step):
+            p.grad, r.grad = gr.clone(), gr.clone()
+        if k == 2:
+            ours[1].grad = ref[1].grad = None  # not every member has a gradient: the per-tensor path
+        ref_opt.step()
+        opt.step()
+    for p, r in zip(ours, ref):
+        close = (p.detach() - r.detach()).abs() <= 1e-6
+        assert close.float().mean() > 0.99, close.float().mean()
+        assert opt.state[p]["step"] == ref_opt.state[r]["step"]
+    # ours -> bnb and bnb -> ours
+    other = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    plain = make(bnb.optim.AdamW8bit, other)
+    plain.load_state_dict(opt.state_dict())
+    back = make(_adamw_8bit_without_syncs(), [torch.nn.Parameter(r.detach().clone()) for r in ref])
+    back.load_state_dict(ref_opt.state_dict())
+    for p in back.param_groups[0]["params"][:4]:
+        assert back.state[p]["state1"].data_ptr() != 0 and p.data.data_ptr() >= back._flat[0].master.data_ptr()
+    gr = [torch.randn(s, generator=g).cuda() for s in shapes]
+    for ps in (other, back.param_groups[0]["params"], ours):
+        for p, x in zip(ps, gr):
+            p.grad = x.clone()
+    plain.step()
+    back.step()
+    opt.step()
+    for a, b, c in zip(other, back.param_groups[0]["params"], ours):
+        assert ((a.detach() - c.detach()).abs() <= 1e-6).float().mean() > 0.99
+        assert ((b.detach() - c.detach()).abs() <= 1e-5).float().mean() > 0.95
