@@ -76,9 +76,16 @@ def test_adamw_8bit_without_syncs_matches_bitsandbytes(monkeypatch):
     assert syncs == 0
     assert isinstance(opt, bnb.optim.AdamW8bit)
     assert any(s["state1"].dtype == torch.uint8 for s in opt.state.values())  # the 8-bit path ran
+    # On CUDA the two large float32 tensors of the first group go through the flat pass (our kernel,
+    # compared with bitsandbytes in the tests below); the rest is bitsandbytes' own kernels, bit for bit.
+    flat = set().union(*(f.members for f in opt._flat.values()))
+    assert bool(flat) == (device == "cuda")
     for a, b, t in zip(ours, ref, init):
-        assert torch.equal(a, b) and not torch.equal(a.detach().cpu(), t)
-    for a, b in zip(ours, ref):
+        assert not torch.equal(a.detach().cpu(), t)
+        if a in flat:
+            assert ((a - b).abs() <= 1e-6).float().mean() > 0.99
+            continue
+        assert torch.equal(a, b)
         for k, v in opt.state[a].items():
             assert torch.equal(v, ref_opt.state[b][k]) if torch.is_tensor(v) else v == ref_opt.state[b][k], k
 

@@ -184,3 +184,49 @@ def test_model_holds_split_masters_and_sparse_embedding_gradients(tiny_model_dir
         moved = join_float32(w.detach(), state["lo"]) != before.float()
         assert torch.equal(moved, nonzero) and nonzero.float().mean() > (0.1 if w is emb else 0.9)
         assert (w.detach() != before).float().mean() < 0.1  # the bf16 weight alone would have lost it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA")
+def test_triton_kernel_gives_the_pytorch_update():
+    """cpt.kernels.adamw8bit against the PyTorch definition: split masters with dense and row-sparse
+    gradients (matrix sizes that are not whole blocks included), and plain float32 buffers."""
+    pytest.importorskip("triton")
+    from cpt.kernels.adamw8bit import adamw8bit_update
+
+    cuda = torch.device("cuda")
+    maps = QuantMaps(SIGNED, UNSIGNED, cuda)
+    g = torch.Generator().manual_seed(7)
+    for shape in [(640, 96), (37, 24), (1000, 64)]:
+        start = (torch.randn(shape, generator=g) * 0.02).bfloat16().cuda()
+        ref_p, p = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+        ref_s, s = ({k: v.cuda() for k, v in _fresh_state(shape).items()} for _ in range(2))
+        for step in range(1, 5):
+            if step % 2:
+                grad = torch.randn(shape, generator=g).bfloat16().cuda()
+            else:
+                rows = torch.randint(0, shape[0], (shape[0] // 3,), generator=g)
+                grad = torch.sparse_coo_tensor(rows[None], torch.randn(len(rows), shape[1], generator=g).bfloat16(), shape).cuda()
+            kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, step=step)
+            optim._TRITON["cuda"] = None  # the PyTorch operations
+            split_adamw8bit_step(ref_p, grad, ref_s, maps, **kw)
+            optim._TRITON["cuda"] = adamw8bit_update
+            split_adamw8bit_step(p, grad, s, maps, **kw)
+            ours, ref = join_float32(p.detach(), s["lo"]), join_float32(ref_p.detach(), ref_s["lo"])
+            assert (ours - ref).abs().max() < 1e-7
+            assert (s["state1"] == ref_s["state1"]).float().mean() > 0.999
+            assert (s["state2"] == ref_s["state2"]).float().mean() > 0.999
+    optim._TRITON.clear()
+    n = 5000
+    npad = -(-n // 256) * 256
+    a = torch.zeros(npad, device=cuda)
+    a[:n] = torch.randn(n, generator=g).cuda() * 0.02
+    b = a.clone()
+    sa = [torch.zeros(npad, dtype=torch.uint8, device=cuda) for _ in range(2)] + [torch.zeros(npad // 256, device=cuda) for _ in range(2)]
+    sb = [t.clone() for t in sa]
+    for step in range(1, 4):
+        gr = torch.zeros(npad, device=cuda)
+        gr[:n] = torch.randn(n, generator=g).cuda()
+        hp = optim._hyper(0.9, 0.999, 1e-3, 1e-8, 0.0, step, cuda)
+        optim._dense_chunk(a, gr, *sa, maps.q1, maps.q2, maps.mid1, maps.mid2, hp)
+        adamw8bit_update(b, None, gr, None, *sb, maps, hp)
+        assert (a - b).abs().max() < 1e-7 and (sa[0] == sb[0]).float().mean() > 0.999

@@ -230,31 +230,37 @@ def _dense_chunk(master, g, s1, s2, a1, a2, q1, q2, mid1, mid2, hp):
     a2.copy_(n2)
 
 
-_UPDATES = {"split": _split_chunk, "dense": _dense_chunk}
-_compiled: dict = {}
+_TRITON: dict = {}  # device type -> the Triton update, or None once it failed (then PyTorch runs)
 
 
-def _run_update(kind: str, device: torch.device, *args) -> None:
-    """Run one chunk update: compiled on CUDA (one fused kernel or two instead of ~30 passes over the
-    chunk), plain elsewhere; a compiler failure falls back to the plain function with a warning."""
-    plain = _UPDATES[kind]
+def _triton_update(device: torch.device) -> Optional[Callable]:
+    """cpt.kernels.adamw8bit's one-pass kernel on CUDA when Triton is there; None elsewhere."""
     if device.type != "cuda":
-        return plain(*args)
-    if kind not in _compiled:
-        # Static shapes: chunks come in one or two sizes per matrix (and one per flat group).
-        _compiled[kind] = torch.compile(plain, dynamic=False)
-    fn = _compiled[kind]
+        return None
+    if "cuda" not in _TRITON:
+        try:
+            from cpt.kernels.adamw8bit import adamw8bit_update
+        except ImportError:
+            adamw8bit_update = None
+        _TRITON["cuda"] = adamw8bit_update
+    return _TRITON["cuda"]
+
+
+def _try_triton(device: torch.device, *args) -> bool:
+    """Run the Triton update; False (and a warning, once) if there is none or it fails."""
+    fn = _triton_update(device)
+    if fn is None:
+        return False
     try:
         fn(*args)
-    except Exception as e:  # noqa: BLE001 - a compiler problem must not stop training
-        if fn is plain:
-            raise
+        return True
+    except Exception as e:  # noqa: BLE001 - a kernel that will not build must not stop training
         import logging
 
-        logging.getLogger("cpt").warning("compiling the 8-bit optimizer update failed (%s: %s); running it uncompiled",
+        logging.getLogger("cpt").warning("the Triton 8-bit AdamW kernel failed (%s: %s); updating with PyTorch operations",
                                          type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        _compiled[kind] = plain
-        plain(*args)
+        _TRITON["cuda"] = None
+        return False
 
 
 def _hyper(b1: float, b2: float, lr: float, eps: float, weight_decay: float, step: int, device: torch.device) -> torch.Tensor:
@@ -280,9 +286,12 @@ def split_adamw8bit_step(p: torch.Tensor, grad: torch.Tensor, state: dict, maps:
         slot = torch.full((rows,), -1, dtype=torch.int64, device=p.device)
         idx = grad.indices()[0]
         slot[idx] = torch.arange(idx.numel(), device=p.device)
-        values = grad.values()
+        values = grad.values().contiguous()
         if values.numel() == 0:
             values = torch.zeros(1, width, dtype=p.dtype, device=p.device)
+    if _try_triton(p.device, p.data, state["lo"], values if sparse else grad.contiguous(), slot if sparse else None,
+                   state["state1"], state["state2"], state["absmax1"], state["absmax2"], maps, hp):
+        return
     maps_args = (maps.q1, maps.q2, maps.mid1, maps.mid2, hp)
     for r0 in range(0, rows, step_rows):
         r1 = min(rows, r0 + step_rows)
@@ -291,9 +300,7 @@ def split_adamw8bit_step(p: torch.Tensor, grad: torch.Tensor, state: dict, maps:
         states = (state["state1"][e0:e1], state["state2"][e0:e1],
                   state["absmax1"][e0 // BLOCK:e1 // BLOCK], state["absmax2"][e0 // BLOCK:e1 // BLOCK])
         high, low = p.data[r0:r1], state["lo"][r0:r1]
-        # The sparse rows are made dense per chunk outside the compiled update, whose shapes stay fixed.
-        g = _rows(slot[r0:r1], values) if sparse else grad[r0:r1]
-        _run_update("split", p.device, high, low, g, *states, *maps_args)
+        _split_chunk(high, low, _rows(slot[r0:r1], values) if sparse else grad[r0:r1], *states, *maps_args)
 
 
 # ---------------------------------------------------------------------------- one pass over many adapter tensors
@@ -368,9 +375,10 @@ class _FlatGroup:
             g = torch.zeros(c, dtype=torch.float32, device=self.master.device)
             views = [g[self.offsets[i] - e0:self.offsets[i] - e0 + self.order[i].numel()] for i in idx]
             torch._foreach_copy_(views, [self.order[i].grad.reshape(-1) for i in idx])
-            _run_update("dense", self.master.device, self.master[e0:e1], g, self.s1[e0:e1], self.s2[e0:e1],
-                        self.a1[e0 // BLOCK:e1 // BLOCK], self.a2[e0 // BLOCK:e1 // BLOCK],
-                        self.maps.q1, self.maps.q2, self.maps.mid1, self.maps.mid2, hp)
+            chunk = (self.master[e0:e1], g, self.s1[e0:e1], self.s2[e0:e1], self.a1[e0 // BLOCK:e1 // BLOCK],
+                     self.a2[e0 // BLOCK:e1 // BLOCK])
+            if not _try_triton(self.master.device, chunk[0], None, g, None, *chunk[2:], self.maps, hp):
+                _dense_chunk(*chunk, self.maps.q1, self.maps.q2, self.maps.mid1, self.maps.mid2, hp)
 
 def master_weight(p: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
     """The float32 value the optimizer trains for p: for a split master the weight and its low half."""
@@ -394,10 +402,14 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
             grads.append(p.grad)
     if not grads:
         return torch.zeros(())
-    norms = torch._foreach_norm(grads)
-    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    by_dtype: dict[torch.dtype, list] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    total = torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs)).float()) for gs in by_dtype.values()]))
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, coef)
+    for gs in by_dtype.values():
+        torch._foreach_mul_(gs, coef.to(gs[0].dtype))
     return total
 
 

@@ -1,0 +1,94 @@
+"""Blockwise 8-bit AdamW as one Triton kernel (CUDA): the update cpt.optim defines, in one pass.
+
+Each program takes NB quantisation blocks of 256 elements: it dequantises both moments through the
+256-entry maps, adds the gradient, updates the float32 master (plain, or held split as bf16 weight +
+int16 low half), takes each block's new maximum, and rounds the moments back to the nearest map value
+with an 8-step binary search over the 255 midpoints. A row-sparse gradient (an embedding's) is read
+through a row -> slot table, so the rows the batch did not use are updated with a zero gradient
+without ever being made dense. About 14 bytes of traffic per element, against ~100 for the same
+update written as separate PyTorch operations.
+
+cpt.optim calls `adamw8bit_update` on CUDA when Triton is installed; `_adamw8bit_blocks` there is
+the same computation in PyTorch (CPU, and the reference the GPU test compares against).
+
+    python -m pytest tests/test_optim.py -q -k triton      (on a CUDA machine)
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 256
+BLOCKS_PER_PROGRAM = 4
+
+
+@triton.jit
+def _adamw8bit_kernel(p_ptr, lo_ptr, g_ptr, slot_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, q1_ptr, q2_ptr, mid1_ptr, mid2_ptr,
+                      hp_ptr, n, width, SPLIT: tl.constexpr, SPARSE: tl.constexpr, NB: tl.constexpr):
+    blk = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
+    offs = blk[:, None] * 256 + tl.arange(0, 256)[None, :]
+    mask = offs < n
+    b1 = tl.load(hp_ptr)
+    b2 = tl.load(hp_ptr + 1)
+    step_size = tl.load(hp_ptr + 2)
+    eps = tl.load(hp_ptr + 3)
+    decay = tl.load(hp_ptr + 4)
+    if SPARSE:
+        row = offs // width
+        slot = tl.load(slot_ptr + row, mask=mask, other=-1)
+        g = tl.load(g_ptr + slot * width + (offs - row * width), mask=mask & (slot >= 0), other=0.0).to(tl.float32)
+    else:
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    c1 = tl.load(s1_ptr + offs, mask=mask, other=0).to(tl.int32)
+    c2 = tl.load(s2_ptr + offs, mask=mask, other=0).to(tl.int32)
+    in_range = blk * 256 < n
+    am1 = tl.load(a1_ptr + blk, mask=in_range, other=0.0)
+    am2 = tl.load(a2_ptr + blk, mask=in_range, other=0.0)
+    m = tl.load(q1_ptr + c1) * am1[:, None] * b1 + (1 - b1) * g
+    v = tl.load(q2_ptr + c2) * am2[:, None] * b2 + (1 - b2) * g * g
+    m = tl.where(mask, m, 0.0)
+    v = tl.where(mask, v, 0.0)
+    if SPLIT:
+        hi = tl.load(p_ptr + offs, mask=mask, other=0)
+        lo = tl.load(lo_ptr + offs, mask=mask, other=0)
+        master = ((hi.to(tl.int32) << 16) + lo.to(tl.int32)).to(tl.float32, bitcast=True)
+    else:
+        master = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    new = (master + step_size * m / (tl.sqrt(v) + eps)) * decay
+    n1 = tl.max(tl.abs(m), axis=1)
+    n2 = tl.max(v, axis=1)
+    x1 = m / tl.maximum(n1, 1e-30)[:, None]
+    x2 = v / tl.maximum(n2, 1e-30)[:, None]
+    # index = number of midpoints below x (bucketize's convention): branch-free search over 255 sorted values
+    i1 = tl.zeros([NB, 256], dtype=tl.int32)
+    i2 = tl.zeros([NB, 256], dtype=tl.int32)
+    for k in tl.static_range(8):
+        half = 128 >> k
+        i1 = tl.where(tl.load(mid1_ptr + i1 + (half - 1)) < x1, i1 + half, i1)
+        i2 = tl.where(tl.load(mid2_ptr + i2 + (half - 1)) < x2, i2 + half, i2)
+    tl.store(s1_ptr + offs, i1.to(tl.uint8), mask=mask)
+    tl.store(s2_ptr + offs, i2.to(tl.uint8), mask=mask)
+    tl.store(a1_ptr + blk, n1, mask=in_range)
+    tl.store(a2_ptr + blk, n2, mask=in_range)
+    if SPLIT:
+        bits = new.to(tl.int32, bitcast=True)
+        high = (bits + 0x8000) >> 16
+        tl.store(p_ptr + offs, high.to(tl.int16), mask=mask)
+        tl.store(lo_ptr + offs, (bits - (high << 16)).to(tl.int16), mask=mask)
+    else:
+        tl.store(p_ptr + offs, new, mask=mask)
+
+
+def adamw8bit_update(p: torch.Tensor, lo, g: torch.Tensor, slot, s1, s2, a1, a2, maps, hp: torch.Tensor) -> None:
+    """In place: p is a float32 master, or (lo given) the bf16 high half of one. g is dense like p, or
+    (slot given) the values of a row-sparse gradient, slot[row] its row in g or -1."""
+    n = p.numel()
+    width = p.shape[-1] if p.ndim > 1 else n
+    split, sparse = lo is not None, slot is not None
+    target = p.view(torch.int16) if split else p
+    blocks = triton.cdiv(n, BLOCK)
+    grid = (triton.cdiv(blocks, BLOCKS_PER_PROGRAM),)
+    _adamw8bit_kernel[grid](target, lo if split else target, g, slot if sparse else s1, s1, s2, a1, a2,
+                            maps.q1, maps.q2, maps.mid1, maps.mid2, hp, n, width,
+                            SPLIT=split, SPARSE=sparse, NB=BLOCKS_PER_PROGRAM, num_warps=4)
