@@ -337,6 +337,7 @@ class _FlatGroup:
             self.offsets.append((len(self.chunk_members) - 1) * self.chunk + fill)
             self.chunk_members[-1].append(i)
             fill += size
+        self.sizes = sizes
         total = len(self.chunk_members) * self.chunk
         self.master = torch.zeros(total, dtype=torch.float32, device=device)
         self.s1 = torch.zeros(total, dtype=torch.uint8, device=device)
@@ -367,18 +368,32 @@ class _FlatGroup:
     def step(self, group: dict) -> None:
         for p in self.order:
             self.state[p]["step"] += 1
-        hp = _hyper(group["betas"][0], group["betas"][1], group["lr"], group["eps"], group["weight_decay"],
-                    self.state[self.order[0]]["step"], self.master.device)
+        hps: dict[int, torch.Tensor] = {}
+
+        def hp(step: int) -> torch.Tensor:  # bias corrections follow each tensor's own step count
+            if step not in hps:
+                hps[step] = _hyper(group["betas"][0], group["betas"][1], group["lr"], group["eps"],
+                                   group["weight_decay"], step, self.master.device)
+            return hps[step]
+
         c = self.chunk
         for k, idx in enumerate(self.chunk_members):
-            e0, e1 = k * c, (k + 1) * c
+            e0 = k * c
             g = torch.zeros(c, dtype=torch.float32, device=self.master.device)
             views = [g[self.offsets[i] - e0:self.offsets[i] - e0 + self.order[i].numel()] for i in idx]
             torch._foreach_copy_(views, [self.order[i].grad.reshape(-1) for i in idx])
-            chunk = (self.master[e0:e1], g, self.s1[e0:e1], self.s2[e0:e1], self.a1[e0 // BLOCK:e1 // BLOCK],
-                     self.a2[e0 // BLOCK:e1 // BLOCK])
-            if not _try_triton(self.master.device, chunk[0], None, g, None, *chunk[2:], self.maps, hp):
-                _dense_chunk(*chunk, self.maps.q1, self.maps.q2, self.maps.mid1, self.maps.mid2, hp)
+            steps = {self.state[self.order[i]]["step"] for i in idx}
+            # One launch for the chunk; per tensor where their step counts differ (one of them missed a
+            # step without a gradient).
+            spans = [(e0, e0 + c, steps.pop())] if len(steps) == 1 else [
+                (self.offsets[i], self.offsets[i] + self.sizes[i], self.state[self.order[i]]["step"]) for i in idx]
+            for a, b, step in spans:
+                self._update(a, b, g[a - e0:b - e0], hp(step))
+
+    def _update(self, a: int, b: int, g: torch.Tensor, hp: torch.Tensor) -> None:
+        chunk = (self.master[a:b], g, self.s1[a:b], self.s2[a:b], self.a1[a // BLOCK:b // BLOCK], self.a2[a // BLOCK:b // BLOCK])
+        if not _try_triton(self.master.device, chunk[0], None, g, None, *chunk[2:], self.maps, hp):
+            _dense_chunk(*chunk, self.maps.q1, self.maps.q2, self.maps.mid1, self.maps.mid2, hp)
 
 def master_weight(p: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
     """The float32 value the optimizer trains for p: for a split master the weight and its low half."""
