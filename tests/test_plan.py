@@ -93,3 +93,20 @@ def test_plan_leaves_headroom_near_the_cards_limit():
     est = plan(cfg, _llama_8b(), system="baseline", gpu_memory_gib=139.8)
     assert 125 < est["peak_gib"] < 139.8 and not est["fits"]
     assert plan(cfg, _llama_8b(), system="ours", gpu_memory_gib=139.8)["fits"]
+
+
+def test_split_masters_hold_bf16_gradients_and_rows_of_embed_tokens():
+    """With adamw_8bit in bf16 the masters are bf16 + low half: same 4 bytes per element, but lm_head's
+    gradient is bf16 and embed_tokens' covers the batch's rows only; other optimizers keep float32."""
+    mc = _llama_8b()
+    split = plan(_cfg(), mc, system="ours", gpu_memory_gib=139.8)
+    cfg = _cfg()
+    cfg.train.optim = "adamw_torch"
+    full = plan(cfg, mc, system="ours", gpu_memory_gib=139.8)
+    emb = 128256 * 4096 / 2**30
+    assert split["memory_gib"]["trained embeddings"] == pytest.approx(full["memory_gib"]["trained embeddings"])
+    # float32 gradients of both matrices (2 x 4 bytes) -> bf16 lm_head (2 bytes) + the rows of the step's
+    # micro-batches for embed_tokens (4096 tokens each, accumulated as rows until the step)
+    rows = 4096 * cfg.train.gradient_accumulation_steps
+    assert full["gradients_gib"] - split["gradients_gib"] == pytest.approx(emb * 6 - rows * (4096 * 2 + 8) / 2**30, rel=1e-3)
+    assert split["activations_gib"]["loss"] < full["activations_gib"]["loss"]  # no bf16 copy of the head

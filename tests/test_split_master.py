@@ -6,7 +6,7 @@ import torch
 import cpt.optim as optim
 from cpt.optim import QuantMaps, clip_grad_norm_, join_float32, split_adamw8bit_step, split_float32
 
-SIGNED = torch.linspace(-1, 1, 256)
+SIGNED = torch.cat([torch.linspace(-1, 0, 128), torch.linspace(0, 1, 129)[1:]])  # code 127 is exactly 0
 UNSIGNED = torch.linspace(0, 1, 256) ** 2
 
 
@@ -78,6 +78,7 @@ def test_update_matches_a_plain_blockwise_8bit_adamw(shape, monkeypatch):
         diff = (ours - ref_master).abs()  # a state rounded to the other neighbour moves an element by a little
         assert (diff <= 2e-6).float().mean() > 0.995 and diff.max() < 1e-4
         assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), split_float32(ours)[0])
+        assert (state["state1"][n:] == 127).all() and (state["state2"][n:] == 0).all()  # padding stays at 0
     assert not torch.equal(ours, master)
 
 
@@ -224,7 +225,8 @@ def test_triton_kernel_gives_the_pytorch_update():
     a = torch.zeros(npad, device=cuda)
     a[:n] = torch.randn(n, generator=g).cuda() * 0.02
     b = a.clone()
-    sa = [torch.zeros(npad, dtype=torch.uint8, device=cuda) for _ in range(2)] + [torch.zeros(npad // 256, device=cuda) for _ in range(2)]
+    sa = ([torch.full((npad,), 127, dtype=torch.uint8, device=cuda), torch.zeros(npad, dtype=torch.uint8, device=cuda)]
+          + [torch.zeros(npad // 256, device=cuda) for _ in range(2)])
     sb = [t.clone() for t in sa]
     for step in range(1, 4):
         gr = torch.zeros(npad, device=cuda)
@@ -233,3 +235,4 @@ def test_triton_kernel_gives_the_pytorch_update():
         optim._dense_chunk(a, gr, *sa, maps.q1, maps.q2, maps.mid1, maps.mid2, hp)
         adamw8bit_update(b, None, gr, None, *sb, maps, hp)
         assert ((a - b).abs() <= 1e-7).float().mean() > 0.99 and (sa[0] == sb[0]).float().mean() > 0.999
+        assert not a[n:].any() and not b[n:].any()  # padding starts at the code of 0 and stays 0

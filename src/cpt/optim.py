@@ -111,20 +111,24 @@ def _adamw_8bit_without_syncs() -> type:
                 n = p.numel()
                 padded = -(-n // BLOCK) * BLOCK
                 state["step"] = 0
-                state["state1"] = torch.zeros(padded, dtype=torch.uint8, device=p.device)
-                state["state2"] = torch.zeros(padded, dtype=torch.uint8, device=p.device)
+                maps = self._maps(p.device)
+                state["state1"] = torch.full((padded,), maps.zero1, dtype=torch.uint8, device=p.device)
+                state["state2"] = torch.full((padded,), maps.zero2, dtype=torch.uint8, device=p.device)
                 state["absmax1"] = torch.zeros(padded // BLOCK, dtype=torch.float32, device=p.device)
                 state["absmax2"] = torch.zeros(padded // BLOCK, dtype=torch.float32, device=p.device)
                 state["lo"] = torch.zeros(p.shape, dtype=torch.int16, device=p.device)
-            if "dynamic" not in self.name2qmap:
-                self.fill_qmap()
-            key = ("maps", p.device)
-            if key not in self.name2qmap:
-                self.name2qmap[key] = QuantMaps(self.name2qmap["dynamic"], self.name2qmap["udynamic"], p.device)
             state["step"] += 1
             b1, b2 = group["betas"][0], group["betas"][1]
-            split_adamw8bit_step(p, p.grad, state, self.name2qmap[key], lr=group["lr"], betas=(b1, b2),
+            split_adamw8bit_step(p, p.grad, state, self._maps(p.device), lr=group["lr"], betas=(b1, b2),
                                  eps=group["eps"], weight_decay=group["weight_decay"], step=state["step"])
+
+        def _maps(self, device: torch.device) -> "QuantMaps":
+            if "dynamic" not in self.name2qmap:
+                self.fill_qmap()
+            key = ("maps", device)
+            if key not in self.name2qmap:
+                self.name2qmap[key] = QuantMaps(self.name2qmap["dynamic"], self.name2qmap["udynamic"], device)
+            return self.name2qmap[key]
 
     return AdamW8bit
 
@@ -177,6 +181,9 @@ class QuantMaps:
                 raise ValueError(f"the {name} 8-bit map must hold 256 sorted values")
         self.q1, self.q2 = signed.float().to(device), unsigned.float().to(device)
         self.mid1, self.mid2 = (self.q1[1:] + self.q1[:-1]) / 2, (self.q2[1:] + self.q2[:-1]) / 2
+        # Where a fresh state starts: the codes of 0. Elements that only pad a block to 256 then stay at
+        # exactly 0 and never widen their block's maximum (code 0 of the signed map means -max).
+        self.zero1, self.zero2 = int(self.q1.abs().argmin()), int(self.q2.abs().argmin())
 
 
 def _adamw8bit_blocks(master, g, s1, s2, a1, a2, q1, q2, mid1, mid2, hp):
@@ -340,11 +347,11 @@ class _FlatGroup:
         self.sizes = sizes
         total = len(self.chunk_members) * self.chunk
         self.master = torch.zeros(total, dtype=torch.float32, device=device)
-        self.s1 = torch.zeros(total, dtype=torch.uint8, device=device)
-        self.s2 = torch.zeros(total, dtype=torch.uint8, device=device)
+        self.maps = QuantMaps(name2qmap["dynamic"], name2qmap["udynamic"], device)
+        self.s1 = torch.full((total,), self.maps.zero1, dtype=torch.uint8, device=device)
+        self.s2 = torch.full((total,), self.maps.zero2, dtype=torch.uint8, device=device)
         self.a1 = torch.zeros(total // BLOCK, dtype=torch.float32, device=device)
         self.a2 = torch.zeros(total // BLOCK, dtype=torch.float32, device=device)
-        self.maps = QuantMaps(name2qmap["dynamic"], name2qmap["udynamic"], device)
         self.state = state
         with torch.no_grad():
             for p, off in zip(members, self.offsets):
