@@ -222,8 +222,11 @@ def use_split_masters(cfg: Config, compute_dtype: torch.dtype) -> bool:
     """Whether the trained embeddings' float32 masters are held split (bf16 weight + int16 low half,
     cpt.optim): bf16 runs of LoRA with the 8-bit optimizer, which knows the layout; not under FSDP,
     whose sharded parameters the optimizer sees as pieces."""
+    from cpt.distributed import launched_with_fsdp
+
     return (cfg.adapter.method == "lora" and cfg.adapter.embedding_master_dtype == "float32"
-            and compute_dtype == torch.bfloat16 and cfg.train.optim == "adamw_8bit" and not cfg.train.fsdp)
+            and compute_dtype == torch.bfloat16 and cfg.train.optim == "adamw_8bit"
+            and not (cfg.train.fsdp or launched_with_fsdp()))
 
 
 def _world_size() -> int:

@@ -107,6 +107,21 @@ def _adamw_8bit_without_syncs() -> type:
         def _split_step(self, group: dict, p: torch.Tensor) -> None:
             """Trained embeddings held as bf16 + low bits (see split_float32): our blockwise update."""
             state = self.state[p]
+            if state and "lo" not in state:
+                # A checkpoint of a run that held this matrix as a float32 tensor: the model tensor was
+                # loaded rounded to bf16 and its moments were kept by bitsandbytes' per-tensor path.
+                # Carry on from the rounded value (its low half is lost) with the moments it had.
+                import logging
+
+                logging.getLogger("cpt").warning(
+                    "the checkpoint holds no low half for a trained embedding matrix (written by an earlier "
+                    "layout); its float32 master resumes from the bf16 value")
+                state["lo"] = torch.zeros(p.shape, dtype=torch.int16, device=p.device)
+                maps, padded = self._maps(p.device), -(-p.numel() // BLOCK) * BLOCK
+                for k, zero in (("state1", maps.zero1), ("state2", maps.zero2)):
+                    flat = state[k].reshape(-1)
+                    fill = torch.full((padded - flat.numel(),), zero, dtype=flat.dtype, device=flat.device)
+                    state[k] = torch.cat([flat, fill])
             if not state:
                 n = p.numel()
                 padded = -(-n // BLOCK) * BLOCK
