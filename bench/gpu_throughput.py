@@ -285,6 +285,9 @@ def worker_ours(args) -> dict:
         bundle.groups.sort(key=lambda g: g["name"] != "embeddings")
     _sync()
     torch.cuda.reset_peak_memory_stats()
+    if args.memory_trace:
+        traced_from = torch.cuda.memory_allocated()
+        torch.cuda.memory._record_memory_history(enabled="all", stacks="python", max_entries=5_000_000)
     emb_named = {k: m.weight for k, m in trained_embedding_modules(bundle.model).items()}
     before = _embedding_snapshot(emb_named)
     data = _RandomTokens(args.batch, args.seq, seed=1)
@@ -294,6 +297,14 @@ def worker_ours(args) -> dict:
     cpt_train.save_trained = lambda *a, **k: None
     trainer.train()
     _sync()
+    if args.memory_trace:
+        from memory_peak import format_composition, peak_composition
+        trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+        torch.cuda.memory._record_memory_history(enabled=None)
+        comp = peak_composition(trace, traced_from)
+        comp["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        Path(args.memory_trace).write_text(json.dumps(comp, indent=1))
+        print(format_composition(comp), flush=True)
     marks = data.marks[: args.warmup + args.steps + 1]
     times = [b - a for a, b in zip(marks, marks[1:])]
     losses = [json.loads(line)["loss"] for line in open(Path(cfg.output.output_dir) / "metrics.jsonl")]
@@ -453,6 +464,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--checkpointing", default="true", help="ours: adapter.use_gradient_checkpointing")
     p.add_argument("--compile", default="auto", help="ours: model.compile (auto, true, false)")
     p.add_argument("--profile", default=None, help="write a torch profiler table of one step here")
+    p.add_argument("--memory-trace", default=None, help="ours: write what is allocated at the peak (bench/memory_peak.py) here")
     p.add_argument("--embeddings-first", action="store_true", help="ours: embedding group first in the optimizer (experiment row)")
     p.add_argument("--time-limit", type=float, default=150.0, help="long-context worker: seconds for the ladder")
     p.add_argument("--model-dir", default="/tmp/cpt-bench/llama-3.1-8b-random")

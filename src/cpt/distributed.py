@@ -44,6 +44,15 @@ def launched_with_fsdp() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are the same one: accelerate names a lone GPU `cuda` (no index) while the
+    tensors on it say `cuda:0`, and torch.device('cuda') != torch.device('cuda', 0)."""
+    if a.type != b.type:
+        return False
+    current = torch.cuda.current_device() if a.type == "cuda" else 0
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+
+
 def local_device() -> torch.device:
     """This process's device before any Accelerator exists: under torchrun / accelerate launch the
     GPU numbered LOCAL_RANK, so that a model loaded early (the Python API) lands on its own GPU."""
@@ -267,7 +276,7 @@ class Parallel:
         # to host memory back onto the GPU (about 2 GiB for an 8B model). Place it only if a trained
         # tensor is elsewhere.
         device = self.accelerator.device
-        placed = all(p.device == device for p in model.parameters() if p.requires_grad)
+        placed = all(same_device(p.device, device) for p in model.parameters() if p.requires_grad)
         return self.accelerator.prepare(model, optimizer, device_placement=[not placed, True])
 
     # ------------------------------------------------------------------ gathering for a save
