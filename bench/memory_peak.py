@@ -41,8 +41,9 @@ def peak_composition(events: Iterable[dict], allocated_at_start: int, top: int =
             total += e["size"]
             if total > best:
                 best, best_index, best_live = total, i, dict(live)
-        elif action in ("free_requested", "free") and e["addr"] in live:
-            total -= live.pop(e["addr"])[0]
+        elif action in ("free_requested", "free"):
+            # a block allocated before recording started is freed too: only its size is known
+            total -= live.pop(e["addr"])[0] if e["addr"] in live else e.get("size", 0)
     groups: dict[str, int] = defaultdict(int)
     for size, label in best_live.values():
         groups[label] += size
