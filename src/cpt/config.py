@@ -131,7 +131,7 @@ class TrainConfig:
     learning_rate: float = _f(5e-6, "Learning rate of the adapter (or of all non-embedding weights in full mode).")
     embedding_learning_rate: Optional[float] = _f(None, "Learning rate of trained embed_tokens/lm_head; 2-10x below learning_rate is typical. None: learning_rate.")
     weight_decay: float = _f(0.0, "Decoupled weight decay; never applied to norms, biases or embeddings.")
-    optim: Literal["adamw_torch", "adamw_8bit", "adamw_torch_fused"] = _f("adamw_torch", "Optimizer. adamw_8bit needs bitsandbytes and CUDA.")
+    optim: Literal["adamw_torch", "adamw_8bit", "adamw_torch_fused"] = _f("adamw_torch", "Optimizer. adamw_8bit: 8-bit blockwise AdamW states (bitsandbytes' quantisation; needs bitsandbytes, made for CUDA, slow on the CPU), our one-pass update for the trained embeddings and the adapter tensors.")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")

@@ -105,8 +105,6 @@ def check_against_model(cfg: Config, model_config) -> None:
 def check_device(cfg: Config, device: torch.device) -> None:
     if cfg.model.load_in_4bit and device.type != "cuda":
         raise ConfigError("model.load_in_4bit needs a CUDA GPU (bitsandbytes NF4); on this machine set model.load_in_4bit=false")
-    if cfg.train.optim == "adamw_8bit" and device.type != "cuda":
-        raise ConfigError("train.optim=adamw_8bit needs a CUDA GPU (bitsandbytes); use train.optim=adamw_torch here")
     if device.type == "cuda" and cfg.train.bf16 and not torch.cuda.is_bf16_supported():
         raise ConfigError("train.bf16=true but this GPU has no bf16 support; set train.fp16=true or leave both unset")
 

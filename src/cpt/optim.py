@@ -19,12 +19,12 @@ def build_optimizer(groups: list[dict], t: TrainConfig, device: torch.device) ->
                     for g in groups]
     kw = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
     if t.optim == "adamw_8bit":
-        if device.type != "cuda":
-            raise ConfigError("train.optim=adamw_8bit needs a CUDA GPU (bitsandbytes); use train.optim=adamw_torch here")
+        # bitsandbytes steps on CUDA, and (0.45+, slowly, in PyTorch operations) on the CPU.
         try:
-            import bitsandbytes as bnb
+            import bitsandbytes  # noqa: F401
         except ImportError as e:
-            raise ConfigError(f"train.optim=adamw_8bit needs bitsandbytes: pip install 'cpt[gpu]' ({e})") from None
+            raise ConfigError(f"train.optim=adamw_8bit needs bitsandbytes: pip install 'cpt[gpu]' ({e}); "
+                              "or use train.optim=adamw_torch") from None
         return _adamw_8bit_without_syncs()(param_groups, **kw)
     fused = device.type == "cuda" and all(p.dtype == torch.float32 for g in groups for p in g["params"])
     if t.optim == "adamw_torch_fused" and not fused:
@@ -339,7 +339,7 @@ def split_adamw8bit_step(p: torch.Tensor, grad: torch.Tensor, state: dict, maps:
 def _flattenable(p: torch.Tensor, min_8bit_size: int) -> bool:
     import torch.distributed as dist
 
-    return (p.is_cuda and p.dtype == torch.float32 and p.requires_grad and p.numel() >= min_8bit_size
+    return (p.dtype == torch.float32 and p.requires_grad and p.numel() >= min_8bit_size
             and not getattr(p, SPLIT_MASTER, False) and not (dist.is_available() and dist.is_initialized()))
 
 
