@@ -42,9 +42,13 @@ def _adamw_8bit_without_syncs() -> type:
     host and the GPU for each of them: about 25 ms of an 8B step in which the GPU waits for Python
     (bench/NOTES.md). Same kernels, same arguments, same order, so the same result bit for bit.
 
-    Parameters marked as split masters (the trained embeddings of a bf16 run, `mark_split_master`)
-    take `split_adamw8bit_step` instead: the same blockwise 8-bit AdamW, updating the float32 value
-    that the bf16 weight and its low half in the optimizer state make together.
+    Two paths of our own beside bitsandbytes' per-tensor step, both the same blockwise 8-bit AdamW
+    (bitsandbytes' maps and block size; one Triton kernel on CUDA, PyTorch operations elsewhere):
+    - parameters marked as split masters (the trained embeddings of a bf16 run, `mark_split_master`)
+      take `split_adamw8bit_step`, which updates the float32 value that the bf16 weight and its low
+      half in the optimizer state make together (a row-sparse gradient is read as it is);
+    - a group's float32 tensors with 8-bit states (the adapters) are laid end to end and updated in a
+      few passes (`_FlatGroup`), their states staying bitsandbytes-shaped views.
     """
     import bitsandbytes as bnb
 
