@@ -352,19 +352,18 @@ class _FlatGroup:
         self.members = set(members)
         self.order = members
         device = members[0].device
-        sizes = [-(-p.numel() // BLOCK) * BLOCK for p in members]
-        # Fixed-size chunks (members never straddle two), so that one compiled graph serves them all.
-        self.chunk = max(_CHUNK_ELEMENTS, max(sizes))
-        self.offsets, self.chunk_members, fill = [], [[]], 0
+        sizes = [-(-p.numel() // BLOCK) * BLOCK for p in members]  # each padded to whole blocks
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        # Chunks of whole members, about _CHUNK_ELEMENTS each: the gradient buffer one pass needs.
+        self.chunk_members, fill = [[]], 0
         for i, size in enumerate(sizes):
-            if fill + size > self.chunk:
+            if fill and fill + size > _CHUNK_ELEMENTS:
                 self.chunk_members.append([])
                 fill = 0
-            self.offsets.append((len(self.chunk_members) - 1) * self.chunk + fill)
             self.chunk_members[-1].append(i)
             fill += size
         self.sizes = sizes
-        total = len(self.chunk_members) * self.chunk
+        total = sum(sizes)
         self.master = torch.zeros(total, dtype=torch.float32, device=device)
         self.maps = QuantMaps(name2qmap["dynamic"], name2qmap["udynamic"], device)
         self.s1 = torch.full((total,), self.maps.zero1, dtype=torch.uint8, device=device)
@@ -402,16 +401,15 @@ class _FlatGroup:
                                    group["weight_decay"], step, self.master.device)
             return hps[step]
 
-        c = self.chunk
-        for k, idx in enumerate(self.chunk_members):
-            e0 = k * c
-            g = torch.zeros(c, dtype=torch.float32, device=self.master.device)
+        for idx in self.chunk_members:
+            e0, e1 = self.offsets[idx[0]], self.offsets[idx[-1]] + self.sizes[idx[-1]]
+            g = torch.zeros(e1 - e0, dtype=torch.float32, device=self.master.device)
             views = [g[self.offsets[i] - e0:self.offsets[i] - e0 + self.order[i].numel()] for i in idx]
             torch._foreach_copy_(views, [self.order[i].grad.reshape(-1) for i in idx])
             steps = {self.state[self.order[i]]["step"] for i in idx}
             # One launch for the chunk; per tensor where their step counts differ (one of them missed a
             # step without a gradient).
-            spans = [(e0, e0 + c, steps.pop())] if len(steps) == 1 else [
+            spans = [(e0, e1, steps.pop())] if len(steps) == 1 else [
                 (self.offsets[i], self.offsets[i] + self.sizes[i], self.state[self.order[i]]["step"]) for i in idx]
             for a, b, step in spans:
                 self._update(a, b, g[a - e0:b - e0], hp(step))
