@@ -227,3 +227,22 @@ def test_fsdp_refuses_what_it_cannot_shard(monkeypatch):
             build_accelerator(load_config(None, ["train.fsdp=true", override]), torch.device("cpu"))
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert build_accelerator(load_config(None, ["train.fsdp=true", "train.optim=adamw_8bit"]), torch.device("cpu"))
+
+
+def test_ddp_with_the_8bit_optimizer_and_split_masters(tiny_model_dir, corpus_dir, tmp_path):
+    """bf16 with adamw_8bit under DDP: the embeddings keep split masters (dense gradients, reduced
+    across ranks; the row-sparse form is for one process), the adapters take bitsandbytes' per-tensor
+    step (the flat pass is for one process). Two processes follow one process with twice the batch,
+    whose run uses the sparse gradient and the flat pass, within the 8-bit states' rounding."""
+    pytest.importorskip("bitsandbytes")
+    extra = ("model.dtype=bfloat16", "train.optim=adamw_8bit", "adapter.r=64", "train.learning_rate=5e-3",
+             "train.embedding_learning_rate=1e-3")
+    one, two = tmp_path / "one", tmp_path / "ddp"
+    _one_process(*_overrides(tiny_model_dir, corpus_dir, one, 4, *extra))
+    _two_processes(*_overrides(tiny_model_dir, corpus_dir, two, 2, *extra))
+    a, b = _losses(one), _losses(two)
+    assert a.keys() == b.keys() and a[STEPS] < a[1]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4), f"step {step}: {a[step]} vs {b[step]}"
+    saved = repr(torch.load(two / "checkpoint-6" / "optimizer.pt", weights_only=False))
+    assert "'lo': tensor(" in saved
