@@ -44,6 +44,11 @@ def launched_with_fsdp() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
+def launched_world_size() -> int:
+    """How many processes the launcher (torchrun / accelerate launch) started; 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def same_device(a: torch.device, b: torch.device) -> bool:
     """Whether two devices are the same one: accelerate names a lone GPU `cuda` (no index) while the
     tensors on it say `cuda:0`, and torch.device('cuda') != torch.device('cuda', 0)."""
@@ -83,7 +88,7 @@ def build_accelerator(cfg: Config, device: Optional[torch.device] = None) -> Any
 
     device = torch.device(device) if device is not None else local_device()
     mp = mixed_precision_mode(cfg, device, resolve_dtype(cfg.model.dtype, device))
-    sharding = _fsdp_wanted(cfg) and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    sharding = _fsdp_wanted(cfg) and launched_world_size() > 1
     if sharding:
         if mp == "fp16":
             raise ConfigError("train.fsdp with fp16 is not supported (sharded gradients need a sharded loss scaler); "

@@ -194,13 +194,15 @@ def add_adapters(model: nn.Module, cfg: Config, compute_dtype: torch.dtype) -> n
     if not lora_targets:
         raise ConfigError("adapter.target_modules has no LoRA projection (only embeddings); add e.g. q_proj, v_proj or use adapter.method=full")
     if a.embedding_master_dtype == "float32":
+        from cpt.distributed import launched_world_size
+
         split = use_split_masters(cfg, compute_dtype)
         for leaf, mod in trained_embedding_modules(model).items():
             if split:
                 # bf16 weight + low half in the optimizer state: float32 masters at bf16 gradient cost.
                 mod.to(torch.bfloat16)
                 mark_split_master(mod.weight)
-                if leaf == "embed_tokens" and not tied and _world_size() == 1:
+                if leaf == "embed_tokens" and not tied and launched_world_size() == 1:
                     mod.sparse = True  # a gradient for the rows the batch used, not a dense 0.5B matrix
                 continue
             if mod.weight.dtype != torch.float32:
@@ -225,10 +227,6 @@ def use_split_masters(cfg: Config, compute_dtype: torch.dtype) -> bool:
     return (cfg.adapter.method == "lora" and cfg.adapter.embedding_master_dtype == "float32"
             and compute_dtype == torch.bfloat16 and cfg.train.optim == "adamw_8bit"
             and not (cfg.train.fsdp or launched_with_fsdp()))
-
-
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def sparse_gradients(model: nn.Module) -> bool:

@@ -69,7 +69,7 @@ def _adamw_8bit_without_syncs() -> type:
                     members = [p for p in group["params"] if _flattenable(p, self.args.min_8bit_size)
                                and self.get_config(gindex, 0, group)["optim_bits"] == 8]
                     if len(members) > 1:
-                        self._flat[gindex] = _FlatGroup(members, self.state, self.name2qmap)
+                        self._flat[gindex] = _FlatGroup(members, self.state, self._maps(members[0].device))
             return self._flat
 
         def load_state_dict(self, state_dict, move_to_device=True):
@@ -348,7 +348,7 @@ def _flattenable(p: torch.Tensor, min_8bit_size: int) -> bool:
 
 
 class _FlatGroup:
-    def __init__(self, members: list, state: dict, name2qmap: dict):
+    def __init__(self, members: list, state: dict, maps: "QuantMaps"):
         self.members = set(members)
         self.order = members
         device = members[0].device
@@ -365,7 +365,7 @@ class _FlatGroup:
         self.sizes = sizes
         total = sum(sizes)
         self.master = torch.zeros(total, dtype=torch.float32, device=device)
-        self.maps = QuantMaps(name2qmap["dynamic"], name2qmap["udynamic"], device)
+        self.maps = maps
         self.s1 = torch.full((total,), self.maps.zero1, dtype=torch.uint8, device=device)
         self.s2 = torch.full((total,), self.maps.zero2, dtype=torch.uint8, device=device)
         self.a1 = torch.zeros(total // BLOCK, dtype=torch.float32, device=device)
@@ -378,8 +378,7 @@ class _FlatGroup:
                 view.copy_(p.detach().reshape(-1))
                 p.data = view.view_as(p)
                 old = state.get(p) or {}
-                st = {"step": old.get("step", 0), "qmap1": name2qmap["dynamic"].to(device),
-                      "qmap2": name2qmap["udynamic"].to(device),
+                st = {"step": old.get("step", 0), "qmap1": maps.q1, "qmap2": maps.q2,
                       "state1": self.s1[off:off + n].view(p.shape), "state2": self.s2[off:off + n].view(p.shape),
                       "absmax1": self.a1[off // BLOCK:off // BLOCK + b], "absmax2": self.a2[off // BLOCK:off // BLOCK + b]}
                 for k in ("state1", "state2", "absmax1", "absmax2"):
