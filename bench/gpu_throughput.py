@@ -219,7 +219,7 @@ def _result(args, times: list[float], losses: list[float], **extra) -> dict:
 
 
 def ours_config(model_dir: Path, mode: str, seq: int, batch: int, steps: int, recompute_budget: Optional[str] = None,
-                checkpointing: Any = True, compile: str = "auto"):
+                checkpointing: Any = True, compile: str = "auto", offload_embedding_state: bool = False):
     from cpt.config import config_from_dict
     raw = {
         "model": {"name_or_path": str(model_dir), "max_seq_length": seq, "dtype": "bfloat16",
@@ -230,7 +230,8 @@ def ours_config(model_dir: Path, mode: str, seq: int, batch: int, steps: int, re
                     "use_gradient_checkpointing": checkpointing, "embedding_master_dtype": "float32"},
         "train": {"per_device_train_batch_size": batch, "gradient_accumulation_steps": 1, "max_steps": steps,
                   "learning_rate": LR, "embedding_learning_rate": EMB_LR, "weight_decay": 0.0, "optim": "adamw_8bit",
-                  "lr_scheduler_type": "constant", "max_grad_norm": 0.0, "bf16": True},
+                  "lr_scheduler_type": "constant", "max_grad_norm": 0.0, "bf16": True,
+                  "offload_embedding_state": offload_embedding_state},
         "output": {"output_dir": f"/tmp/cpt-bench/out-{mode}-{os.getpid()}", "logging_steps": 1, "save_steps": 0, "report": False,
                    "report_to": [], "overwrite_output_dir": True, "resume": False},
     }
@@ -275,7 +276,8 @@ def worker_ours(args) -> dict:
     from cpt.model import build_model, trained_embedding_modules
 
     cfg = ours_config(Path(args.model_dir), args.mode, args.seq, args.batch, args.warmup + args.steps + 1,
-                      recompute_budget=args.recompute_budget, checkpointing=args.checkpointing, compile=args.compile)
+                      recompute_budget=args.recompute_budget, checkpointing=args.checkpointing, compile=args.compile,
+                      offload_embedding_state=args.offload_embedding_state)
     t_setup = time.perf_counter()
     bundle = build_model(cfg, torch.device(args.device), tokenizer=_tokenizer())
     setup_s = time.perf_counter() - t_setup
@@ -438,9 +440,10 @@ def _run_worker(argv: list[str], log_dir: Path, name: str, timeout: float) -> Op
 
 
 def _plan_estimate(model_dir: Path, mode: str, seq: int, batch: int, recompute_budget: Optional[str] = None,
-                   checkpointing: Any = True, system: str = "ours") -> dict:
+                   checkpointing: Any = True, system: str = "ours", offload_embedding_state: bool = False) -> dict:
     from cpt.plan import plan
-    cfg = ours_config(model_dir, mode, seq, batch, 1, recompute_budget=recompute_budget, checkpointing=checkpointing)
+    cfg = ours_config(model_dir, mode, seq, batch, 1, recompute_budget=recompute_budget, checkpointing=checkpointing,
+                      offload_embedding_state=offload_embedding_state)
     from cpt.model import load_model_config
     from cpt.plan import recompute_layers_for_budget
     mc = load_model_config(cfg.model)
@@ -465,12 +468,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--compile", default="auto", help="ours: model.compile (auto, true, false)")
     p.add_argument("--profile", default=None, help="write a torch profiler table of one step here")
     p.add_argument("--memory-trace", default=None, help="ours: write what is allocated at the peak (bench/memory_peak.py) here")
+    p.add_argument("--offload-embedding-state", action="store_true", help="ours: train.offload_embedding_state")
     p.add_argument("--embeddings-first", action="store_true", help="ours: embedding group first in the optimizer (experiment row)")
     p.add_argument("--time-limit", type=float, default=150.0, help="long-context worker: seconds for the ladder")
     p.add_argument("--model-dir", default="/tmp/cpt-bench/llama-3.1-8b-random")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--logs", default=None, help="folder for worker logs and profiles (default: OUT/logs)")
-    p.add_argument("--rows", default="bf16,nf4,memory,long", help="comma list of: bf16, nf4, memory, long, order (experiment), "
+    p.add_argument("--rows", default="bf16,nf4,memory,long", help="comma list of: bf16, nf4, memory, long, offload (ours with train.offload_embedding_state beside ours in the bf16/nf4 rows), order (experiment), "
                    "eager (ours with model.compile=false beside ours in the bf16/nf4 rows), nf4compile (experiment: nf4 with model.compile=true)")
     p.add_argument("--runs", type=int, default=1, help="repeat the bf16/nf4 pairs; the second run goes in reverse order")
     p.add_argument("--profile-rows", action="store_true", help="profile one step of the bf16 baseline and ours rows")
@@ -520,13 +524,15 @@ def drive(args) -> int:
     for mode in ("bf16", "nf4"):
         if mode not in rows:
             continue
-        systems = ["baseline", "ours"] + (["ours_eager"] if "eager" in rows else [])
+        systems = (["baseline", "ours"] + (["ours_eager"] if "eager" in rows else [])
+                   + (["ours_offload"] if "offload" in rows else []))
         runs: dict[str, list] = {s: [] for s in systems}
         for run in range(args.runs):
             order = systems if run % 2 == 0 else systems[::-1]
             for system in order:
                 prof = ["--profile", str(logs / f"profile_{system}_{mode}.txt")] if args.profile_rows and run == 0 and mode == "bf16" else []
-                worker = ["--worker", "ours", "--compile", "false"] if system == "ours_eager" else ["--worker", system]
+                worker = {"ours_eager": ["--worker", "ours", "--compile", "false"],
+                          "ours_offload": ["--worker", "ours", "--offload-embedding-state"]}.get(system, ["--worker", system])
                 r = _run_worker([*worker, "--mode", mode, *common, *prof], logs, f"{system}_{mode}_run{run + 1}", 900)
                 if r:
                     runs[system].append(r)
@@ -543,15 +549,19 @@ def drive(args) -> int:
                              "embedding_changed": rs[0].get("embedding_changed"), "loss_first_last": [rs[0]["losses"][0], rs[0]["losses"][-1]],
                              **({"kernels": rs[0].get("kernels"), "setup_s": rs[0].get("setup_s"), "dynamo": rs[0].get("dynamo")}
                                 if system != "baseline" else {})}
-            entry[system]["plan"] = _plan_estimate(model_dir, mode, SEQ, MICRO_BATCH, system="baseline" if system == "baseline" else "ours")
+            entry[system]["plan"] = _plan_estimate(model_dir, mode, SEQ, MICRO_BATCH, system="baseline" if system == "baseline" else "ours",
+                                                   offload_embedding_state=system == "ours_offload")
         if entry.get("ours") and entry.get("baseline"):
             entry["speedup"] = entry["ours"]["tokens_per_s"] / entry["baseline"]["tokens_per_s"]
             entry["memory_ratio"] = entry["ours"]["peak_gib"] / entry["baseline"]["peak_gib"]
             entry["target_met"] = {"speedup": entry["speedup"] >= TARGETS[mode]["speedup"],
                                    "memory_ratio": entry["memory_ratio"] <= TARGETS[mode]["memory_ratio"]}
-        if entry.get("ours_eager") and entry.get("baseline"):
-            entry["ours_eager"]["speedup"] = entry["ours_eager"]["tokens_per_s"] / entry["baseline"]["tokens_per_s"]
-            entry["ours_eager"]["memory_ratio"] = entry["ours_eager"]["peak_gib"] / entry["baseline"]["peak_gib"]
+        for other in ("ours_eager", "ours_offload"):
+            if entry.get(other) and entry.get("baseline"):
+                entry[other]["speedup"] = entry[other]["tokens_per_s"] / entry["baseline"]["tokens_per_s"]
+                entry[other]["memory_ratio"] = entry[other]["peak_gib"] / entry["baseline"]["peak_gib"]
+                entry[other]["target_met"] = {"speedup": entry[other]["speedup"] >= TARGETS[mode]["speedup"],
+                                              "memory_ratio": entry[other]["memory_ratio"] <= TARGETS[mode]["memory_ratio"]}
         entry["mfu"] = entry["ours"]["mfu"] if entry.get("ours") else None
         results[mode] = entry
         _write(results, out)
@@ -615,9 +625,10 @@ def _write(results: dict, out: Path) -> None:
         e = results.get(mode)
         if not e:
             continue
-        for system in [k for k in ("baseline", "ours", "ours_eager") if k in e]:
+        for system in [k for k in ("baseline", "ours", "ours_eager", "ours_offload") if k in e]:
             s = e.get(system)
-            label = "ours, eager (model.compile=false)" if system == "ours_eager" else system
+            label = {"ours_eager": "ours, eager (model.compile=false)",
+                     "ours_offload": "ours, embedding states in host memory (train.offload_embedding_state)"}.get(system, system)
             if not s:
                 lines.append(f"| {mode} | {label} | failed | | | | | | | | | |")
                 continue
@@ -655,6 +666,11 @@ def _write(results: dict, out: Path) -> None:
             tm = e["target_met"]
             lines.append(f"- {mode}: speedup {e['speedup']:.2f}x ({'met' if tm['speedup'] else 'NOT met'}), "
                          f"memory {e['memory_ratio']:.2f}x ({'met' if tm['memory_ratio'] else 'NOT met'})")
+        o = e.get("ours_offload") or {}
+        if "target_met" in o:
+            tm = o["target_met"]
+            lines.append(f"- {mode}, embedding states in host memory: speedup {o['speedup']:.2f}x ({'met' if tm['speedup'] else 'NOT met'}), "
+                         f"memory {o['memory_ratio']:.2f}x ({'met' if tm['memory_ratio'] else 'NOT met'})")
     long = results.get("long_context_bf16_micro_batch_1")
     if long:
         lines += ["", "## Longest sequence at micro-batch 1 (bf16, one H200)", "", "| system | longest that trained | ladder |", "|---|---|---|"]

@@ -36,6 +36,9 @@ def test_flat_override_and_flat_yaml():
     ({"model": {"load_in_4bit": True}, "adapter": {"method": "full"}}, ["load_in_4bit"]),
     ({"train": {"bf16": True, "fp16": True}}, ["bf16", "fp16"]),
     ({"data": {"sources": [{"path": "a", "dataset": "b"}]}}, ["data.sources[0]"]),
+    ({"train": {"offload_embedding_state": True}}, ["train.offload_embedding_state", "train.optim=adamw_8bit"]),
+    ({"train": {"offload_embedding_state": True, "optim": "adamw_8bit"}, "adapter": {"target_modules": ["q_proj"]}},
+     ["train.offload_embedding_state", "embed_tokens or lm_head"]),
 ])
 def test_bad_config_names_the_key(raw, words):
     with pytest.raises(ConfigError) as e:

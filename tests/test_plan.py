@@ -110,3 +110,16 @@ def test_split_masters_hold_bf16_gradients_and_rows_of_embed_tokens():
     rows = 4096 * cfg.train.gradient_accumulation_steps
     assert full["gradients_gib"] - split["gradients_gib"] == pytest.approx(emb * 6 - rows * (4096 * 2 + 8) / 2**30, rel=1e-3)
     assert split["activations_gib"]["loss"] < full["activations_gib"]["loss"]  # no bf16 copy of the head
+
+
+def test_offloaded_embedding_states_leave_the_gpu_and_cost_copy_time():
+    """train.offload_embedding_state: the low halves and moment codes (4 bytes per trained embedding
+    element) move to host memory; the estimate subtracts them from the GPU and adds their copies."""
+    mc = _llama_8b()
+    on = _cfg()
+    on.train.offload_embedding_state = True
+    a, b = plan(_cfg(), mc, system="ours", gpu_memory_gib=139.8), plan(on, mc, system="ours", gpu_memory_gib=139.8)
+    emb = 2 * 128256 * 4096 / 2**30
+    assert b["host_memory_gib"] == pytest.approx(emb * 4)
+    assert a["peak_gib"] - b["peak_gib"] == pytest.approx(emb * 4 - emb * 8 / 256 - 3 * 2**23 * 4 / 2**30, rel=1e-3)
+    assert b["tokens_per_s"] < a["tokens_per_s"]

@@ -277,3 +277,86 @@ def test_8bit_loop_with_split_masters_learns_and_resumes_exactly(tiny_model_dir,
     wa, wb = load_file(str(whole / "adapter_model.safetensors")), load_file(str(parts / "adapter_model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any("embed_tokens" in k and wa[k].dtype == torch.bfloat16 for k in wa)
+
+
+def test_host_resident_state_streams_to_the_same_update(monkeypatch):
+    """train.offload_embedding_state: the low halves and moment codes wait in host memory and pass
+    through staging chunks (here many chunks and every staging buffer reused several times, one
+    matrix that is not a whole number of blocks, one row-sparse gradient): bit for bit the update
+    made where the states live."""
+    monkeypatch.setattr(optim, "_HOST_CHUNK_ELEMENTS", 200)
+    monkeypatch.setattr(optim, "_CHUNK_ELEMENTS", 256)
+    g = torch.Generator().manual_seed(11)
+    shapes = [(37, 24), (50, 16)]
+    starts = [(torch.randn(s, generator=g) * 0.02).bfloat16() for s in shapes]
+    here = [torch.nn.Parameter(s.clone()) for s in starts]
+    streamed = [torch.nn.Parameter(s.clone()) for s in starts]
+    here_s, streamed_s = [_fresh_state(s) for s in shapes], [_fresh_state(s) for s in shapes]
+    for step in range(1, 5):
+        dense = torch.randn(shapes[0], generator=g).bfloat16()
+        rows = torch.randint(0, shapes[1][0], (9,), generator=g)
+        sparse = torch.sparse_coo_tensor(rows[None], torch.randn(9, shapes[1][1], generator=g).bfloat16(), shapes[1])
+        kws = [dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd, step=step) for wd in (0.1, 0.0)]
+        for p, grad, s, kw in zip(here, (dense, sparse), here_s, kws):
+            split_adamw8bit_step(p, grad, s, _maps(), **kw)
+        optim._stream_split_steps(list(zip(streamed, (dense, sparse), streamed_s, kws)), _maps())
+        for a, b, sa, sb in zip(here, streamed, here_s, streamed_s):
+            assert torch.equal(a, b)
+            for k in sa:
+                assert torch.equal(sa[k], sb[k]), (step, k)
+    assert all(not torch.equal(p.detach(), s) for p, s in zip(streamed, starts))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-resident states stream to a CUDA device")
+def test_optimizer_keeps_embedding_states_in_host_memory_and_checkpoints_them():
+    pytest.importorskip("bitsandbytes")
+    cuda = torch.device("cuda")
+    g = torch.Generator().manual_seed(12)
+    shapes = [(3000, 128), (3000, 128)]
+    starts = [(torch.randn(s, generator=g) * 0.02).bfloat16().cuda() for s in shapes]
+
+    def make(host):
+        ps = [torch.nn.Parameter(s.clone()) for s in starts]
+        for p in ps:
+            optim.mark_split_master(p)
+        opt = optim._adamw_8bit_without_syncs()([{"params": ps, "lr": 1e-3, "weight_decay": 0.0}])
+        opt.host_split_state = host
+        return ps, opt
+
+    def grads(step):
+        gen = torch.Generator().manual_seed(100 + step)
+        dense = torch.randn(shapes[0], generator=gen).bfloat16().cuda()
+        rows = torch.randint(0, shapes[1][0], (500,), generator=gen)
+        sparse = torch.sparse_coo_tensor(rows[None], torch.randn(500, shapes[1][1], generator=gen).bfloat16(), shapes[1]).cuda()
+        return dense, sparse
+
+    (dev_p, dev_opt), (host_p, host_opt) = make(False), make(True)
+    for step in range(1, 4):
+        for ps, opt in ((dev_p, dev_opt), (host_p, host_opt)):
+            for p, gr in zip(ps, grads(step)):
+                p.grad = gr
+            opt.step()
+        torch.cuda.synchronize()
+        for a, b in zip(dev_p, host_p):
+            assert torch.equal(a, b)
+            sa, sb = dev_opt.state[a], host_opt.state[b]
+            for k in optim.HOST_KEYS:
+                assert sb[k].device.type == "cpu" and sb[k].is_pinned() and sa[k].is_cuda
+                assert torch.equal(sa[k].cpu(), sb[k]), k
+            assert sb["absmax1"].is_cuda and torch.equal(sa["absmax1"], sb["absmax1"])
+    # A checkpoint round trip: the states go back to host memory, never through the GPU, and go on alike.
+    saved = host_opt.state_dict()
+    (res_p, res_opt) = make(True)
+    for p, q in zip(res_p, host_p):
+        p.data.copy_(q.data)
+    res_opt.load_state_dict({k: v for k, v in saved.items()})
+    for p in res_p:
+        st = res_opt.state[p]
+        assert all(st[k].device.type == "cpu" and st[k].is_pinned() for k in optim.HOST_KEYS) and st["absmax2"].is_cuda
+    for ps, opt in ((host_p, host_opt), (res_p, res_opt)):
+        for p, gr in zip(ps, grads(9)):
+            p.grad = gr
+        opt.step()
+    torch.cuda.synchronize()
+    for a, b in zip(host_p, res_p):
+        assert torch.equal(a, b) and torch.equal(host_opt.state[a]["lo"], res_opt.state[b]["lo"])

@@ -25,7 +25,9 @@ def build_optimizer(groups: list[dict], t: TrainConfig, device: torch.device) ->
         except ImportError as e:
             raise ConfigError(f"train.optim=adamw_8bit needs bitsandbytes: pip install 'cpt[gpu]' ({e}); "
                               "or use train.optim=adamw_torch") from None
-        return _adamw_8bit_without_syncs()(param_groups, **kw)
+        opt = _adamw_8bit_without_syncs()(param_groups, **kw)
+        opt.host_split_state = bool(t.offload_embedding_state) and device.type == "cuda"
+        return opt
     fused = device.type == "cuda" and all(p.dtype == torch.float32 for g in groups for p in g["params"])
     if t.optim == "adamw_torch_fused" and not fused:
         raise ConfigError("train.optim=adamw_torch_fused needs a CUDA device and float32 trained weights")
@@ -59,6 +61,9 @@ def _adamw_8bit_without_syncs() -> type:
             self.non_castable_tensor_keys = set(self.non_castable_tensor_keys) | {"lo"}
             self._flat: Optional[dict[int, _FlatGroup]] = None
             self._flat_groups()  # now, before any forward pass: the parameters become views once
+            # train.offload_embedding_state: split masters keep their low halves and moment codes in
+            # pinned host memory and stream them through the GPU for each update (_stream_split_steps).
+            self.host_split_state = False
 
         def _flat_groups(self) -> dict[int, "_FlatGroup"]:
             if self._flat is None:
@@ -73,9 +78,32 @@ def _adamw_8bit_without_syncs() -> type:
             return self._flat
 
         def load_state_dict(self, state_dict, move_to_device=True):
-            super().load_state_dict(state_dict, move_to_device)
+            # Loaded where torch.load put them (the host); then each tensor goes where it lives, so a
+            # host-resident embedding state never passes through GPU memory.
+            super().load_state_dict(state_dict, move_to_device=False)
+            if move_to_device:
+                self.to_gpu()
             self._flat = None  # loaded states replaced the flat buffers' views: gather them again
             self._flat_groups()
+
+        def to_gpu(self):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.device.type == "cpu" or p not in self.state:
+                        continue
+                    on_host = self.host_split_state and getattr(p, SPLIT_MASTER, False)
+                    for k, v in self.state[p].items():
+                        if not isinstance(v, torch.Tensor) or getattr(v, "is_paged", False):
+                            continue
+                        if on_host and k in HOST_KEYS:
+                            self.state[p][k] = v if v.is_pinned() else v.cpu().pin_memory()
+                        else:
+                            self.state[p][k] = v.to(p.device)
+
+        def state_dict(self):
+            if self.host_split_state and torch.cuda.is_available():
+                torch.cuda.synchronize()  # host-resident states: the last update's copies back must be done
+            return super().state_dict()
 
         @torch.no_grad()
         def step(self, closure=None):
@@ -90,6 +118,14 @@ def _adamw_8bit_without_syncs() -> type:
                 self.to_gpu()
                 self.initialized = True
             flat_groups = self._flat_groups()
+            # Split masters whose states wait in host memory go first, on side streams (one pipelined
+            # pass of copies and updates), so that the GPU updates the adapters meanwhile.
+            streamed = [] if not self.host_split_state else [
+                (group, p) for group in self.param_groups for p in group["params"]
+                if p.grad is not None and getattr(p, SPLIT_MASTER, False) and p.is_cuda]
+            jobs = [self._split_step(group, p) for group, p in streamed]
+            done = _stream_split_steps([j for j in jobs if j is not None], self._maps(streamed[0][1].device)) if streamed else None
+            streamed = {id(p) for _, p in streamed}
             for gindex, group in enumerate(self.param_groups):
                 flat = flat_groups.get(gindex)
                 if flat is not None and flat.ready():
@@ -98,7 +134,7 @@ def _adamw_8bit_without_syncs() -> type:
                 else:
                     handled = ()
                 for pindex, p in enumerate(group["params"]):
-                    if p.grad is None or p in handled:
+                    if p.grad is None or p in handled or id(p) in streamed:
                         continue
                     if getattr(p, SPLIT_MASTER, False):
                         self._split_step(group, p)
@@ -106,10 +142,13 @@ def _adamw_8bit_without_syncs() -> type:
                     if not self.state[p]:
                         self.init_state(group, p, gindex, pindex)
                     self.update_step(group, p, gindex, pindex)  # on flat members' views, in place
+            if done is not None:
+                done()  # the current stream waits for the streamed updates
             return loss
 
-        def _split_step(self, group: dict, p: torch.Tensor) -> None:
-            """Trained embeddings held as bf16 + low bits (see split_float32): our blockwise update."""
+        def _split_step(self, group: dict, p: torch.Tensor) -> Optional[tuple]:
+            """Trained embeddings held as bf16 + low bits (see split_float32): our blockwise update.
+            Returns the job for _stream_split_steps instead when the state waits in host memory."""
             state = self.state[p]
             if state and "lo" not in state:
                 # A checkpoint of a run that held this matrix as a float32 tensor: the model tensor was
@@ -126,20 +165,30 @@ def _adamw_8bit_without_syncs() -> type:
                     flat = state[k].reshape(-1)
                     fill = torch.full((padded - flat.numel(),), zero, dtype=flat.dtype, device=flat.device)
                     state[k] = torch.cat([flat, fill])
+            on_host = self.host_split_state and p.is_cuda
             if not state:
                 n = p.numel()
                 padded = -(-n // BLOCK) * BLOCK
                 state["step"] = 0
                 maps = self._maps(p.device)
-                state["state1"] = torch.full((padded,), maps.zero1, dtype=torch.uint8, device=p.device)
-                state["state2"] = torch.full((padded,), maps.zero2, dtype=torch.uint8, device=p.device)
+                where = dict(device="cpu", pin_memory=True) if on_host else dict(device=p.device)
+                state["state1"] = torch.full((padded,), maps.zero1, dtype=torch.uint8, **where)
+                state["state2"] = torch.full((padded,), maps.zero2, dtype=torch.uint8, **where)
                 state["absmax1"] = torch.zeros(padded // BLOCK, dtype=torch.float32, device=p.device)
                 state["absmax2"] = torch.zeros(padded // BLOCK, dtype=torch.float32, device=p.device)
-                state["lo"] = torch.zeros(p.shape, dtype=torch.int16, device=p.device)
+                state["lo"] = torch.zeros(p.shape, dtype=torch.int16, **where)
+            for k in HOST_KEYS:  # the switch may have changed since the checkpoint was written
+                if on_host and not state[k].is_pinned():
+                    state[k] = state[k].cpu().pin_memory()
+                elif not on_host and state[k].device != p.device:
+                    state[k] = state[k].to(p.device)
             state["step"] += 1
             b1, b2 = group["betas"][0], group["betas"][1]
-            split_adamw8bit_step(p, p.grad, state, self._maps(p.device), lr=group["lr"], betas=(b1, b2),
-                                 eps=group["eps"], weight_decay=group["weight_decay"], step=state["step"])
+            kw = dict(lr=group["lr"], betas=(b1, b2), eps=group["eps"], weight_decay=group["weight_decay"], step=state["step"])
+            if state["lo"].device != p.device:
+                return (p, p.grad, state, kw)
+            split_adamw8bit_step(p, p.grad, state, self._maps(p.device), **kw)
+            return None
 
         def _maps(self, device: torch.device) -> "QuantMaps":
             if "dynamic" not in self.name2qmap:
@@ -297,36 +346,145 @@ def _hyper(b1: float, b2: float, lr: float, eps: float, weight_decay: float, ste
     return hp.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else hp
 
 
+def _grad_table(p: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(gradient, None) for a dense gradient; (values, slot) for a row-sparse one, slot[row] being the
+    row's index in values or -1."""
+    if not grad.is_sparse:
+        return grad.contiguous(), None
+    grad = grad.coalesce()
+    slot = torch.full((p.shape[0],), -1, dtype=torch.int64, device=p.device)
+    idx = grad.indices()[0]
+    slot[idx] = torch.arange(idx.numel(), device=p.device)
+    values = grad.values().contiguous()
+    if values.numel() == 0:
+        values = torch.zeros(1, p.shape[1], dtype=p.dtype, device=p.device)
+    return values, slot
+
+
+def _chunk_rows(width: int, elements: int) -> int:
+    """Rows per chunk of about `elements`, a whole number of quantisation blocks (chunks start on one)."""
+    align = BLOCK // math.gcd(width, BLOCK)
+    return max(align, max(1, elements // width) // align * align)
+
+
+def _update_split_rows(high, low, g, slot, s1, s2, a1, a2, maps: QuantMaps, hp: torch.Tensor) -> None:
+    """Update rows of a split master in place: the Triton kernel on CUDA, else PyTorch by chunks.
+    g: the rows' dense gradient, or (slot given, one entry per row) the values of a sparse one."""
+    if _try_triton(high.device, high, low, g, slot, s1, s2, a1, a2, maps, hp):
+        return
+    rows, width = high.shape
+    step_rows = _chunk_rows(width, _CHUNK_ELEMENTS)
+    for r0 in range(0, rows, step_rows):
+        r1 = min(rows, r0 + step_rows)
+        e0, e1 = r0 * width, min(s1.numel(), -(-(r1 * width) // BLOCK) * BLOCK)
+        _split_chunk(high[r0:r1], low[r0:r1], _rows(slot[r0:r1], g) if slot is not None else g[r0:r1],
+                     s1[e0:e1], s2[e0:e1], a1[e0 // BLOCK:e1 // BLOCK], a2[e0 // BLOCK:e1 // BLOCK],
+                     maps.q1, maps.q2, maps.mid1, maps.mid2, hp)
+
+
 def split_adamw8bit_step(p: torch.Tensor, grad: torch.Tensor, state: dict, maps: QuantMaps, *, lr: float,
                          betas: tuple[float, float], eps: float, weight_decay: float, step: int) -> None:
     """One AdamW step (8-bit blockwise states) of the float32 master held as bf16 `p` + state["lo"].
     `grad` is dense, or sparse COO over rows (an embedding's gradient: only the rows the batch used)."""
     hp = _hyper(betas[0], betas[1], lr, eps, weight_decay, step, p.device)
-    rows, width = p.shape
-    step_rows = max(1, _CHUNK_ELEMENTS // width)
-    align = BLOCK // math.gcd(width, BLOCK)  # chunks start on a block boundary
-    step_rows = max(align, step_rows // align * align)
-    sparse = grad.is_sparse
-    if sparse:
-        grad = grad.coalesce()
-        slot = torch.full((rows,), -1, dtype=torch.int64, device=p.device)
-        idx = grad.indices()[0]
-        slot[idx] = torch.arange(idx.numel(), device=p.device)
-        values = grad.values().contiguous()
-        if values.numel() == 0:
-            values = torch.zeros(1, width, dtype=p.dtype, device=p.device)
-    if _try_triton(p.device, p.data, state["lo"], values if sparse else grad.contiguous(), slot if sparse else None,
-                   state["state1"], state["state2"], state["absmax1"], state["absmax2"], maps, hp):
-        return
-    maps_args = (maps.q1, maps.q2, maps.mid1, maps.mid2, hp)
-    for r0 in range(0, rows, step_rows):
-        r1 = min(rows, r0 + step_rows)
-        e0 = r0 * width
-        e1 = min(state["state1"].numel(), -(-(r1 * width) // BLOCK) * BLOCK)
-        states = (state["state1"][e0:e1], state["state2"][e0:e1],
-                  state["absmax1"][e0 // BLOCK:e1 // BLOCK], state["absmax2"][e0 // BLOCK:e1 // BLOCK])
-        high, low = p.data[r0:r1], state["lo"][r0:r1]
-        _split_chunk(high, low, _rows(slot[r0:r1], values) if sparse else grad[r0:r1], *states, *maps_args)
+    g, slot = _grad_table(p, grad)
+    _update_split_rows(p.data, state["lo"], g, slot, state["state1"], state["state2"], state["absmax1"],
+                       state["absmax2"], maps, hp)
+
+
+# ---------------------------------------------------------------------------- embedding states in host memory
+#
+# train.offload_embedding_state: the low halves and the 8-bit moment codes of the split masters (4 bytes
+# per element, 3.9 GiB for an 8B model's 1.05B embedding elements) live in pinned host memory; only the
+# block maxima (1/64 of that) stay on the GPU. Each update streams the rows through three staging
+# chunks: while chunk i is updated on the current stream, chunk i+1 comes in on one copy stream and
+# chunk i-1 goes back on another. The cost is the copies, 4 bytes each way per element, at the host
+# link's speed (bench/NOTES.md); the result is the same update bit for bit.
+
+HOST_KEYS = ("lo", "state1", "state2")
+_HOST_CHUNK_ELEMENTS = 1 << 23  # 32 MiB of staged state per chunk, three chunks in flight
+_STAGING: dict = {}  # device -> staging buffers, kept for the run (they are reused every step)
+_COPY_STREAMS: dict = {}
+
+
+def _staging(device: torch.device, elements: int) -> list:
+    have = _STAGING.get(device)
+    if have is None or have[0] < elements:
+        _STAGING[device] = (elements, [(torch.empty(elements, dtype=torch.int16, device=device),
+                                        torch.empty(elements + BLOCK, dtype=torch.uint8, device=device),
+                                        torch.empty(elements + BLOCK, dtype=torch.uint8, device=device))
+                                       for _ in range(3)])
+    return _STAGING[device][1]
+
+
+def _stream_split_steps(jobs: list, maps: QuantMaps) -> Optional[Callable[[], None]]:
+    """Run split_adamw8bit_step for each (p, grad, state, step kwargs) whose state["lo"/"state1"/"state2"]
+    are in (pinned) host memory, as one pipelined pass over all their chunks. On CUDA it runs on side
+    streams and returns what makes the current stream wait for it (call before the weights are used)."""
+    if not jobs:
+        return None
+    device = jobs[0][0].device
+    if device.type == "cuda":
+        caller = torch.cuda.current_stream(device)
+        if device not in _COPY_STREAMS:
+            _COPY_STREAMS[device] = tuple(torch.cuda.Stream(device) for _ in range(3))
+        cin, work, cout = _COPY_STREAMS[device]
+        work.wait_stream(caller)  # the gradients are ready
+        for _, grad, _, _ in jobs:  # read on `work` after the caller has let go of them (zero_grad)
+            for t in ((grad._indices(), grad._values()) if grad.is_sparse else (grad,)):
+                t.record_stream(work)
+        with torch.cuda.stream(work):
+            _stream_chunks(jobs, maps, device, (cin, work, cout))
+        return lambda: caller.wait_stream(work)
+    _stream_chunks(jobs, maps, device, None)
+    return None
+
+
+def _stream_chunks(jobs: list, maps: QuantMaps, device: torch.device, streams: Optional[tuple]) -> None:
+    cuda = streams is not None
+    plan = []
+    for p, grad, state, kw in jobs:
+        plan.append((p, state, _chunk_rows(p.shape[1], _HOST_CHUNK_ELEMENTS)))
+    bufs = _staging(device, max(rows * p.shape[1] for p, _, rows in plan))
+    if cuda:
+        cin, main, cout = streams  # main: the stream the updates run on
+        cin.wait_stream(cout)  # the previous pass has written its states back and left the buffers
+    freed: list = [None] * len(bufs)
+    i = 0
+    for (p, grad, state, kw), (_, _, step_rows) in zip(jobs, plan):
+        hp = _hyper(kw["betas"][0], kw["betas"][1], kw["lr"], kw["eps"], kw["weight_decay"], kw["step"], device)
+        g, slot = _grad_table(p, grad)
+        rows, width = p.shape
+        lo_h, s1_h, s2_h = state["lo"].view(-1), state["state1"], state["state2"]
+        for r0 in range(0, rows, step_rows):
+            r1 = min(rows, r0 + step_rows)
+            e0, e1 = r0 * width, min(s1_h.numel(), -(-(r1 * width) // BLOCK) * BLOCK)
+            lo_b, s1_b, s2_b = bufs[i % len(bufs)]
+            lo_b, s1_b, s2_b = lo_b[:(r1 - r0) * width], s1_b[:e1 - e0], s2_b[:e1 - e0]
+            pairs = ((lo_b, lo_h[e0:r1 * width]), (s1_b, s1_h[e0:e1]), (s2_b, s2_h[e0:e1]))
+            if cuda:
+                with torch.cuda.stream(cin):
+                    if freed[i % len(bufs)] is not None:
+                        cin.wait_event(freed[i % len(bufs)])  # this buffer's previous chunk is back home
+                    for dev_t, host_t in pairs:
+                        dev_t.copy_(host_t, non_blocking=True)
+                main.wait_stream(cin)
+            else:
+                for dev_t, host_t in pairs:
+                    dev_t.copy_(host_t)
+            _update_split_rows(p.data[r0:r1], lo_b.view(r1 - r0, width), g if slot is not None else g[r0:r1],
+                               slot[r0:r1] if slot is not None else None, s1_b, s2_b,
+                               state["absmax1"][e0 // BLOCK:e1 // BLOCK], state["absmax2"][e0 // BLOCK:e1 // BLOCK], maps, hp)
+            if cuda:
+                cout.wait_stream(main)
+                with torch.cuda.stream(cout):
+                    for dev_t, host_t in pairs:
+                        host_t.copy_(dev_t, non_blocking=True)
+                    freed[i % len(bufs)] = cout.record_event()
+            else:
+                for dev_t, host_t in pairs:
+                    host_t.copy_(dev_t)
+            i += 1
 
 
 # ---------------------------------------------------------------------------- one pass over many adapter tensors
@@ -422,7 +580,11 @@ def master_weight(p: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Te
     """The float32 value the optimizer trains for p: for a split master the weight and its low half."""
     state = getattr(optimizer, "optimizer", optimizer).state.get(p, {})
     if getattr(p, SPLIT_MASTER, False) and "lo" in state:
-        return join_float32(p.detach(), state["lo"])
+        lo = state["lo"]
+        if lo.device != p.device:  # host-resident: the last update's copy back must have landed
+            torch.cuda.synchronize(p.device)
+            lo = lo.to(p.device)
+        return join_float32(p.detach(), lo)
     return p.detach()
 
 

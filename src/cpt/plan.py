@@ -38,6 +38,9 @@ EFFICIENCY = {("baseline", "bf16"): 0.337, ("baseline", "nf4"): 0.298, ("ours", 
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + float32 per 256 absmax
 WORKSPACE_GIB = 0.6  # cuBLAS workspaces, SDPA scratch, allocator rounding
 FIT_MARGIN = 0.92  # share of the GPU a plan may fill and still be called a fit
+# Pinned host <-> GPU copy rate, each direction, both directions at once (H200 on PCIe 5, bench/NOTES.md):
+# train.offload_embedding_state moves 4 bytes per trained embedding element each way per step.
+HOST_LINK_GB_S = 50.0
 
 
 @dataclass
@@ -153,6 +156,7 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
     state_bytes = 2 if t.optim == "adamw_8bit" else 8
 
     mem: dict[str, float] = {}
+    host = 0.0  # bytes the run keeps in pinned host memory instead (offloaded embedding states)
     if full_mode:
         n = s.block_params + n_all_emb
         mem["weights (trained, float32 masters)"] = n * master
@@ -169,6 +173,13 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
         n_lora = s.layers * sum(a.r * (i + o) for k, (i, o) in s.linear_shapes().items() if k in targets)
         mem["LoRA adapters (float32)"] = n_lora * 4
         mem["optimizer states"] = (n_trained_emb + n_lora) * state_bytes
+        if split and t.offload_embedding_state:
+            from cpt.optim import _HOST_CHUNK_ELEMENTS
+
+            # Low halves and moment codes in host memory; block maxima and three staging chunks stay.
+            host = n_trained_emb * (2 + state_bytes)
+            mem["trained embeddings"] = n_trained_emb * 2
+            mem["optimizer states"] = n_lora * state_bytes + n_trained_emb * 8 / 256 + 3 * _HOST_CHUNK_ELEMENTS * 4
         if split:
             head = emb_elems if (s.tied or "lm_head" in trained_emb) else 0
             embed = 0 if s.tied or "embed_tokens" not in trained_emb else (
@@ -213,13 +224,16 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
     compiled = ours and use_compile(m.compile, m.kernels, "cuda", cfg.train.fsdp, m.load_in_4bit)
     eff = EFFICIENCY[("ours, compiled" if compiled else "ours" if ours else "baseline", mode)]
     tps = eff * tflops * 1e12 / flops
+    if host:  # the copies to and from host memory come on top of the step (not hidden behind compute)
+        step_s = tokens * t.gradient_accumulation_steps / tps + host / (HOST_LINK_GB_S * 1e9)
+        tps = tokens * t.gradient_accumulation_steps / step_s
     return {
         "model": m.name_or_path, "system": system, "mode": mode, "gpu": gpu_name, "gpu_memory_gib": gpu_total,
         "tokens_per_micro_batch": tokens, "recompute_layers": recompute_layers, "offload": offload,
         "memory_gib": {k: v / GIB for k, v in mem.items()},
         "activations_gib": {**{k: v / GIB for k, v in acts.items()}, "loss": loss / GIB,
                             "one layer's activations": layer_act / GIB},
-        "gradients_gib": grads / GIB,
+        "gradients_gib": grads / GIB, "host_memory_gib": host / GIB,
         "peak_gib": peak / GIB, "peak_at": "loss" if at_loss >= at_end else "end of backward",
         "flops_per_token": flops, "assumed_efficiency": eff, "peak_tflops": tflops, "tokens_per_s": tps,
         # 8% headroom: allocator fragmentation and reserved-but-free blocks (the baseline's 64k step,
@@ -265,6 +279,8 @@ def format_plan(p: dict) -> str:
     for k, v in p["memory_gib"].items():
         lines.append(f"  {k:<42} {v:8.2f} GiB")
     lines.append(f"  {'gradients':<42} {p['gradients_gib']:8.2f} GiB")
+    if p.get("host_memory_gib"):
+        lines.append(f"  {'(in pinned host memory: embedding states)':<42} {p['host_memory_gib']:8.2f} GiB")
     for k, v in p["activations_gib"].items():
         lines.append(f"  {k:<42} {v:8.2f} GiB")
     lines.append(f"  peak (at the {p['peak_at']})".ljust(45) + f"{p['peak_gib']:8.2f} GiB  {'fits' if p['fits'] else 'DOES NOT FIT'}")
