@@ -469,6 +469,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--profile", default=None, help="write a torch profiler table of one step here")
     p.add_argument("--memory-trace", default=None, help="ours: write what is allocated at the peak (bench/memory_peak.py) here")
     p.add_argument("--offload-embedding-state", action="store_true", help="ours: train.offload_embedding_state")
+    p.add_argument("--systems", default=None, help="the bf16/nf4 rows run exactly these systems (comma list of baseline, "
+                   "ours, ours_eager, ours_offload) instead of baseline, ours and what --rows adds")
     p.add_argument("--embeddings-first", action="store_true", help="ours: embedding group first in the optimizer (experiment row)")
     p.add_argument("--time-limit", type=float, default=150.0, help="long-context worker: seconds for the ladder")
     p.add_argument("--model-dir", default="/tmp/cpt-bench/llama-3.1-8b-random")
@@ -524,8 +526,8 @@ def drive(args) -> int:
     for mode in ("bf16", "nf4"):
         if mode not in rows:
             continue
-        systems = (["baseline", "ours"] + (["ours_eager"] if "eager" in rows else [])
-                   + (["ours_offload"] if "offload" in rows else []))
+        systems = args.systems.split(",") if args.systems else (
+            ["baseline", "ours"] + (["ours_eager"] if "eager" in rows else []) + (["ours_offload"] if "offload" in rows else []))
         runs: dict[str, list] = {s: [] for s in systems}
         for run in range(args.runs):
             order = systems if run % 2 == 0 else systems[::-1]

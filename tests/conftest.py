@@ -60,13 +60,13 @@ def tokenizer(tokenizer_dir):
     return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
-def _tiny_model_dir(tmp_path_factory, tokenizer_dir: Path, tied: bool, name: str) -> Path:
+def _tiny_model_dir(tmp_path_factory, tokenizer_dir: Path, tied: bool, name: str, hidden: int = 64) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=tied, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
                       pad_token_id=tok.pad_token_id)
@@ -81,6 +81,12 @@ def _tiny_model_dir(tmp_path_factory, tokenizer_dir: Path, tied: bool, name: str
 def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     """Untied 2-layer Llama (hidden 64) with the fixture tokenizer, saved as a HF folder."""
     return _tiny_model_dir(tmp_path_factory, tokenizer_dir, tied=False, name="tiny_untied")
+
+
+@pytest.fixture(scope="session")
+def tiny_wide_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """Untied, hidden 256: embedding rows are whole 8-bit quantisation blocks (256 elements)."""
+    return _tiny_model_dir(tmp_path_factory, tokenizer_dir, tied=False, name="tiny_wide", hidden=256)
 
 
 @pytest.fixture(scope="session")

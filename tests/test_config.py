@@ -39,6 +39,7 @@ def test_flat_override_and_flat_yaml():
     ({"train": {"offload_embedding_state": True}}, ["train.offload_embedding_state", "train.optim=adamw_8bit"]),
     ({"train": {"offload_embedding_state": True, "optim": "adamw_8bit"}, "adapter": {"target_modules": ["q_proj"]}},
      ["train.offload_embedding_state", "embed_tokens or lm_head"]),
+    ({"train": {"offload_embedding_state": True, "optim": "adamw_8bit", "fsdp": True}}, ["train.offload_embedding_state", "fsdp_offload_params"]),
 ])
 def test_bad_config_names_the_key(raw, words):
     with pytest.raises(ConfigError) as e:

@@ -284,7 +284,9 @@ def test_host_resident_state_streams_to_the_same_update(monkeypatch):
     through staging chunks (here many chunks and every staging buffer reused several times, one
     matrix that is not a whole number of blocks, one row-sparse gradient): bit for bit the update
     made where the states live."""
-    monkeypatch.setattr(optim, "_HOST_CHUNK_ELEMENTS", 200)
+    from cpt import host_state
+
+    monkeypatch.setattr(host_state, "CHUNK_ELEMENTS", 200)
     monkeypatch.setattr(optim, "_CHUNK_ELEMENTS", 256)
     g = torch.Generator().manual_seed(11)
     shapes = [(37, 24), (50, 16)]
@@ -299,7 +301,12 @@ def test_host_resident_state_streams_to_the_same_update(monkeypatch):
         kws = [dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd, step=step) for wd in (0.1, 0.0)]
         for p, grad, s, kw in zip(here, (dense, sparse), here_s, kws):
             split_adamw8bit_step(p, grad, s, _maps(), **kw)
-        optim._stream_split_steps(list(zip(streamed, (dense, sparse), streamed_s, kws)), _maps())
+        jobs = []
+        for p, grad, st, kw in zip(streamed, (dense, sparse), streamed_s, kws):
+            g_, slot = optim._grad_table(p, grad)
+            hp = optim._hyper(*kw["betas"], kw["lr"], kw["eps"], kw["weight_decay"], kw["step"], p.device)
+            jobs.append(host_state.Job(p, st, st, hp, g_, slot))
+        host_state.launch(jobs, _maps())
         for a, b, sa, sb in zip(here, streamed, here_s, streamed_s):
             assert torch.equal(a, b)
             for k in sa:
@@ -310,6 +317,7 @@ def test_host_resident_state_streams_to_the_same_update(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-resident states stream to a CUDA device")
 def test_optimizer_keeps_embedding_states_in_host_memory_and_checkpoints_them():
     pytest.importorskip("bitsandbytes")
+    from cpt import host_state
     cuda = torch.device("cuda")
     g = torch.Generator().manual_seed(12)
     shapes = [(3000, 128), (3000, 128)]
@@ -340,7 +348,7 @@ def test_optimizer_keeps_embedding_states_in_host_memory_and_checkpoints_them():
         for a, b in zip(dev_p, host_p):
             assert torch.equal(a, b)
             sa, sb = dev_opt.state[a], host_opt.state[b]
-            for k in optim.HOST_KEYS:
+            for k in host_state.HOST_KEYS:
                 assert sb[k].device.type == "cpu" and sb[k].is_pinned() and sa[k].is_cuda
                 assert torch.equal(sa[k].cpu(), sb[k]), k
             assert sb["absmax1"].is_cuda and torch.equal(sa["absmax1"], sb["absmax1"])
@@ -352,7 +360,7 @@ def test_optimizer_keeps_embedding_states_in_host_memory_and_checkpoints_them():
     res_opt.load_state_dict({k: v for k, v in saved.items()})
     for p in res_p:
         st = res_opt.state[p]
-        assert all(st[k].device.type == "cpu" and st[k].is_pinned() for k in optim.HOST_KEYS) and st["absmax2"].is_cuda
+        assert all(st[k].device.type == "cpu" and st[k].is_pinned() for k in host_state.HOST_KEYS) and st["absmax2"].is_cuda
     for ps, opt in ((host_p, host_opt), (res_p, res_opt)):
         for p, gr in zip(ps, grads(9)):
             p.grad = gr
@@ -360,3 +368,147 @@ def test_optimizer_keeps_embedding_states_in_host_memory_and_checkpoints_them():
     torch.cuda.synchronize()
     for a, b in zip(host_p, res_p):
         assert torch.equal(a, b) and torch.equal(host_opt.state[a]["lo"], res_opt.state[b]["lo"])
+
+
+def test_offload_switch_says_when_it_has_nothing_to_move(caplog):
+    """On the CPU (or without split masters) the states already live where the weights do: a warning, and
+    the optimizer keeps them there."""
+    pytest.importorskip("bitsandbytes")
+    from cpt.config import TrainConfig
+
+    p = torch.nn.Parameter(torch.zeros(64, 64, dtype=torch.bfloat16))
+    optim.mark_split_master(p)
+    t = TrainConfig(optim="adamw_8bit", offload_embedding_state=True)
+    with caplog.at_level("WARNING", logger="cpt"):
+        opt = optim.build_optimizer([{"params": [p], "lr": 1e-3, "weight_decay": 0.0, "name": "embeddings"}], t,
+                                    torch.device("cpu"))
+    assert not opt.host_split_state
+    assert "offload_embedding_state has nothing to move" in caplog.text
+
+
+def _early_case(host: bool, seed: int = 21, device: str = "cpu"):
+    """Two split masters as in a model: a row-sparse embedding (a whole number of blocks per row) and
+    a dense head, their gradients made by autograd (so that gradient hooks fire)."""
+    pytest.importorskip("bitsandbytes")
+    g = torch.Generator().manual_seed(seed)
+    vocab, width = 40, 256
+    emb = torch.nn.Parameter((torch.randn(vocab, width, generator=g) * 0.02).bfloat16().to(device))
+    head = torch.nn.Parameter((torch.randn(vocab, width, generator=g) * 0.02).bfloat16().to(device))
+    for p in (emb, head):
+        optim.mark_split_master(p)
+    setattr(emb, optim.ROW_SPARSE, True)
+    opt = optim._adamw_8bit_without_syncs()([{"params": [emb, head], "lr": 1e-3, "weight_decay": 0.0}])
+    opt.host_split_state = host
+    return emb, head, opt
+
+
+def _forward(emb, head, ids):
+    h = torch.nn.functional.embedding(ids, emb, sparse=True).float()
+    return torch.logsumexp(h @ head.float().T, -1).mean()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="side streams, pinned memory and the Triton scatter need CUDA"))])
+def test_early_passes_give_the_step_bit_for_bit_and_a_skipped_step_leaves_everything(monkeypatch, device):
+    """cpt.host_state.EarlyStep on the CPU (the same code the GPU runs on side streams): embed_tokens'
+    rows outside the batch updated before the backward pass, lm_head's update as soon as its gradient
+    is complete (no clipping) or at the step (clipping), the batch's rows at the step; a skipped step
+    undone; a gradient row the ids did not name done at the step. Weights and states equal, bit for bit,
+    those of the same optimizer updating in place."""
+    from cpt import host_state
+
+    monkeypatch.setattr(host_state, "CHUNK_ELEMENTS", 256 * 7)  # several chunks, buffers reused
+    ref_emb, ref_head, ref = _early_case(False, device=device)
+    emb, head, opt = _early_case(True, device=device)
+    gen = torch.Generator().manual_seed(5)
+    for step in range(6):
+        ids = torch.randint(0, 40, (3, 5), generator=gen).to(device)
+        clipping = step % 2 == 1
+        skipped = step == 3
+        named = ids if step != 4 else ids[:, :2]  # step 4: the loop names fewer rows than the batch uses
+        before = (emb.detach().clone(), head.detach().clone(),
+                  {k: v.clone() for k, v in opt.state[emb].items() if isinstance(v, torch.Tensor)})
+        losses = [_forward(e, h, ids) for e, h in ((ref_emb, ref_head), (emb, head))]
+        opt.start_early(named, clipping)  # as the loop does: after the forward pass, before the backward
+        for loss in losses:
+            loss.backward()
+        if skipped:
+            assert not torch.equal(emb, before[0])  # the early pass did move the weights
+            opt.abandon_early()
+            assert torch.equal(emb, before[0]) and torch.equal(head, before[1])
+            assert all(torch.equal(opt.state[emb][k], v) for k, v in before[2].items())
+        else:
+            ref.step()
+            opt.step()
+        for o in (ref, opt):
+            o.zero_grad(set_to_none=True)
+        if skipped:
+            continue
+        for a, b in ((ref_emb, emb), (ref_head, head)):
+            assert torch.equal(a, b), step
+            for k in ("lo", "state1", "state2", "absmax1", "absmax2"):
+                assert torch.equal(ref.state[a][k].cpu(), opt.state[b][k].cpu()), (step, k)
+            if device == "cuda":
+                assert opt.state[b]["lo"].is_pinned() and opt.state[b]["absmax1"].is_cuda
+            assert ref.state[a]["step"] == opt.state[b]["step"]
+    assert opt._early is not None and not opt._early.pending
+
+
+def test_8bit_loop_with_host_resident_states_matches_the_plain_loop(tiny_wide_model_dir, corpus_dir, tmp_path, monkeypatch):
+    """The loop's side of train.offload_embedding_state (start the early passes before the last
+    micro-batch's backward, commit at the step, resume from optimizer.pt), run on the CPU by letting
+    the optimizer treat host memory as 'off the device': losses and adapter bit for bit those of the
+    plain run, a stopped-and-resumed run included."""
+    pytest.importorskip("bitsandbytes")
+    import json
+
+    from safetensors.torch import load_file
+
+    import cpt.train as cpt_train
+    from cpt.api import run_training
+    from cpt.config import load_config
+
+    def cfg(out, steps, width):
+        return load_config(None, [
+            f"model.name_or_path={tiny_wide_model_dir}", "model.max_seq_length=32", "model.dtype=bfloat16", f"data.path={corpus_dir}",
+            "adapter.r=8", "adapter.lora_alpha=16", "adapter.use_gradient_checkpointing=false", "train.optim=adamw_8bit",
+            "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=2", "train.learning_rate=5e-3",
+            "train.embedding_learning_rate=1e-3", "train.warmup_ratio=0", "train.lr_scheduler_type=constant",
+            f"train.max_grad_norm={width}", f"train.max_steps={steps}",
+            f"output.output_dir={out}", "output.logging_steps=1", "output.save_steps=3", "output.report=false",
+            "eval.eval_at_start=false"])
+
+    def losses(out):
+        return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+    from cpt import host_state
+
+    plain_build = cpt_train.build_optimizer
+    started = []
+    plain_start = host_state.EarlyStep.start
+
+    def counted_start(self, group, p, rows):
+        started.append("rows" if rows is not None else "whole")
+        return plain_start(self, group, p, rows)
+
+    monkeypatch.setattr(host_state.EarlyStep, "start", counted_start)
+
+    def host_build(groups, t, device):
+        opt = plain_build(groups, t, device)
+        opt.host_split_state = True
+        return opt
+
+    for clip in (1.0, 0.0):
+        plain, host = tmp_path / f"plain{clip}", tmp_path / f"host{clip}"
+        run_training(cfg(plain, 6, clip))
+        monkeypatch.setattr(cpt_train, "build_optimizer", host_build)
+        run_training(cfg(host, 3, clip))
+        run_training(cfg(host, 6, clip))  # resumes from checkpoint-3
+        monkeypatch.setattr(cpt_train, "build_optimizer", plain_build)
+        a, b = losses(plain), losses(host)
+        assert list(a) == list(range(1, 7)) and all(a[s] == b[s] for s in a), (clip, a, b)
+        # embed_tokens' rows outside the batch every step; lm_head's whole update only without clipping
+        assert started.count("rows") == 6 and started.count("whole") == (6 if clip == 0.0 else 0), started
+        started.clear()
+        wa, wb = load_file(str(plain / "adapter_model.safetensors")), load_file(str(host / "adapter_model.safetensors"))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

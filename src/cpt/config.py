@@ -141,7 +141,7 @@ class TrainConfig:
     min_lr_ratio: float = _f(0.0, "Floor of the decayed learning rate, as a fraction of the peak.")
     decay_ratio: float = _f(0.2, "wsd only: fraction of steps spent decaying.")
     max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this value (0 disables).")
-    offload_embedding_state: bool = _f(False, "With train.optim=adamw_8bit in bf16 (split float32 masters, see adapter.embedding_master_dtype): keep the trained embeddings' low halves and 8-bit moments in pinned host memory (4 bytes per element: 3.9 GiB for an 8B model with a 128k vocabulary) and stream them through the GPU for each update. Saves that GPU memory at the cost of the copies (bench/NOTES.md has the measured price); the update is the same bit for bit. Needs that much free pinned host memory.")
+    offload_embedding_state: bool = _f(False, "With train.optim=adamw_8bit in bf16 (split float32 masters, see adapter.embedding_master_dtype): keep the trained embeddings' low halves and 8-bit moments in pinned host memory (4 bytes per element: 3.9 GiB for an 8B model with a 128k vocabulary) and stream them through the GPU for each update. Saves that GPU memory at the cost of the copies, which the step waits for (H200, 8B: 75 ms per step, 1.31x instead of 1.57x the speed of transformers + peft at 0.73x instead of 0.87x its memory; bench/NOTES.md); the update is the same bit for bit. Needs that much free pinned host memory; not under train.fsdp (use fsdp_offload_params).")
     bf16: Optional[bool] = _f(None, "bf16 mixed precision. None: on where the GPU supports it.")
     fp16: Optional[bool] = _f(None, "fp16 mixed precision with loss scaling. None: on for GPUs without bf16.")
     seed: int = _f(3407, "Seed for data order, dropout and everything else random.")
@@ -432,6 +432,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.offload_embedding_state keeps the 8-bit optimizer's state of trained float32-master "
                           "embeddings in host memory: it needs train.optim=adamw_8bit, adapter.method=lora, "
                           "adapter.embedding_master_dtype=float32 and embed_tokens or lm_head in adapter.target_modules")
+    if t.offload_embedding_state and t.fsdp:
+        raise ConfigError("train.offload_embedding_state does not apply under train.fsdp (FSDP shards hold no split "
+                          "masters); use train.fsdp_offload_params to keep optimizer state in host memory there")
     if t.max_nonfinite_steps < 1:
         raise ConfigError("train.max_nonfinite_steps must be >= 1")
     for i, s in enumerate(d.sources):

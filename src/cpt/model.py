@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from cpt.config import EMBEDDING_MODULES, Config, ConfigError, ModelConfig
-from cpt.optim import SPLIT_MASTER, mark_split_master
+from cpt.optim import ROW_SPARSE, SPLIT_MASTER, mark_split_master
 
 log = logging.getLogger("cpt")
 
@@ -204,6 +204,7 @@ def add_adapters(model: nn.Module, cfg: Config, compute_dtype: torch.dtype) -> n
                 mark_split_master(mod.weight)
                 if leaf == "embed_tokens" and not tied and launched_world_size() == 1:
                     mod.sparse = True  # a gradient for the rows the batch used, not a dense 0.5B matrix
+                    setattr(mod.weight, ROW_SPARSE, True)
                 continue
             if mod.weight.dtype != torch.float32:
                 mod.float()

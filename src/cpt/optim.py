@@ -27,6 +27,13 @@ def build_optimizer(groups: list[dict], t: TrainConfig, device: torch.device) ->
                               "or use train.optim=adamw_torch") from None
         opt = _adamw_8bit_without_syncs()(param_groups, **kw)
         opt.host_split_state = bool(t.offload_embedding_state) and device.type == "cuda"
+        if t.offload_embedding_state and not (opt.host_split_state and any(
+                getattr(p, SPLIT_MASTER, False) for g in groups for p in g["params"])):
+            import logging
+
+            logging.getLogger("cpt").warning(
+                "train.offload_embedding_state has nothing to move here: only bf16 runs on a CUDA GPU hold the "
+                "trained embeddings as split float32 masters (this run: %s)", device.type)
         return opt
     fused = device.type == "cuda" and all(p.dtype == torch.float32 for g in groups for p in g["params"])
     if t.optim == "adamw_torch_fused" and not fused:
@@ -62,8 +69,10 @@ def _adamw_8bit_without_syncs() -> type:
             self._flat: Optional[dict[int, _FlatGroup]] = None
             self._flat_groups()  # now, before any forward pass: the parameters become views once
             # train.offload_embedding_state: split masters keep their low halves and moment codes in
-            # pinned host memory and stream them through the GPU for each update (_stream_split_steps).
+            # pinned host memory and stream them through the GPU for each update (cpt.host_state).
             self.host_split_state = False
+            self._early = None  # host_state.EarlyStep: passes started before the step
+            self._armed: dict[int, dict] = {}  # id(p) -> group: start p's pass when its gradient is complete
 
         def _flat_groups(self) -> dict[int, "_FlatGroup"]:
             if self._flat is None:
@@ -85,6 +94,7 @@ def _adamw_8bit_without_syncs() -> type:
                 self.to_gpu()
             self._flat = None  # loaded states replaced the flat buffers' views: gather them again
             self._flat_groups()
+            self._armed, self._early = {}, None
 
         def to_gpu(self):
             for group in self.param_groups:
@@ -95,8 +105,10 @@ def _adamw_8bit_without_syncs() -> type:
                     for k, v in self.state[p].items():
                         if not isinstance(v, torch.Tensor) or getattr(v, "is_paged", False):
                             continue
-                        if on_host and k in HOST_KEYS:
-                            self.state[p][k] = v if v.is_pinned() else v.cpu().pin_memory()
+                        if on_host and k in ("lo", "state1", "state2"):
+                            from cpt.host_state import to_host
+
+                            self.state[p][k] = to_host(v)
                         else:
                             self.state[p][k] = v.to(p.device)
 
@@ -119,13 +131,26 @@ def _adamw_8bit_without_syncs() -> type:
                 self.initialized = True
             flat_groups = self._flat_groups()
             # Split masters whose states wait in host memory go first, on side streams (one pipelined
-            # pass of copies and updates), so that the GPU updates the adapters meanwhile.
+            # pass of copies and updates), so that the GPU updates the adapters meanwhile; what an
+            # early pass already did is committed.
+            early, self._armed = self._early, {}
             streamed = [] if not self.host_split_state else [
                 (group, p) for group in self.param_groups for p in group["params"]
-                if p.grad is not None and getattr(p, SPLIT_MASTER, False) and p.is_cuda]
-            jobs = [self._split_step(group, p) for group, p in streamed]
-            done = _stream_split_steps([j for j in jobs if j is not None], self._maps(streamed[0][1].device)) if streamed else None
-            streamed = {id(p) for _, p in streamed}
+                if getattr(p, SPLIT_MASTER, False) and (p.grad is not None or (early is not None and early.has(p)))]
+            if streamed:
+                from cpt import host_state
+
+                jobs = []
+                for group, p in streamed:
+                    if early is not None and early.has(p):
+                        if early.covers(p):
+                            early.commit(p)
+                            continue
+                        early.drop(p)  # a gradient row the batch's ids did not name: do it all now
+                    if p.grad is not None:
+                        jobs.append(self._split_step(group, p))
+                host_state.launch(jobs, self._maps(streamed[0][1].device))
+            streamed_ids = {id(p) for _, p in streamed}
             for gindex, group in enumerate(self.param_groups):
                 flat = flat_groups.get(gindex)
                 if flat is not None and flat.ready():
@@ -134,7 +159,7 @@ def _adamw_8bit_without_syncs() -> type:
                 else:
                     handled = ()
                 for pindex, p in enumerate(group["params"]):
-                    if p.grad is None or p in handled or id(p) in streamed:
+                    if p.grad is None or p in handled or id(p) in streamed_ids:
                         continue
                     if getattr(p, SPLIT_MASTER, False):
                         self._split_step(group, p)
@@ -142,13 +167,69 @@ def _adamw_8bit_without_syncs() -> type:
                     if not self.state[p]:
                         self.init_state(group, p, gindex, pindex)
                     self.update_step(group, p, gindex, pindex)  # on flat members' views, in place
-            if done is not None:
-                done()  # the current stream waits for the streamed updates
+            if streamed:
+                host_state.wait(streamed[0][1].device)  # weights and host states final from here on
             return loss
 
-        def _split_step(self, group: dict, p: torch.Tensor) -> Optional[tuple]:
+        # ------------------------------------------------------------ passes started before the step
+
+        def start_early(self, token_ids: Optional[torch.Tensor], clipping: bool) -> None:
+            """Called by the loop just before the last micro-batch's backward pass, with every token id
+            of the step's batches (None when unknown) and whether gradients get clipped. Host-resident
+            split masters start what does not need their gradient: embed_tokens' rows outside the batch
+            (always), lm_head's whole update as soon as its gradient is complete (without clipping).
+            The step commits it; abandon_early undoes it."""
+            if not self.host_split_state:
+                return
+            from cpt.host_state import EarlyStep
+
+            rows = None if token_ids is None else torch.unique(token_ids.reshape(-1).cpu()).tolist()
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if not getattr(p, SPLIT_MASTER, False):
+                        continue
+                    if self._early is None:
+                        self._early = EarlyStep(self, self._maps(p.device))
+                    self._split_state(group, p)
+                    if getattr(p, ROW_SPARSE, False):
+                        if rows is not None and p.shape[1] % BLOCK == 0:
+                            self._early.start(group, p, [r for r in rows if 0 <= r < p.shape[0]])
+                    elif not clipping:
+                        if not getattr(p, "_cpt_early_hook", False):
+                            p.register_post_accumulate_grad_hook(self._gradient_complete)
+                            p._cpt_early_hook = True
+                        self._armed[id(p)] = group
+
+        def _gradient_complete(self, p: torch.Tensor) -> None:
+            group = self._armed.pop(id(p), None)
+            if group is not None:
+                self._early.start(group, p, None)
+
+        def abandon_early(self) -> None:
+            """The loop skips this step (non-finite loss or gradient): undo what start_early began."""
+            self._armed = {}
+            if self._early is not None:
+                self._early.abandon()
+
+        def _split_step(self, group: dict, p: torch.Tensor):
             """Trained embeddings held as bf16 + low bits (see split_float32): our blockwise update.
-            Returns the job for _stream_split_steps instead when the state waits in host memory."""
+            Returns a host_state.Job to launch instead when the state waits in host memory."""
+            state = self._split_state(group, p)
+            state["step"] += 1
+            b1, b2 = group["betas"][0], group["betas"][1]
+            kw = {"lr": group["lr"], "betas": (b1, b2), "eps": group["eps"], "weight_decay": group["weight_decay"],
+                  "step": state["step"]}
+            if self.host_split_state:
+                from cpt.host_state import Job
+
+                g, slot = _grad_table(p, p.grad)
+                return Job(p, state, state, _hyper(b1, b2, kw["lr"], kw["eps"], kw["weight_decay"], kw["step"], p.device), g, slot)
+            split_adamw8bit_step(p, p.grad, state, self._maps(p.device), **kw)
+            return None
+
+        def _split_state(self, group: dict, p: torch.Tensor) -> dict:
+            """A split master's state: made on first use, migrated from an older layout, and placed
+            (host or device) as train.offload_embedding_state says."""
             state = self.state[p]
             if state and "lo" not in state:
                 # A checkpoint of a run that held this matrix as a float32 tensor: the model tensor was
@@ -165,30 +246,33 @@ def _adamw_8bit_without_syncs() -> type:
                     flat = state[k].reshape(-1)
                     fill = torch.full((padded - flat.numel(),), zero, dtype=flat.dtype, device=flat.device)
                     state[k] = torch.cat([flat, fill])
-            on_host = self.host_split_state and p.is_cuda
+            on_host = self.host_split_state
             if not state:
                 n = p.numel()
                 padded = -(-n // BLOCK) * BLOCK
                 state["step"] = 0
                 maps = self._maps(p.device)
-                where = dict(device="cpu", pin_memory=True) if on_host else dict(device=p.device)
-                state["state1"] = torch.full((padded,), maps.zero1, dtype=torch.uint8, **where)
-                state["state2"] = torch.full((padded,), maps.zero2, dtype=torch.uint8, **where)
+                if on_host:
+                    from cpt.host_state import host_tensor
+
+                    state["state1"] = host_tensor((padded,), torch.uint8, maps.zero1)
+                    state["state2"] = host_tensor((padded,), torch.uint8, maps.zero2)
+                    state["lo"] = host_tensor(p.shape, torch.int16)
+                else:
+                    state["state1"] = torch.full((padded,), maps.zero1, dtype=torch.uint8, device=p.device)
+                    state["state2"] = torch.full((padded,), maps.zero2, dtype=torch.uint8, device=p.device)
+                    state["lo"] = torch.zeros(p.shape, dtype=torch.int16, device=p.device)
                 state["absmax1"] = torch.zeros(padded // BLOCK, dtype=torch.float32, device=p.device)
                 state["absmax2"] = torch.zeros(padded // BLOCK, dtype=torch.float32, device=p.device)
-                state["lo"] = torch.zeros(p.shape, dtype=torch.int16, **where)
-            for k in HOST_KEYS:  # the switch may have changed since the checkpoint was written
-                if on_host and not state[k].is_pinned():
-                    state[k] = state[k].cpu().pin_memory()
-                elif not on_host and state[k].device != p.device:
+            if on_host:  # the switch may have changed since the checkpoint was written
+                from cpt.host_state import to_host
+
+                for k in ("lo", "state1", "state2"):
+                    state[k] = to_host(state[k])
+            else:
+                for k in ("lo", "state1", "state2"):
                     state[k] = state[k].to(p.device)
-            state["step"] += 1
-            b1, b2 = group["betas"][0], group["betas"][1]
-            kw = dict(lr=group["lr"], betas=(b1, b2), eps=group["eps"], weight_decay=group["weight_decay"], step=state["step"])
-            if state["lo"].device != p.device:
-                return (p, p.grad, state, kw)
-            split_adamw8bit_step(p, p.grad, state, self._maps(p.device), **kw)
-            return None
+            return state
 
         def _maps(self, device: torch.device) -> "QuantMaps":
             if "dynamic" not in self.name2qmap:
@@ -213,6 +297,7 @@ def _adamw_8bit_without_syncs() -> type:
 # gradients and the per-step casts, and loses nothing.
 
 SPLIT_MASTER = "_cpt_split_master"
+ROW_SPARSE = "_cpt_row_sparse"  # a split master whose gradient covers only the rows a batch used (embed_tokens)
 BLOCK = 256  # elements per quantisation block of the 8-bit states (as bitsandbytes' blockwise optimizers)
 _CHUNK_ELEMENTS = 1 << 24  # elements updated per call: float32 temporaries stay at 64 MiB each
 
@@ -390,101 +475,6 @@ def split_adamw8bit_step(p: torch.Tensor, grad: torch.Tensor, state: dict, maps:
     g, slot = _grad_table(p, grad)
     _update_split_rows(p.data, state["lo"], g, slot, state["state1"], state["state2"], state["absmax1"],
                        state["absmax2"], maps, hp)
-
-
-# ---------------------------------------------------------------------------- embedding states in host memory
-#
-# train.offload_embedding_state: the low halves and the 8-bit moment codes of the split masters (4 bytes
-# per element, 3.9 GiB for an 8B model's 1.05B embedding elements) live in pinned host memory; only the
-# block maxima (1/64 of that) stay on the GPU. Each update streams the rows through three staging
-# chunks: while chunk i is updated on the current stream, chunk i+1 comes in on one copy stream and
-# chunk i-1 goes back on another. The cost is the copies, 4 bytes each way per element, at the host
-# link's speed (bench/NOTES.md); the result is the same update bit for bit.
-
-HOST_KEYS = ("lo", "state1", "state2")
-_HOST_CHUNK_ELEMENTS = 1 << 23  # 32 MiB of staged state per chunk, three chunks in flight
-_STAGING: dict = {}  # device -> staging buffers, kept for the run (they are reused every step)
-_COPY_STREAMS: dict = {}
-
-
-def _staging(device: torch.device, elements: int) -> list:
-    have = _STAGING.get(device)
-    if have is None or have[0] < elements:
-        _STAGING[device] = (elements, [(torch.empty(elements, dtype=torch.int16, device=device),
-                                        torch.empty(elements + BLOCK, dtype=torch.uint8, device=device),
-                                        torch.empty(elements + BLOCK, dtype=torch.uint8, device=device))
-                                       for _ in range(3)])
-    return _STAGING[device][1]
-
-
-def _stream_split_steps(jobs: list, maps: QuantMaps) -> Optional[Callable[[], None]]:
-    """Run split_adamw8bit_step for each (p, grad, state, step kwargs) whose state["lo"/"state1"/"state2"]
-    are in (pinned) host memory, as one pipelined pass over all their chunks. On CUDA it runs on side
-    streams and returns what makes the current stream wait for it (call before the weights are used)."""
-    if not jobs:
-        return None
-    device = jobs[0][0].device
-    if device.type == "cuda":
-        caller = torch.cuda.current_stream(device)
-        if device not in _COPY_STREAMS:
-            _COPY_STREAMS[device] = tuple(torch.cuda.Stream(device) for _ in range(3))
-        cin, work, cout = _COPY_STREAMS[device]
-        work.wait_stream(caller)  # the gradients are ready
-        for _, grad, _, _ in jobs:  # read on `work` after the caller has let go of them (zero_grad)
-            for t in ((grad._indices(), grad._values()) if grad.is_sparse else (grad,)):
-                t.record_stream(work)
-        with torch.cuda.stream(work):
-            _stream_chunks(jobs, maps, device, (cin, work, cout))
-        return lambda: caller.wait_stream(work)
-    _stream_chunks(jobs, maps, device, None)
-    return None
-
-
-def _stream_chunks(jobs: list, maps: QuantMaps, device: torch.device, streams: Optional[tuple]) -> None:
-    cuda = streams is not None
-    plan = []
-    for p, grad, state, kw in jobs:
-        plan.append((p, state, _chunk_rows(p.shape[1], _HOST_CHUNK_ELEMENTS)))
-    bufs = _staging(device, max(rows * p.shape[1] for p, _, rows in plan))
-    if cuda:
-        cin, main, cout = streams  # main: the stream the updates run on
-        cin.wait_stream(cout)  # the previous pass has written its states back and left the buffers
-    freed: list = [None] * len(bufs)
-    i = 0
-    for (p, grad, state, kw), (_, _, step_rows) in zip(jobs, plan):
-        hp = _hyper(kw["betas"][0], kw["betas"][1], kw["lr"], kw["eps"], kw["weight_decay"], kw["step"], device)
-        g, slot = _grad_table(p, grad)
-        rows, width = p.shape
-        lo_h, s1_h, s2_h = state["lo"].view(-1), state["state1"], state["state2"]
-        for r0 in range(0, rows, step_rows):
-            r1 = min(rows, r0 + step_rows)
-            e0, e1 = r0 * width, min(s1_h.numel(), -(-(r1 * width) // BLOCK) * BLOCK)
-            lo_b, s1_b, s2_b = bufs[i % len(bufs)]
-            lo_b, s1_b, s2_b = lo_b[:(r1 - r0) * width], s1_b[:e1 - e0], s2_b[:e1 - e0]
-            pairs = ((lo_b, lo_h[e0:r1 * width]), (s1_b, s1_h[e0:e1]), (s2_b, s2_h[e0:e1]))
-            if cuda:
-                with torch.cuda.stream(cin):
-                    if freed[i % len(bufs)] is not None:
-                        cin.wait_event(freed[i % len(bufs)])  # this buffer's previous chunk is back home
-                    for dev_t, host_t in pairs:
-                        dev_t.copy_(host_t, non_blocking=True)
-                main.wait_stream(cin)
-            else:
-                for dev_t, host_t in pairs:
-                    dev_t.copy_(host_t)
-            _update_split_rows(p.data[r0:r1], lo_b.view(r1 - r0, width), g if slot is not None else g[r0:r1],
-                               slot[r0:r1] if slot is not None else None, s1_b, s2_b,
-                               state["absmax1"][e0 // BLOCK:e1 // BLOCK], state["absmax2"][e0 // BLOCK:e1 // BLOCK], maps, hp)
-            if cuda:
-                cout.wait_stream(main)
-                with torch.cuda.stream(cout):
-                    for dev_t, host_t in pairs:
-                        host_t.copy_(dev_t, non_blocking=True)
-                    freed[i % len(bufs)] = cout.record_event()
-            else:
-                for dev_t, host_t in pairs:
-                    host_t.copy_(dev_t)
-            i += 1
 
 
 # ---------------------------------------------------------------------------- one pass over many adapter tensors

@@ -157,6 +157,7 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
 
     mem: dict[str, float] = {}
     host = 0.0  # bytes the run keeps in pinned host memory instead (offloaded embedding states)
+    exposed_bytes = 0.0  # of those, what each step copies each way while the GPU waits
     if full_mode:
         n = s.block_params + n_all_emb
         mem["weights (trained, float32 masters)"] = n * master
@@ -174,12 +175,22 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
         mem["LoRA adapters (float32)"] = n_lora * 4
         mem["optimizer states"] = (n_trained_emb + n_lora) * state_bytes
         if split and t.offload_embedding_state:
-            from cpt.optim import _HOST_CHUNK_ELEMENTS
+            from cpt.host_state import CHUNK_ELEMENTS
 
-            # Low halves and moment codes in host memory; block maxima and three staging chunks stay.
-            host = n_trained_emb * (2 + state_bytes)
+            # Low halves and moment codes in host memory (twice: the early passes write a second set,
+            # cpt.host_state) and a host backup of the weights; on the GPU stay the block maxima (twice),
+            # three staging chunks and, for embed_tokens, the batch's rows set aside until the step.
+            host = n_trained_emb * (2 + state_bytes) * 2 + n_trained_emb * 2
+            kept = min(s.vocab, tokens * t.gradient_accumulation_steps) * s.hidden * 6 if sparse_embed else 0
             mem["trained embeddings"] = n_trained_emb * 2
-            mem["optimizer states"] = n_lora * state_bytes + n_trained_emb * 8 / 256 + 3 * _HOST_CHUNK_ELEMENTS * 4
+            mem["optimizer states"] = (n_lora * state_bytes + 2 * n_trained_emb * 8 / 256 + 3 * CHUNK_ELEMENTS * 6
+                                       + kept)
+            # What cannot hide behind the backward pass: lm_head's update when gradients are clipped (it
+            # needs the global norm) and embed_tokens' when its rows are not row-sparse.
+            head = emb_elems if (s.tied or "lm_head" in trained_emb) else 0
+            exposed = (head if t.max_grad_norm > 0 else 0) + (emb_elems if "embed_tokens" in trained_emb
+                                                              and not sparse_embed and not s.tied else 0)
+            exposed_bytes = exposed * (2 + state_bytes)
         if split:
             head = emb_elems if (s.tied or "lm_head" in trained_emb) else 0
             embed = 0 if s.tied or "embed_tokens" not in trained_emb else (
@@ -224,8 +235,8 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
     compiled = ours and use_compile(m.compile, m.kernels, "cuda", cfg.train.fsdp, m.load_in_4bit)
     eff = EFFICIENCY[("ours, compiled" if compiled else "ours" if ours else "baseline", mode)]
     tps = eff * tflops * 1e12 / flops
-    if host:  # the copies to and from host memory come on top of the step (not hidden behind compute)
-        step_s = tokens * t.gradient_accumulation_steps / tps + host / (HOST_LINK_GB_S * 1e9)
+    if exposed_bytes:  # copies to and from host memory that the step waits for
+        step_s = tokens * t.gradient_accumulation_steps / tps + exposed_bytes / (HOST_LINK_GB_S * 1e9)
         tps = tokens * t.gradient_accumulation_steps / step_s
     return {
         "model": m.name_or_path, "system": system, "mode": mode, "gpu": gpu_name, "gpu_memory_gib": gpu_total,

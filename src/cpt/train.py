@@ -320,6 +320,8 @@ class Trainer:
             self._evaluate()
 
         model, optimizer, scheduler = self.model, self.optimizer, self.scheduler
+        inner_opt = getattr(optimizer, "optimizer", optimizer)
+        early = inner_opt.start_early if getattr(inner_opt, "host_split_state", False) and self.world == 1 else None
         batches = self.data.train.batches(t.per_device_train_batch_size)
         stop = ckpt.StopSignal(cfg.output.save_grace_seconds)
         progress = _Progress(self.total_steps, self.state.step, enabled=acc.is_main_process)
@@ -339,6 +341,10 @@ class Trainer:
                     with (acc.no_sync(model) if not sync and self.world > 1 else _null()):
                         # DDP averages gradients over ranks; scale back so the step is the global token mean.
                         loss = self.bundle.loss_fn(model, b, max(n_items, 1)) * self.world
+                        if sync and early is not None:
+                            # Host-resident embedding states: what needs no gradient starts now, beside
+                            # the backward pass (cpt.host_state).
+                            early(torch.cat([m["input_ids"].reshape(-1) for m in micro]), t.max_grad_norm > 0)
                         acc.backward(loss)
                     step_loss += loss.detach() / self.world
                 max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
@@ -352,6 +358,8 @@ class Trainer:
                     optimizer.step()
                     self.state.nonfinite_in_a_row = 0
                 else:
+                    if early is not None:
+                        inner_opt.abandon_early()
                     self.state.nonfinite_in_a_row += 1
                     self.state.nonfinite_total += 1
                     log.warning("step %d: non-finite loss %s / grad norm %s; update skipped (%d in a row)",

@@ -92,3 +92,23 @@ def adamw8bit_update(p: torch.Tensor, lo, g: torch.Tensor, slot, s1, s2, a1, a2,
     _adamw8bit_kernel[grid](target, lo if split else target, g, slot if sparse else s1, s1, s2, a1, a2,
                             maps.q1, maps.q2, maps.mid1, maps.mid2, hp, n, width,
                             SPLIT=split, SPARSE=sparse, NB=BLOCKS_PER_PROGRAM, num_warps=4)
+
+
+@triton.jit
+def _scatter_rows_kernel(dst_ptr, idx_ptr, src_ptr, width, BLOCK_W: tl.constexpr):
+    i = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    mask = cols < width
+    row = tl.load(idx_ptr + i)
+    values = tl.load(src_ptr + i.to(tl.int64) * width + cols, mask=mask)
+    tl.store(dst_ptr + row * width + cols, values, mask=mask)
+
+
+def scatter_rows(dst: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """dst[index[i]] = rows[i] for a row-major dst anywhere the GPU can address, pinned host memory
+    included (cpt.host_state writes the kept rows' states home this way, without a host sync)."""
+    k, width = rows.shape
+    if k == 0:
+        return
+    grid = (k, triton.cdiv(width, 1024))
+    _scatter_rows_kernel[grid](dst, index, rows.contiguous(), width, BLOCK_W=1024)

@@ -1,0 +1,347 @@
+"""The trained embeddings' optimizer states in host memory (train.offload_embedding_state).
+
+A split master (cpt.optim) keeps, per element, a 16-bit low half and two 8-bit moment codes: 4 bytes,
+3.9 GiB for an 8B model's 1.05B embedding elements. Here they live in pinned host memory; only the
+block maxima (1/64 of that) stay on the GPU. An update streams the rows through three staging chunks:
+while chunk i is updated, chunk i+1 comes in on one copy stream and chunk i-1 goes back on another,
+all on side streams, so the GPU meanwhile does whatever the caller queues next. The cost is the
+copies, 4 bytes each way per element at the host link's speed (bench/results/host_link.md).
+
+Most of that cost can hide behind the backward pass, because most of the work is known before the
+gradients are (`EarlyStep`):
+- embed_tokens' gradient covers only the rows the step's batches used, and every other row takes a
+  gradient-free update (its moments decay, its weight moves by the decayed moments). That pass can
+  run while the backward pass runs; the batch's rows are set aside on the GPU (their state gathered
+  from the staged chunks) and updated at the step, with the gradient, clipped or not.
+- lm_head's gradient is complete when the loss is (the chunked loss makes it in the forward pass);
+  without gradient clipping, its whole update can run during the backward pass too.
+Nothing done early is final: the new states go to a second set of host buffers and the weights'
+old values to a host backup, so a step the loop skips (a non-finite loss or gradient) is undone
+(`EarlyStep.abandon`) and a finite one is committed (`EarlyStep.commit`) by swapping buffers.
+
+    python -m pytest tests/test_split_master.py -q -k host
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from cpt.optim import (BLOCK, QuantMaps, _chunk_rows, _grad_table, _hyper, _update_split_rows)
+
+HOST_KEYS = ("lo", "state1", "state2")  # what a split master keeps in host memory
+DEVICE_KEYS = ("absmax1", "absmax2")
+CHUNK_ELEMENTS = 1 << 23  # 32 MiB of staged state per chunk (plus 16 MiB of weights when backing up), three in flight
+_STAGING: dict = {}  # device -> (elements, buffers): kept for the run, reused every step
+_STREAMS: dict = {}
+
+
+def host_tensor(shape, dtype: torch.dtype, fill: int = 0) -> torch.Tensor:
+    """A host tensor for a split master's state, pinned where a GPU can copy from it asynchronously."""
+    pin = torch.cuda.is_available()
+    return torch.full(shape, fill, dtype=dtype, device="cpu", pin_memory=pin)
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type == "cpu" and (t.is_pinned() or not torch.cuda.is_available()):
+        return t
+    t = t.cpu()
+    return t.pin_memory() if torch.cuda.is_available() else t
+
+
+@dataclass
+class Job:
+    """One split master's pass: update `p` (bf16, rows x width, on the device) from the states in
+    `src` into `dst` (the same dict for an update in place)."""
+    p: torch.Tensor
+    src: dict
+    dst: dict
+    hp: torch.Tensor
+    g: torch.Tensor  # dense gradient, or the values of a row-sparse one (with slot)
+    slot: Optional[torch.Tensor]  # row -> index in g, or -1 (no gradient: the row decays)
+    backup: Optional[torch.Tensor] = None  # host copy of p made before the pass, to undo it
+    keep: Optional["KeptRows"] = None  # rows to set aside (gathered, not final) for the step
+
+
+@dataclass
+class KeptRows:
+    """Rows of a split master whose update waits for the gradient: their weight, states and block
+    maxima as they were, gathered on the device during the early pass."""
+    rows: list  # sorted row numbers (host)
+    index: torch.Tensor  # the same, on the device
+    width: int
+    p: torch.Tensor = field(init=False)
+    lo: torch.Tensor = field(init=False)
+    s1: torch.Tensor = field(init=False)
+    s2: torch.Tensor = field(init=False)
+    a1: torch.Tensor = field(init=False)
+    a2: torch.Tensor = field(init=False)
+
+    def allocate(self, p: torch.Tensor) -> None:
+        k, w, dev = len(self.rows), self.width, p.device
+        self.p = torch.empty(k, w, dtype=p.dtype, device=dev)
+        self.lo = torch.empty(k, w, dtype=torch.int16, device=dev)
+        self.s1 = torch.empty(k * w, dtype=torch.uint8, device=dev)
+        self.s2 = torch.empty(k * w, dtype=torch.uint8, device=dev)
+        self.a1 = torch.empty(k * (w // BLOCK), dtype=torch.float32, device=dev)
+        self.a2 = torch.empty(k * (w // BLOCK), dtype=torch.float32, device=dev)
+
+
+def _staging(device: torch.device, elements: int) -> list:
+    have = _STAGING.get(device)
+    if have is None or have[0] < elements:
+        _STAGING[device] = (elements, [dict(lo=torch.empty(elements, dtype=torch.int16, device=device),
+                                            s1=torch.empty(elements + BLOCK, dtype=torch.uint8, device=device),
+                                            s2=torch.empty(elements + BLOCK, dtype=torch.uint8, device=device),
+                                            p=torch.empty(elements, dtype=torch.bfloat16, device=device))
+                                       for _ in range(3)])
+    return _STAGING[device][1]
+
+
+def streams(device: torch.device) -> Optional[tuple]:
+    """(copy in, work, copy out) side streams of a CUDA device; None elsewhere (everything synchronous)."""
+    if device.type != "cuda":
+        return None
+    if device not in _STREAMS:
+        _STREAMS[device] = tuple(torch.cuda.Stream(device) for _ in range(3))
+    return _STREAMS[device]
+
+
+def launch(jobs: list, maps: QuantMaps) -> None:
+    """Run the jobs' passes. On CUDA they go on side streams that first wait for the current stream
+    (the gradients, the weights); the caller makes its stream wait for `work` before using the weights."""
+    if not jobs:
+        return
+    device = jobs[0].p.device
+    s = streams(device)
+    if s is None:
+        _run(jobs, maps, device, None)
+        return
+    cin, work, cout = s
+    caller = torch.cuda.current_stream(device)
+    work.wait_stream(caller)
+    for j in jobs:  # read on `work` after the caller may have let go of them
+        for t in ((j.g, j.slot) if j.slot is not None else (j.g,)):
+            t.record_stream(work)
+    with torch.cuda.stream(work):
+        _run(jobs, maps, device, s)
+
+
+def wait(device: torch.device) -> None:
+    """Make the current stream wait for everything launched on the side streams (updates and copies)."""
+    s = streams(device)
+    if s is not None:
+        for x in s:
+            torch.cuda.current_stream(device).wait_stream(x)
+
+
+def _run(jobs: list, maps: QuantMaps, device: torch.device, s: Optional[tuple]) -> None:
+    cuda = s is not None
+    steps = [_chunk_rows(j.p.shape[1], CHUNK_ELEMENTS) for j in jobs]
+    bufs = _staging(device, max(r * j.p.shape[1] for r, j in zip(steps, jobs)))
+    if cuda:
+        cin, work, cout = s
+        cin.wait_stream(cout)  # the previous pass has written its states back and left the buffers
+        cin.wait_stream(work)
+    freed: list = [None] * len(bufs)
+    i = 0
+    for j, step_rows in zip(jobs, steps):
+        rows, width = j.p.shape
+        src = [j.src[k].view(-1) for k in HOST_KEYS]
+        dst = [j.dst[k].view(-1) for k in HOST_KEYS]
+        if j.dst is not j.src:
+            for k in DEVICE_KEYS:  # block maxima are updated in place: start the new ones from the old
+                j.dst[k].copy_(j.src[k])
+        if j.keep is not None:
+            j.keep.allocate(j.p)
+        for r0 in range(0, rows, step_rows):
+            r1 = min(rows, r0 + step_rows)
+            e0, e1 = r0 * width, min(src[1].numel(), -(-(r1 * width) // BLOCK) * BLOCK)
+            b = bufs[i % len(bufs)]
+            staged = [b["lo"][:(r1 - r0) * width], b["s1"][:e1 - e0], b["s2"][:e1 - e0]]
+            spans = [(0, r1 * width - e0), (0, e1 - e0), (0, e1 - e0)]
+            if cuda:
+                with torch.cuda.stream(cin):
+                    if freed[i % len(bufs)] is not None:
+                        cin.wait_event(freed[i % len(bufs)])  # this buffer's previous chunk is back home
+                    for d, h, (a, z) in zip(staged, src, spans):
+                        d.copy_(h[e0 + a:e0 + z], non_blocking=True)
+                work.wait_stream(cin)
+            else:
+                for d, h, (a, z) in zip(staged, src, spans):
+                    d.copy_(h[e0 + a:e0 + z])
+            old_p = None
+            if j.backup is not None:
+                old_p = b["p"][:(r1 - r0) * width].view(r1 - r0, width)
+                old_p.copy_(j.p.data[r0:r1])
+            kept = _gather(j, r0, r1, staged) if j.keep is not None else None
+            a_lo, a_hi = e0 // BLOCK, e1 // BLOCK
+            _update_split_rows(j.p.data[r0:r1], staged[0].view(r1 - r0, width), j.g if j.slot is not None else j.g[r0:r1],
+                               j.slot[r0:r1] if j.slot is not None else None, staged[1], staged[2],
+                               j.dst["absmax1"][a_lo:a_hi], j.dst["absmax2"][a_lo:a_hi], maps, j.hp)
+            if kept is not None:  # the kept rows' weights stay as they were until the step
+                k0, k1, local = kept
+                j.p.data[r0:r1].index_copy_(0, local, j.keep.p[k0:k1])
+            outs = [(h[e0 + a:e0 + z], d) for d, h, (a, z) in zip(staged, dst, spans)]
+            if old_p is not None:
+                outs.append((j.backup.view(rows, width)[r0:r1], old_p))
+            if cuda:
+                cout.wait_stream(work)
+                with torch.cuda.stream(cout):
+                    for h, d in outs:
+                        h.copy_(d, non_blocking=True)
+                    freed[i % len(bufs)] = cout.record_event()
+            else:
+                for h, d in outs:
+                    h.copy_(d)
+            i += 1
+
+
+def _gather(j: Job, r0: int, r1: int, staged: list) -> Optional[tuple]:
+    """Set aside the kept rows that fall in [r0, r1): their weight, staged states and block maxima.
+    Returns (first, end, rows relative to r0) of them, None when there are none."""
+    keep, width = j.keep, j.keep.width
+    k0, k1 = bisect.bisect_left(keep.rows, r0), bisect.bisect_left(keep.rows, r1)
+    if k0 == k1:
+        return None
+    local = keep.index[k0:k1] - r0
+    keep.p[k0:k1] = j.p.data[r0:r1].index_select(0, local)
+    keep.lo[k0:k1] = staged[0].view(r1 - r0, width).index_select(0, local)
+    per = width // BLOCK
+    for name, st in (("s1", staged[1]), ("s2", staged[2])):
+        getattr(keep, name).view(-1, width)[k0:k1] = st[:(r1 - r0) * width].view(r1 - r0, width).index_select(0, local)
+    for name, key in (("a1", "absmax1"), ("a2", "absmax2")):
+        src = j.src[key][r0 * per:r1 * per].view(r1 - r0, per)
+        getattr(keep, name).view(-1, per)[k0:k1] = src.index_select(0, local)
+    return k0, k1, local
+
+
+def finish_kept(p: torch.Tensor, grad: torch.Tensor, keep: KeptRows, dst: dict, maps: QuantMaps, hp: torch.Tensor) -> None:
+    """The step's update of the kept rows (with their gradient), written where the early pass wrote the rest."""
+    rows, width = p.shape
+    values, slot = _grad_table(p, grad)
+    if slot is None:  # a dense gradient: the kept rows' own rows of it
+        values, kslot = values.index_select(0, keep.index), torch.arange(len(keep.rows), device=p.device)
+    else:
+        kslot = slot.index_select(0, keep.index)
+    _update_split_rows(keep.p, keep.lo, values, kslot, keep.s1, keep.s2, keep.a1, keep.a2, maps, hp)
+    p.data.index_copy_(0, keep.index, keep.p)
+    per = width // BLOCK
+    dst["absmax1"].view(rows, per).index_copy_(0, keep.index, keep.a1.view(-1, per))
+    dst["absmax2"].view(rows, per).index_copy_(0, keep.index, keep.a2.view(-1, per))
+    _scatter_to_host(dst["lo"].view(rows, width), keep.index, keep.lo)
+    _scatter_to_host(dst["state1"].view(-1)[:rows * width].view(rows, width), keep.index, keep.s1.view(-1, width))
+    _scatter_to_host(dst["state2"].view(-1)[:rows * width].view(rows, width), keep.index, keep.s2.view(-1, width))
+
+
+def _scatter_to_host(host: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """host[index] = rows, host in (pinned) host memory, rows on the device: the GPU writes them there
+    itself (a Triton kernel through the mapped host memory), without waiting on the host."""
+    if rows.device.type == "cpu":
+        host.index_copy_(0, index, rows)
+        return
+    try:
+        from cpt.kernels.adamw8bit import scatter_rows
+
+        scatter_rows(host, index, rows)
+    except Exception:  # noqa: BLE001 - no Triton, or it cannot address host memory: copy and scatter on the host
+        host.index_copy_(0, index.cpu(), rows.cpu())
+
+
+class EarlyStep:
+    """The part of a step's host-state updates started before the step (see the module docstring)."""
+
+    def __init__(self, optimizer, maps: QuantMaps):
+        self.opt, self.maps = optimizer, maps
+        self.pending: dict = {}  # id(p) -> (p, group, Job)
+        self.spares: dict = {}  # id(p) -> second host buffers and device block maxima, and the backup
+
+    def _spare(self, p: torch.Tensor, state: dict) -> dict:
+        if id(p) not in self.spares:
+            self.spares[id(p)] = {**{k: host_tensor(state[k].shape, state[k].dtype) for k in HOST_KEYS},
+                                  **{k: torch.empty_like(state[k]) for k in DEVICE_KEYS},
+                                  "backup": host_tensor(p.shape, p.dtype)}
+        return self.spares[id(p)]
+
+    def start(self, group: dict, p: torch.Tensor, rows: Optional[list]) -> None:
+        """Start p's pass now: the gradient-free rows only (rows = the batch's rows, set aside), or the
+        whole update with p.grad (rows None)."""
+        state = self.opt.state[p]
+        spare = self._spare(p, state)
+        b1, b2 = group["betas"]
+        hp = _hyper(b1, b2, group["lr"], group["eps"], group["weight_decay"], state["step"] + 1, p.device)
+        if rows is None:
+            g, slot = _grad_table(p, p.grad)
+            keep = None
+        else:
+            g = torch.zeros(1, p.shape[1], dtype=p.dtype, device=p.device)
+            slot = torch.full((p.shape[0],), -1, dtype=torch.int64, device=p.device)
+            keep = KeptRows(rows, torch.tensor(rows, dtype=torch.int64).to(p.device, non_blocking=True), p.shape[1])
+        dst = {k: spare[k] for k in (*HOST_KEYS, *DEVICE_KEYS)}
+        job = Job(p, state, dst, hp, g, slot, backup=spare["backup"], keep=keep)
+        launch([job], self.maps)
+        self.pending[id(p)] = (p, group, job)
+
+    def has(self, p: torch.Tensor) -> bool:
+        return id(p) in self.pending
+
+    def covers(self, p: torch.Tensor) -> bool:
+        """Whether p's gradient touches only rows the early pass set aside (then commit is exact). A row
+        the batch's token ids did not name would have been updated without its gradient."""
+        job = self.pending[id(p)][2]
+        if job.keep is None or p.grad is None:
+            return True
+        if not p.grad.is_sparse:
+            return False
+        rows = p.grad._indices()[0]
+        kept = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
+        kept[job.keep.index] = True
+        return bool(kept[rows].all())
+
+    def drop(self, p: torch.Tensor) -> None:
+        """Undo p's early pass (its weight from the backup; the old states stay live)."""
+        self._undo(*self.pending.pop(id(p)))
+
+    def commit(self, p: torch.Tensor) -> None:
+        """The step is finite: finish p's kept rows with their (clipped) gradient and make the new
+        states the live ones."""
+        p_, group, job = self.pending.pop(id(p))
+        state = self.opt.state[p]
+        if job.keep is not None:
+            grad = p.grad if p.grad is not None else torch.sparse_coo_tensor(
+                torch.zeros(1, 0, dtype=torch.int64, device=p.device), torch.zeros(0, p.shape[1], dtype=p.dtype, device=p.device), p.shape)
+            s = streams(p.device)
+            if s is not None:
+                cin, work, cout = s
+                work.wait_stream(torch.cuda.current_stream(p.device))  # the gradient is final (clipped)
+                work.wait_stream(cout)  # the pass's copies back are done: the kept rows' go over them
+                for t in ((grad._indices(), grad._values()) if grad.is_sparse else (grad,)):
+                    t.record_stream(work)
+                with torch.cuda.stream(work):
+                    finish_kept(p, grad, job.keep, job.dst, self.maps, job.hp)
+            else:
+                finish_kept(p, grad, job.keep, job.dst, self.maps, job.hp)
+        spare = self.spares[id(p)]
+        for k in (*HOST_KEYS, *DEVICE_KEYS):
+            state[k], spare[k] = job.dst[k], state[k]
+        state["step"] += 1
+
+    def abandon(self) -> None:
+        """The step is skipped: put every weight the early passes moved back, keep the old states."""
+        for p, group, job in self.pending.values():
+            self._undo(p, group, job)
+            wait(p.device)  # the weights are back before anything reads them
+        self.pending.clear()
+
+    @staticmethod
+    def _undo(p: torch.Tensor, group: dict, job: Job) -> None:
+        s = streams(p.device)
+        if s is not None:
+            cin, work, cout = s
+            work.wait_stream(cout)  # the backup has landed
+            with torch.cuda.stream(work):
+                p.data.copy_(job.backup, non_blocking=True)
+        else:
+            p.data.copy_(job.backup)
