@@ -37,6 +37,7 @@ def test_flat_override_and_flat_yaml():
     ({"train": {"bf16": True, "fp16": True}}, ["bf16", "fp16"]),
     ({"data": {"sources": [{"path": "a", "dataset": "b"}]}}, ["data.sources[0]"]),
     ({"train": {"offload_embedding_state": True}}, ["train.offload_embedding_state", "train.optim=adamw_8bit"]),
+    ({"train": {"offload_embedding_state": "sometimes"}}, ["train.offload_embedding_state", "true, false or auto"]),
     ({"train": {"offload_embedding_state": True, "optim": "adamw_8bit"}, "adapter": {"target_modules": ["q_proj"]}},
      ["train.offload_embedding_state", "embed_tokens or lm_head"]),
     ({"train": {"offload_embedding_state": True, "optim": "adamw_8bit", "fsdp": True}}, ["train.offload_embedding_state", "fsdp_offload_params"]),

@@ -134,3 +134,31 @@ def test_offloaded_embedding_states_leave_the_gpu_and_cost_copy_time_only_with_c
     on.train.max_grad_norm = 1.0
     clipped = plan(on, mc, system="ours", gpu_memory_gib=139.8)
     assert clipped["tokens_per_s"] < b["tokens_per_s"]
+
+
+def test_auto_moves_the_embedding_states_only_when_the_run_would_not_fit():
+    """train.offload_embedding_state=auto (the default): an 8B bf16 run with its 128k-vocabulary embeddings
+    trained does not fit a 24 GiB GPU with the states there (~24.5 GiB) and does with them in host memory;
+    on an 80 GiB GPU they stay."""
+    mc = _llama_8b()
+    cfg = _cfg()
+    assert cfg.train.offload_embedding_state == "auto"
+    small, large = plan(cfg, mc, gpu_memory_gib=24.0), plan(cfg, mc, gpu_memory_gib=80.0)
+    assert small["offload_embedding_state"] and small["fits"] and small["host_memory_gib"] > 9
+    assert not large["offload_embedding_state"] and large["host_memory_gib"] == 0
+    forced = _cfg()
+    forced.train.offload_embedding_state = False
+    assert not plan(forced, mc, gpu_memory_gib=24.0)["fits"]
+
+
+def test_auto_offload_is_decided_at_model_setup(tiny_model_dir):
+    """On a CPU (and wherever nothing needs moving) auto resolves to false before the optimizer exists."""
+    from cpt.config import load_config
+    from cpt.model import build_model
+
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "model.max_seq_length=32", "train.optim=adamw_8bit"])
+    assert cfg.train.offload_embedding_state == "auto"
+    import torch
+
+    build_model(cfg, torch.device("cpu"))
+    assert cfg.train.offload_embedding_state is False

@@ -141,7 +141,7 @@ class TrainConfig:
     min_lr_ratio: float = _f(0.0, "Floor of the decayed learning rate, as a fraction of the peak.")
     decay_ratio: float = _f(0.2, "wsd only: fraction of steps spent decaying.")
     max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this value (0 disables).")
-    offload_embedding_state: bool = _f(False, "With train.optim=adamw_8bit in bf16 (split float32 masters, see adapter.embedding_master_dtype): keep the trained embeddings' low halves and 8-bit moments in pinned host memory (4 bytes per element: 3.9 GiB for an 8B model with a 128k vocabulary) and stream them through the GPU for each update. Most of the copying runs during the backward pass (all of it but lm_head's when gradients are clipped); the update is the same bit for bit and a skipped non-finite step is undone. H200, 8B, no clipping: 1.42x instead of 1.57x the speed of transformers + peft, at 0.73x instead of 0.87x its memory (bench/NOTES.md). Needs about 10 bytes of pinned host memory per embedding element (9.8 GiB for 8B); one process (not DDP or FSDP: there it updates at the step).")
+    offload_embedding_state: Union[bool, str] = _f("auto", "auto (default): on when `cpt plan` says the run would not fit the GPU without it. With train.optim=adamw_8bit in bf16 (split float32 masters, see adapter.embedding_master_dtype): keep the trained embeddings' low halves and 8-bit moments in pinned host memory (4 bytes per element: 3.9 GiB for an 8B model with a 128k vocabulary) and stream them through the GPU for each update. Most of the copying runs during the backward pass (all of it but lm_head's when gradients are clipped); the update is the same bit for bit and a skipped non-finite step is undone. H200, 8B, no clipping: 1.42x instead of 1.57x the speed of transformers + peft, at 0.73x instead of 0.87x its memory (bench/NOTES.md). Needs about 10 bytes of pinned host memory per embedding element (9.8 GiB for 8B); under DDP the whole update runs at the step; not with train.fsdp (use fsdp_offload_params).")
     bf16: Optional[bool] = _f(None, "bf16 mixed precision. None: on where the GPU supports it.")
     fp16: Optional[bool] = _f(None, "fp16 mixed precision with loss scaling. None: on for GPUs without bf16.")
     seed: int = _f(3407, "Seed for data order, dropout and everything else random.")
@@ -427,12 +427,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.warmup_ratio must be in [0, 1)")
     if t.bf16 and t.fp16:
         raise ConfigError("train.bf16 and train.fp16 are both true: choose one")
-    if t.offload_embedding_state and (t.optim != "adamw_8bit" or not cfg.trains_embeddings
+    if isinstance(t.offload_embedding_state, str):
+        if t.offload_embedding_state not in ("auto", "true", "false"):
+            raise ConfigError(f"train.offload_embedding_state: {t.offload_embedding_state!r} is not true, false or auto")
+        if t.offload_embedding_state != "auto":
+            t.offload_embedding_state = t.offload_embedding_state == "true"
+    if t.offload_embedding_state is True and (t.optim != "adamw_8bit" or not cfg.trains_embeddings
                                       or a.embedding_master_dtype != "float32" or a.method != "lora"):
         raise ConfigError("train.offload_embedding_state keeps the 8-bit optimizer's state of trained float32-master "
                           "embeddings in host memory: it needs train.optim=adamw_8bit, adapter.method=lora, "
                           "adapter.embedding_master_dtype=float32 and embed_tokens or lm_head in adapter.target_modules")
-    if t.offload_embedding_state and t.fsdp:
+    if t.offload_embedding_state is True and t.fsdp:
         raise ConfigError("train.offload_embedding_state does not apply under train.fsdp (FSDP shards hold no split "
                           "masters); use train.fsdp_offload_params to keep optimizer state in host memory there")
     if t.max_nonfinite_steps < 1:

@@ -334,7 +334,8 @@ def build_model(cfg: Config, device: torch.device | None = None, model: nn.Modul
                 p.requires_grad_(False)
         enable_gradient_checkpointing(model, cfg.adapter.use_gradient_checkpointing)
         model = add_adapters(model, cfg, dtype)
-    from cpt.plan import apply_memory_plan
+    from cpt.plan import apply_memory_plan, resolve_offload
+    resolve_offload(model, cfg, device)  # train.offload_embedding_state=auto: host memory only where needed
     apply_memory_plan(model, cfg, device)  # adapter.recompute_budget_gib: keep activations where they fit
     # Last: compiled layers take the recompute choice the memory plan made.
     loss_fn = apply_kernels(model, cfg.model.kernels, device,

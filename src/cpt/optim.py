@@ -26,8 +26,8 @@ def build_optimizer(groups: list[dict], t: TrainConfig, device: torch.device) ->
             raise ConfigError(f"train.optim=adamw_8bit needs bitsandbytes: pip install 'cpt[gpu]' ({e}); "
                               "or use train.optim=adamw_torch") from None
         opt = _adamw_8bit_without_syncs()(param_groups, **kw)
-        opt.host_split_state = bool(t.offload_embedding_state) and device.type == "cuda"
-        if t.offload_embedding_state and not (opt.host_split_state and any(
+        opt.host_split_state = t.offload_embedding_state is True and device.type == "cuda"
+        if t.offload_embedding_state is True and not (opt.host_split_state and any(
                 getattr(p, SPLIT_MASTER, False) for g in groups for p in g["params"])):
             import logging
 

@@ -131,6 +131,19 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
         except (OSError, ValueError) as e:
             raise ConfigError(f"cpt plan: cannot read the config of model.name_or_path={cfg.model.name_or_path!r} "
                               f"(not a local folder, and not in the Hugging Face cache?): {str(e).splitlines()[0]}") from None
+    if cfg.train.offload_embedding_state == "auto":
+        # What model setup will choose: the states stay on the GPU unless the run does not fit there.
+        import dataclasses
+
+        def with_offload(on: bool) -> Config:
+            return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, offload_embedding_state=on))
+
+        kw = {"system": system, "gpu_memory_gib": gpu_memory_gib, "recompute_layers": recompute_layers}
+        here = plan(with_offload(False), model_config, **kw)
+        if system != "ours" or here["fits"]:
+            return here
+        moved = plan(with_offload(True), model_config, **kw)
+        return moved if moved["offload_embedding_state"] else here
     s = shape_from_config(model_config)
     if None in (s.hidden, s.layers, s.heads, s.intermediate, s.vocab):
         raise ConfigError(f"cpt plan: {cfg.model.name_or_path!r} is not a decoder shape plan knows (needs hidden_size, num_hidden_layers, ...)")
@@ -174,7 +187,7 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
         n_lora = s.layers * sum(a.r * (i + o) for k, (i, o) in s.linear_shapes().items() if k in targets)
         mem["LoRA adapters (float32)"] = n_lora * 4
         mem["optimizer states"] = (n_trained_emb + n_lora) * state_bytes
-        if split and t.offload_embedding_state:
+        if split and t.offload_embedding_state is True:
             from cpt.host_state import CHUNK_ELEMENTS
 
             # Low halves and moment codes in host memory (twice: the early passes write a second set,
@@ -244,7 +257,7 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
         "memory_gib": {k: v / GIB for k, v in mem.items()},
         "activations_gib": {**{k: v / GIB for k, v in acts.items()}, "loss": loss / GIB,
                             "one layer's activations": layer_act / GIB},
-        "gradients_gib": grads / GIB, "host_memory_gib": host / GIB,
+        "gradients_gib": grads / GIB, "host_memory_gib": host / GIB, "offload_embedding_state": bool(host),
         "peak_gib": peak / GIB, "peak_at": "loss" if at_loss >= at_end else "end of backward",
         "flops_per_token": flops, "assumed_efficiency": eff, "peak_tflops": tflops, "tokens_per_s": tps,
         # 8% headroom: allocator fragmentation and reserved-but-free blocks (the baseline's 64k step,
@@ -261,6 +274,28 @@ def recompute_layers_for_budget(cfg: Config, model_config: Any, budget_gib: floa
         if plan(cfg, model_config, gpu_memory_gib=budget_gib, recompute_layers=k)["peak_gib"] <= budget_gib:
             return k
     return layers
+
+
+def resolve_offload(model: Any, cfg: Config, device: Any) -> None:
+    """train.offload_embedding_state=auto: decide now (model setup, before the optimizer exists) from the
+    estimate for this GPU, and write the decision into cfg.train. Off on CPUs, with enough memory, and
+    where there is nothing to move."""
+    if cfg.train.offload_embedding_state != "auto":
+        return
+    import torch
+
+    on = False
+    if getattr(device, "type", str(device)) == "cuda" and cfg.train.optim == "adamw_8bit" and not cfg.train.fsdp:
+        total = torch.cuda.get_device_properties(device).total_memory / GIB
+        est = plan(cfg, model.config, gpu_memory_gib=total)
+        on = est["offload_embedding_state"]
+        if on:
+            import logging
+
+            logging.getLogger("cpt").info(
+                "train.offload_embedding_state=auto: on (cpt plan: the run does not fit this %.0f GiB GPU with the "
+                "embeddings' optimizer states there; with them in host memory it peaks at %.1f GiB)", total, est["peak_gib"])
+    cfg.train.offload_embedding_state = on
 
 
 def apply_memory_plan(model: Any, cfg: Config, device: Any) -> Optional[dict]:
