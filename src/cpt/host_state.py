@@ -221,6 +221,8 @@ def _gather(j: Job, r0: int, r1: int, staged: list) -> Optional[tuple]:
 def finish_kept(p: torch.Tensor, grad: torch.Tensor, keep: KeptRows, dst: dict, maps: QuantMaps, hp: torch.Tensor) -> None:
     """The step's update of the kept rows (with their gradient), written where the early pass wrote the rest."""
     rows, width = p.shape
+    if not keep.rows:
+        return
     values, slot = _grad_table(p, grad)
     if slot is None:  # a dense gradient: the kept rows' own rows of it
         values, kslot = values.index_select(0, keep.index), torch.arange(len(keep.rows), device=p.device)
