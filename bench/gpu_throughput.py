@@ -330,12 +330,32 @@ def worker_ours(args) -> dict:
         ids = torch.randint(0, TOKEN_HIGH, (args.batch, args.seq), device="cuda")
         batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(args.seq, device="cuda").repeat(args.batch, 1)}
 
+        inner = getattr(opt, "optimizer", opt)
+        host = getattr(inner, "host_split_state", False)
+        marks: dict = {}
+
         def step():
+            # As the loop does it (train.py), with CUDA events between the phases; with the embedding
+            # states in host memory also when the early passes' last copy lands (the copy-out stream).
+            ev = {k: torch.cuda.Event(enable_timing=True) for k in ("start", "forward", "backward", "side", "step")}
+            ev["start"].record()
             loss = loss_fn(model, batch, ids.numel())
+            ev["forward"].record()
+            if host:
+                inner.start_early(ids.cpu(), clipping=False)
             trainer.accelerator.backward(loss)
+            ev["backward"].record()
+            if host:
+                from cpt.host_state import streams
+                ev["side"].record(streams(ids.device)[2])
             opt.step()
+            ev["step"].record()
             opt.zero_grad(set_to_none=True)
+            marks.update(ev)
         _profile_step(step, Path(args.profile))
+        t0 = marks["start"]
+        res["phases_ms"] = {k: t0.elapsed_time(e) for k, e in marks.items() if k != "start" and (host or k != "side")}
+        Path(args.profile).with_suffix(".phases.json").write_text(json.dumps(res["phases_ms"], indent=1))
     return res
 
 
