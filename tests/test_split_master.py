@@ -317,8 +317,6 @@ def test_host_resident_state_streams_to_the_same_update(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-resident states stream to a CUDA device")
 def test_optimizer_keeps_embedding_states_in_host_memory_and_checkpoints_them():
     pytest.importorskip("bitsandbytes")
-    from cpt import host_state
-    cuda = torch.device("cuda")
     g = torch.Generator().manual_seed(12)
     shapes = [(3000, 128), (3000, 128)]
     starts = [(torch.randn(s, generator=g) * 0.02).bfloat16().cuda() for s in shapes]
@@ -348,7 +346,7 @@ def test_optimizer_keeps_embedding_states_in_host_memory_and_checkpoints_them():
         for a, b in zip(dev_p, host_p):
             assert torch.equal(a, b)
             sa, sb = dev_opt.state[a], host_opt.state[b]
-            for k in host_state.HOST_KEYS:
+            for k in optim.HOST_KEYS:
                 assert sb[k].device.type == "cpu" and sb[k].is_pinned() and sa[k].is_cuda
                 assert torch.equal(sa[k].cpu(), sb[k]), k
             assert sb["absmax1"].is_cuda and torch.equal(sa["absmax1"], sb["absmax1"])
@@ -360,7 +358,7 @@ def test_optimizer_keeps_embedding_states_in_host_memory_and_checkpoints_them():
     res_opt.load_state_dict({k: v for k, v in saved.items()})
     for p in res_p:
         st = res_opt.state[p]
-        assert all(st[k].device.type == "cpu" and st[k].is_pinned() for k in host_state.HOST_KEYS) and st["absmax2"].is_cuda
+        assert all(st[k].device.type == "cpu" and st[k].is_pinned() for k in optim.HOST_KEYS) and st["absmax2"].is_cuda
     for ps, opt in ((host_p, host_opt), (res_p, res_opt)):
         for p, gr in zip(ps, grads(9)):
             p.grad = gr

@@ -29,9 +29,8 @@ from typing import Optional
 
 import torch
 
-from cpt.optim import (BLOCK, QuantMaps, _chunk_rows, _grad_table, _hyper, _update_split_rows)
+from cpt.optim import BLOCK, HOST_KEYS, QuantMaps, _chunk_rows, _grad_table, _hyper, _update_split_rows
 
-HOST_KEYS = ("lo", "state1", "state2")  # what a split master keeps in host memory
 DEVICE_KEYS = ("absmax1", "absmax2")
 CHUNK_ELEMENTS = 1 << 23  # 32 MiB of staged state per chunk (plus 16 MiB of weights when backing up), three in flight
 _STAGING: dict = {}  # device -> (elements, buffers): kept for the run, reused every step
@@ -123,10 +122,18 @@ def launch(jobs: list, maps: QuantMaps) -> None:
     caller = torch.cuda.current_stream(device)
     work.wait_stream(caller)
     for j in jobs:  # read on `work` after the caller may have let go of them
-        for t in ((j.g, j.slot) if j.slot is not None else (j.g,)):
-            t.record_stream(work)
+        _used_on(work, j.g, j.slot)
     with torch.cuda.stream(work):
         _run(jobs, maps, device, s)
+
+
+def _used_on(stream, *tensors) -> None:
+    """Keep the caller's tensors (sparse ones included) alive until `stream` is done with them."""
+    for t in tensors:
+        if t is None:
+            continue
+        for part in ((t._indices(), t._values()) if t.is_sparse else (t,)):
+            part.record_stream(stream)
 
 
 def wait(device: torch.device) -> None:
@@ -304,23 +311,22 @@ class EarlyStep:
 
     def drop(self, p: torch.Tensor) -> None:
         """Undo p's early pass (its weight from the backup; the old states stay live)."""
-        self._undo(*self.pending.pop(id(p)))
+        self._undo(p, self.pending.pop(id(p))[2])
 
     def commit(self, p: torch.Tensor) -> None:
         """The step is finite: finish p's kept rows with their (clipped) gradient and make the new
         states the live ones."""
-        p_, group, job = self.pending.pop(id(p))
+        job = self.pending.pop(id(p))[2]
         state = self.opt.state[p]
         if job.keep is not None:
             grad = p.grad if p.grad is not None else torch.sparse_coo_tensor(
                 torch.zeros(1, 0, dtype=torch.int64, device=p.device), torch.zeros(0, p.shape[1], dtype=p.dtype, device=p.device), p.shape)
             s = streams(p.device)
             if s is not None:
-                cin, work, cout = s
+                _, work, cout = s
                 work.wait_stream(torch.cuda.current_stream(p.device))  # the gradient is final (clipped)
                 work.wait_stream(cout)  # the pass's copies back are done: the kept rows' go over them
-                for t in ((grad._indices(), grad._values()) if grad.is_sparse else (grad,)):
-                    t.record_stream(work)
+                _used_on(work, grad)
                 with torch.cuda.stream(work):
                     finish_kept(p, grad, job.keep, job.dst, self.maps, job.hp)
             else:
@@ -332,16 +338,16 @@ class EarlyStep:
 
     def abandon(self) -> None:
         """The step is skipped: put every weight the early passes moved back, keep the old states."""
-        for p, group, job in self.pending.values():
-            self._undo(p, group, job)
+        for p, _, job in self.pending.values():
+            self._undo(p, job)
             wait(p.device)  # the weights are back before anything reads them
         self.pending.clear()
 
     @staticmethod
-    def _undo(p: torch.Tensor, group: dict, job: Job) -> None:
+    def _undo(p: torch.Tensor, job: Job) -> None:
         s = streams(p.device)
         if s is not None:
-            cin, work, cout = s
+            _, work, cout = s
             work.wait_stream(cout)  # the backup has landed
             with torch.cuda.stream(work):
                 p.data.copy_(job.backup, non_blocking=True)

@@ -105,7 +105,7 @@ def _adamw_8bit_without_syncs() -> type:
                     for k, v in self.state[p].items():
                         if not isinstance(v, torch.Tensor) or getattr(v, "is_paged", False):
                             continue
-                        if on_host and k in ("lo", "state1", "state2"):
+                        if on_host and k in HOST_KEYS:
                             from cpt.host_state import to_host
 
                             self.state[p][k] = to_host(v)
@@ -267,10 +267,10 @@ def _adamw_8bit_without_syncs() -> type:
             if on_host:  # the switch may have changed since the checkpoint was written
                 from cpt.host_state import to_host
 
-                for k in ("lo", "state1", "state2"):
+                for k in HOST_KEYS:
                     state[k] = to_host(state[k])
             else:
-                for k in ("lo", "state1", "state2"):
+                for k in HOST_KEYS:
                     state[k] = state[k].to(p.device)
             return state
 
@@ -297,6 +297,7 @@ def _adamw_8bit_without_syncs() -> type:
 # gradients and the per-step casts, and loses nothing.
 
 SPLIT_MASTER = "_cpt_split_master"
+HOST_KEYS = ("lo", "state1", "state2")  # what a split master may keep in host memory (cpt.host_state)
 ROW_SPARSE = "_cpt_row_sparse"  # a split master whose gradient covers only the rows a batch used (embed_tokens)
 BLOCK = 256  # elements per quantisation block of the 8-bit states (as bitsandbytes' blockwise optimizers)
 _CHUNK_ELEMENTS = 1 << 24  # elements updated per call: float32 temporaries stay at 64 MiB each
