@@ -41,6 +41,7 @@ TOKEN_HIGH = 128000
 ANCHOR = {"bf16": {"baseline": {"tokens_per_s": 6751, "peak_gib": 28.9}, "unsloth": {"tokens_per_s": 9663, "peak_gib": 22.3}},
           "nf4": {"baseline": {"tokens_per_s": 5984, "peak_gib": 19.3}, "unsloth": {"tokens_per_s": 8445, "peak_gib": 12.7}}}
 TARGETS = {"bf16": {"speedup": 1.8, "memory_ratio": 0.75}, "nf4": {"speedup": 1.75, "memory_ratio": 0.65}}
+BUDGET_MARGIN_GIB = 0.1  # the ours_budget row's cap sits this far under the memory target
 LONG_LADDER = [8192, 16384, 32768, 65536, 131072]
 PEAK_TFLOPS = 989.0  # H200 SXM dense bf16 datasheet; the anchor's MFU uses the same
 
@@ -125,6 +126,14 @@ def _profile_step(step_fn, path: Path) -> None:
         step_fn()
         _sync()
     path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
+    # The timeline (streams side by side) for chrome://tracing or Perfetto, gzipped beside the table.
+    trace = path.with_suffix(".trace.json")
+    prof.export_chrome_trace(str(trace))
+    import gzip
+    import shutil
+    with open(trace, "rb") as src, gzip.open(str(trace) + ".gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    trace.unlink()
 
 
 # ---------------------------------------------------------------------------- baseline (the anchor, exactly)
@@ -219,7 +228,7 @@ def _result(args, times: list[float], losses: list[float], **extra) -> dict:
 
 
 def ours_config(model_dir: Path, mode: str, seq: int, batch: int, steps: int, recompute_budget: Optional[str] = None,
-                checkpointing: Any = True, compile: str = "auto", offload_embedding_state: bool = False):
+                checkpointing: Any = True, compile: str = "auto", offload_embedding_state: Any = False):
     from cpt.config import config_from_dict
     raw = {
         "model": {"name_or_path": str(model_dir), "max_seq_length": seq, "dtype": "bfloat16",
@@ -236,7 +245,7 @@ def ours_config(model_dir: Path, mode: str, seq: int, batch: int, steps: int, re
                    "report_to": [], "overwrite_output_dir": True, "resume": False},
     }
     if recompute_budget is not None:
-        raw["adapter"]["recompute_budget_gib"] = recompute_budget
+        raw["adapter"]["recompute_budget_gib"] = recompute_budget if recompute_budget == "auto" else float(recompute_budget)
     return config_from_dict(raw)
 
 
@@ -320,7 +329,7 @@ def worker_ours(args) -> dict:
     dynamo = {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
               "break_reasons": [k[:300] for k in counters["graph_break"]][:5]}
     res = _result(args, times, losses, setup_s=setup_s, kernels=getattr(base, "_cpt_kernels", []), layers=plan_layers,
-                  dynamo=dynamo)
+                  dynamo=dynamo, offload_embedding_state=cfg.train.offload_embedding_state)
     from cpt.optim import master_weight
     # The values being trained: for split masters the bf16 weight together with its low half.
     res["embedding_changed"] = _changed_fraction(before, {k: master_weight(p, trainer.optimizer) for k, p in emb_named.items()},
@@ -459,15 +468,18 @@ def _run_worker(argv: list[str], log_dir: Path, name: str, timeout: float) -> Op
     return res
 
 
-def _plan_estimate(model_dir: Path, mode: str, seq: int, batch: int, recompute_budget: Optional[str] = None,
-                   checkpointing: Any = True, system: str = "ours", offload_embedding_state: bool = False) -> dict:
+def _plan_estimate(model_dir: Path, mode: str, seq: int, batch: int, recompute_budget: Any = None,
+                   checkpointing: Any = True, system: str = "ours", offload_embedding_state: Any = False) -> dict:
     from cpt.plan import plan
     cfg = ours_config(model_dir, mode, seq, batch, 1, recompute_budget=recompute_budget, checkpointing=checkpointing,
                       offload_embedding_state=offload_embedding_state)
     from cpt.model import load_model_config
     from cpt.plan import recompute_layers_for_budget
     mc = load_model_config(cfg.model)
-    k = recompute_layers_for_budget(cfg, mc, 0.92 * 139.8) if recompute_budget == "auto" else None
+    if recompute_budget is None:
+        k = None
+    else:
+        k = recompute_layers_for_budget(cfg, mc, 0.92 * 139.8 if recompute_budget == "auto" else float(recompute_budget))
     est = plan(cfg, mc, system=system, gpu_memory_gib=139.8, recompute_layers=k)
     return {"peak_gib": est["peak_gib"], "tokens_per_s": est["tokens_per_s"], "recompute_layers": est["recompute_layers"]}
 
@@ -488,7 +500,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--compile", default="auto", help="ours: model.compile (auto, true, false)")
     p.add_argument("--profile", default=None, help="write a torch profiler table of one step here")
     p.add_argument("--memory-trace", default=None, help="ours: write what is allocated at the peak (bench/memory_peak.py) here")
-    p.add_argument("--offload-embedding-state", action="store_true", help="ours: train.offload_embedding_state")
+    p.add_argument("--offload-embedding-state", nargs="?", const=True, default=False, type=lambda v: v if v == "auto" else v == "true",
+                   help="ours: train.offload_embedding_state (the flag alone: true; or auto)")
     p.add_argument("--systems", default=None, help="the bf16/nf4 rows run exactly these systems (comma list of baseline, "
                    "ours, ours_eager, ours_offload) instead of baseline, ours and what --rows adds")
     p.add_argument("--embeddings-first", action="store_true", help="ours: embedding group first in the optimizer (experiment row)")
@@ -496,7 +509,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--model-dir", default="/tmp/cpt-bench/llama-3.1-8b-random")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--logs", default=None, help="folder for worker logs and profiles (default: OUT/logs)")
-    p.add_argument("--rows", default="bf16,nf4,memory,long", help="comma list of: bf16, nf4, memory, long, offload (ours with train.offload_embedding_state beside ours in the bf16/nf4 rows), order (experiment), "
+    p.add_argument("--rows", default="bf16,nf4,memory,long", help="comma list of: bf16, nf4, memory, long, offload (ours with train.offload_embedding_state beside ours in the bf16/nf4 rows), "
+                   "budget (ours capped at the memory target: adapter.recompute_budget_gib from the baseline's peak, offload auto), order (experiment), "
                    "eager (ours with model.compile=false beside ours in the bf16/nf4 rows), nf4compile (experiment: nf4 with model.compile=true)")
     p.add_argument("--runs", type=int, default=1, help="repeat the bf16/nf4 pairs; the second run goes in reverse order")
     p.add_argument("--profile-rows", action="store_true", help="profile one step of the bf16 baseline and ours rows")
@@ -548,13 +562,26 @@ def drive(args) -> int:
             continue
         systems = args.systems.split(",") if args.systems else (
             ["baseline", "ours"] + (["ours_eager"] if "eager" in rows else []) + (["ours_offload"] if "offload" in rows else []))
+        if "budget" in rows and "ours_budget" not in systems:
+            systems.append("ours_budget")
         runs: dict[str, list] = {s: [] for s in systems}
+        budget = None  # ours_budget: the memory target as a cap, from this run's baseline peak
         for run in range(args.runs):
             order = systems if run % 2 == 0 else systems[::-1]
+            if "ours_budget" in order and "baseline" in order:  # the cap needs the baseline's peak first
+                order = ["baseline"] + [x for x in order if x != "baseline"] if budget is None else order
             for system in order:
                 prof = ["--profile", str(logs / f"profile_{system}_{mode}.txt")] if args.profile_rows and run == 0 and mode == "bf16" else []
+                if system == "ours_budget":
+                    if budget is None:
+                        if not runs.get("baseline"):
+                            continue
+                        # A little under the target: the cap applies to cpt plan's estimate.
+                        budget = round(TARGETS[mode]["memory_ratio"] * runs["baseline"][0]["peak_gib"] - BUDGET_MARGIN_GIB, 2)
                 worker = {"ours_eager": ["--worker", "ours", "--compile", "false"],
-                          "ours_offload": ["--worker", "ours", "--offload-embedding-state"]}.get(system, ["--worker", system])
+                          "ours_offload": ["--worker", "ours", "--offload-embedding-state"],
+                          "ours_budget": ["--worker", "ours", "--offload-embedding-state", "auto",
+                                          "--recompute-budget", str(budget)]}.get(system, ["--worker", system])
                 r = _run_worker([*worker, "--mode", mode, *common, *prof], logs, f"{system}_{mode}_run{run + 1}", 900)
                 if r:
                     runs[system].append(r)
@@ -571,14 +598,19 @@ def drive(args) -> int:
                              "embedding_changed": rs[0].get("embedding_changed"), "loss_first_last": [rs[0]["losses"][0], rs[0]["losses"][-1]],
                              **({"kernels": rs[0].get("kernels"), "setup_s": rs[0].get("setup_s"), "dynamo": rs[0].get("dynamo")}
                                 if system != "baseline" else {})}
+            if system == "ours_budget":
+                entry[system].update(budget_gib=budget, layers=rs[0].get("layers"),
+                                     offload_embedding_state=rs[0].get("offload_embedding_state"),
+                                     mfu=tps * flops_per_token(SEQ, 32 - rs[0]["layers"]["keep"]) / (PEAK_TFLOPS * 1e12))
             entry[system]["plan"] = _plan_estimate(model_dir, mode, SEQ, MICRO_BATCH, system="baseline" if system == "baseline" else "ours",
-                                                   offload_embedding_state=system == "ours_offload")
+                                                   offload_embedding_state={"ours_offload": True, "ours_budget": "auto"}.get(system, False),
+                                                   recompute_budget=budget if system == "ours_budget" else None)
         if entry.get("ours") and entry.get("baseline"):
             entry["speedup"] = entry["ours"]["tokens_per_s"] / entry["baseline"]["tokens_per_s"]
             entry["memory_ratio"] = entry["ours"]["peak_gib"] / entry["baseline"]["peak_gib"]
             entry["target_met"] = {"speedup": entry["speedup"] >= TARGETS[mode]["speedup"],
                                    "memory_ratio": entry["memory_ratio"] <= TARGETS[mode]["memory_ratio"]}
-        for other in ("ours_eager", "ours_offload"):
+        for other in ("ours_eager", "ours_offload", "ours_budget"):
             if entry.get(other) and entry.get("baseline"):
                 entry[other]["speedup"] = entry[other]["tokens_per_s"] / entry["baseline"]["tokens_per_s"]
                 entry[other]["memory_ratio"] = entry[other]["peak_gib"] / entry["baseline"]["peak_gib"]
@@ -647,10 +679,14 @@ def _write(results: dict, out: Path) -> None:
         e = results.get(mode)
         if not e:
             continue
-        for system in [k for k in ("baseline", "ours", "ours_eager", "ours_offload") if k in e]:
+        for system in [k for k in ("baseline", "ours", "ours_eager", "ours_offload", "ours_budget") if k in e]:
             s = e.get(system)
             label = {"ours_eager": "ours, eager (model.compile=false)",
                      "ours_offload": "ours, embedding states in host memory (train.offload_embedding_state)"}.get(system, system)
+            if system == "ours_budget" and s:
+                label = (f"ours, capped at the memory target (adapter.recompute_budget_gib={s['budget_gib']}): embedding states "
+                         f"{'in host memory' if s.get('offload_embedding_state') else 'on the GPU'}, "
+                         f"{(s.get('layers') or {}).get('keep', '?')} of 32 layers keep activations")
             if not s:
                 lines.append(f"| {mode} | {label} | failed | | | | | | | | | |")
                 continue
@@ -688,11 +724,12 @@ def _write(results: dict, out: Path) -> None:
             tm = e["target_met"]
             lines.append(f"- {mode}: speedup {e['speedup']:.2f}x ({'met' if tm['speedup'] else 'NOT met'}), "
                          f"memory {e['memory_ratio']:.2f}x ({'met' if tm['memory_ratio'] else 'NOT met'})")
-        o = e.get("ours_offload") or {}
-        if "target_met" in o:
-            tm = o["target_met"]
-            lines.append(f"- {mode}, embedding states in host memory: speedup {o['speedup']:.2f}x ({'met' if tm['speedup'] else 'NOT met'}), "
-                         f"memory {o['memory_ratio']:.2f}x ({'met' if tm['memory_ratio'] else 'NOT met'})")
+        for key, what in (("ours_offload", "embedding states in host memory"), ("ours_budget", "capped at the memory target")):
+            o = e.get(key) or {}
+            if "target_met" in o:
+                tm = o["target_met"]
+                lines.append(f"- {mode}, {what}: speedup {o['speedup']:.2f}x ({'met' if tm['speedup'] else 'NOT met'}), "
+                             f"memory {o['memory_ratio']:.2f}x ({'met' if tm['memory_ratio'] else 'NOT met'})")
     long = results.get("long_context_bf16_micro_batch_1")
     if long:
         lines += ["", "## Longest sequence at micro-batch 1 (bf16, one H200)", "", "| system | longest that trained | ladder |", "|---|---|---|"]

@@ -129,6 +129,9 @@ def test_offloaded_embedding_states_leave_the_gpu_and_cost_copy_time_only_with_c
     assert b["host_memory_gib"] == pytest.approx(emb * 10)
     kept = 4096 * 8 * 4096 * 6 / 2**30  # the step's rows (8 micro-batches of 4096 tokens) of embed_tokens
     saved = emb * 4 - 2 * emb * 8 / 256 - 3 * 2**23 * 6 / 2**30 - kept
+    static = {k: sum(p["memory_gib"].values()) for k, p in (("off", a), ("on", b))}
+    assert static["off"] - static["on"] == pytest.approx(saved, rel=1e-3)
+    assert a["peak_at"] == b["peak_at"] == "end of backward"
     assert a["peak_gib"] - b["peak_gib"] == pytest.approx(saved, rel=1e-3)
     assert b["tokens_per_s"] == pytest.approx(a["tokens_per_s"])
     on.train.max_grad_norm = 1.0
@@ -149,6 +152,13 @@ def test_auto_moves_the_embedding_states_only_when_the_run_would_not_fit():
     forced = _cfg()
     forced.train.offload_embedding_state = False
     assert not plan(forced, mc, gpu_memory_gib=24.0)["fits"]
+    # A numeric adapter.recompute_budget_gib caps the run: on the 80 GiB GPU, under 22 GiB, they move.
+    capped = _cfg()
+    capped.adapter.recompute_budget_gib = 22.0
+    est = plan(capped, mc, gpu_memory_gib=80.0)
+    assert est["offload_embedding_state"] and est["peak_gib"] <= 22.0 < large["peak_gib"]
+    capped.adapter.recompute_budget_gib = "auto"
+    assert not plan(capped, mc, gpu_memory_gib=80.0)["offload_embedding_state"]
 
 
 def test_auto_offload_is_decided_at_model_setup(tiny_model_dir):

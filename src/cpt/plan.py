@@ -140,7 +140,7 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
 
         kw = {"system": system, "gpu_memory_gib": gpu_memory_gib, "recompute_layers": recompute_layers}
         here = plan(with_offload(False), model_config, **kw)
-        if system != "ours" or here["fits"]:
+        if system != "ours" or here["peak_gib"] <= memory_limit_gib(cfg, here["gpu_memory_gib"]):
             return here
         moved = plan(with_offload(True), model_config, **kw)
         return moved if moved["offload_embedding_state"] else here
@@ -229,8 +229,9 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
     v_h = s.vocab * s.hidden
     if fused:
         chunk = min(tokens, max(1, (1 << 27) // s.vocab))
-        # bf16 copy of the head for the matmuls, float32 logits of one chunk and its bf16 gradient.
-        loss = v_h * 2 * (master == 4 and not split) + chunk * s.vocab * (4 + 2 + 2)
+        # bf16 copy of the head for the matmuls and one chunk of bf16 logits, which the Triton pass
+        # (kernels/ce_rows.py) turns into their gradient in place.
+        loss = v_h * 2 * (master == 4 and not split) + chunk * s.vocab * 2
         head_grad_early = v_h * (2 if split else master) if "lm_head" in trained_emb or s.tied else 0
     else:
         # bf16 logits, their float32 upcast and its gradient, the bf16 gradient of the logits.
@@ -267,6 +268,15 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
     }
 
 
+def memory_limit_gib(cfg: Config, gpu_total_gib: float) -> float:
+    """The peak a run may reach: adapter.recompute_budget_gib when it is a number (the user's cap),
+    else FIT_MARGIN of the GPU."""
+    budget = cfg.adapter.recompute_budget_gib
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        return float(budget)
+    return FIT_MARGIN * gpu_total_gib
+
+
 def recompute_layers_for_budget(cfg: Config, model_config: Any, budget_gib: float) -> int:
     """Fewest recomputing layers whose estimated peak stays under budget_gib (memory-aware mode)."""
     layers = shape_from_config(model_config).layers
@@ -293,8 +303,10 @@ def resolve_offload(model: Any, cfg: Config, device: Any) -> None:
             import logging
 
             logging.getLogger("cpt").info(
-                "train.offload_embedding_state=auto: on (cpt plan: the run does not fit this %.0f GiB GPU with the "
-                "embeddings' optimizer states there; with them in host memory it peaks at %.1f GiB)", total, est["peak_gib"])
+                "train.offload_embedding_state=auto: on (cpt plan: the run does not fit under %.1f GiB (%s) with the "
+                "embeddings' optimizer states on the GPU; with them in host memory it peaks at %.1f GiB)",
+                memory_limit_gib(cfg, total), "adapter.recompute_budget_gib" if cfg.adapter.recompute_budget_gib not in
+                (None, "auto") else f"{FIT_MARGIN:.0%} of this {total:.0f} GiB GPU", est["peak_gib"])
     cfg.train.offload_embedding_state = on
 
 

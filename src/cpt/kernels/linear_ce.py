@@ -6,7 +6,8 @@ tokens are cut into chunks; each chunk's logits are made, turned into the loss a
 gradient of the logits at once (softmax minus one-hot, scaled), and that gradient is pushed
 straight into the gradients of the hidden states and of the head's weight. Only one chunk of
 logits is alive at a time, so peak memory drops by gigabytes and the backward pass has nothing
-left to do but scale by the incoming gradient.
+left to do but scale by the incoming gradient. On CUDA a Triton pass (kernels/ce_rows.py) makes the
+loss and the gradient from the bf16 logits in place; elsewhere PyTorch operations in float32 do.
 
 The head's weight may be a float32 master (the trained lm_head copy) while hidden states are
 bf16: the weight is cast once per call to the compute dtype, and its gradient is accumulated in
@@ -22,8 +23,8 @@ from typing import Optional
 import torch
 
 IGNORE_INDEX = -100
-# Elements of one chunk of float32 logits (about 512 MiB): small next to an 8B model's weights,
-# large enough that the three matmuls of a chunk run at full rate.
+# Logits per chunk: 256 MiB in bf16 on CUDA (where the Triton pass works on them in place; the
+# PyTorch path holds about five times that), large enough that a chunk's three matmuls run at full rate.
 _CHUNK_ELEMENTS = 1 << 27
 
 
@@ -57,20 +58,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 logits = h @ w.t()
                 if b is not None:
                     logits = logits + b
-                logits = logits.float()
-                valid = t != IGNORE_INDEX
-                safe_t = torch.where(valid, t, torch.zeros_like(t))
-                lse = torch.logsumexp(logits, dim=-1)
-                target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
-                total += ((lse - target_logit) * valid).sum()
-                if not (need_h or need_w or need_b):
+                need_grad = need_h or need_w or need_b
+                kernel = _rows_kernel(logits)
+                if kernel is not None:
+                    # One Triton pass per row: the loss, and the gradient written over the logits.
+                    total += kernel(logits, t, scale, need_grad).sum()
+                    g = logits
+                else:
+                    g = _loss_and_grad(logits, t, scale, need_grad, total)
+                del logits
+                if not need_grad:
                     continue
-                # d loss / d logits = (softmax - onehot) * scale, zero on ignored positions.
-                probs = logits.sub_(lse[:, None]).exp_()
-                probs.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
-                probs.mul_((valid.to(probs.dtype) * scale)[:, None])
-                g = probs.to(compute_dtype)
-                del logits, probs
                 if need_h:
                     grad_h[start:end] = (g @ w).to(hidden.dtype)
                 if need_w:
@@ -80,6 +78,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                         grad_w.add_(g.t() @ h)
                 if need_b:
                     grad_b += g.float().sum(0)
+                del g
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return total * scale
@@ -96,6 +95,41 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if grad_b is not None:
             grad_b = grad_b.to(ctx.bias_dtype)
         return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def _loss_and_grad(logits: torch.Tensor, t: torch.Tensor, scale: float, need_grad: bool,
+                   total: torch.Tensor) -> Optional[torch.Tensor]:
+    """The PyTorch path of one chunk: adds its summed loss to `total`, returns d loss / d logits
+    ((softmax - onehot) * scale, zero on ignored positions) in the logits' dtype."""
+    dtype = logits.dtype
+    logits = logits.float()
+    valid = t != IGNORE_INDEX
+    safe_t = torch.where(valid, t, torch.zeros_like(t))
+    lse = torch.logsumexp(logits, dim=-1)
+    target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
+    total += ((lse - target_logit) * valid).sum()
+    if not need_grad:
+        return None
+    probs = logits.sub_(lse[:, None]).exp_()
+    probs.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
+    probs.mul_((valid.to(probs.dtype) * scale)[:, None])
+    return probs.to(dtype)
+
+
+_ROWS: dict = {}
+
+
+def _rows_kernel(logits: torch.Tensor):
+    """kernels/ce_rows.py's Triton pass for CUDA logits in 16-bit (None: use the PyTorch path)."""
+    if not logits.is_cuda or logits.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if "fn" not in _ROWS:
+        try:
+            from cpt.kernels.ce_rows import ce_rows_
+        except ImportError:
+            ce_rows_ = None
+        _ROWS["fn"] = ce_rows_
+    return _ROWS["fn"]
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
