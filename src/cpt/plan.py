@@ -31,16 +31,20 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10"
 # Share of the peak rate each path reached on an H200 at micro-batch 2 x 2048 (bench/results):
 # transformers + peft reference runs (gpu_anchor.md) and our measured rows.
 # "ours" is the first H200 run of bench/gpu_throughput.py (before the LoRA-input change).
-# "ours, compiled" (model.compile): call 5 of bench/NOTES.md measured 0.467 of the peak with every
-# layer recomputing and 0.414 with none (counting only the FLOPs done); 0.45 sits between the two.
+# "ours, compiled" (model.compile), the code of calls 16-25 in bench/NOTES.md: bf16 reached 0.522 of the
+# peak with every layer recomputing (10,466 tokens/s, mean of four calls) and 0.481 with none (13,700,
+# two calls), counting only the FLOPs done; 0.50 sits between. nf4 0.487 (9,771, three calls).
 EFFICIENCY = {("baseline", "bf16"): 0.337, ("baseline", "nf4"): 0.298, ("ours", "bf16"): 0.358, ("ours", "nf4"): 0.357,
-              ("ours, compiled", "bf16"): 0.45, ("ours, compiled", "nf4"): 0.45}
+              ("ours, compiled", "bf16"): 0.50, ("ours, compiled", "nf4"): 0.487}
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + float32 per 256 absmax
 WORKSPACE_GIB = 0.6  # cuBLAS workspaces, SDPA scratch, allocator rounding
 FIT_MARGIN = 0.92  # share of the GPU a plan may fill and still be called a fit
 # Pinned host <-> GPU copy rate, each direction, both directions at once (H200 on PCIe 5, bench/NOTES.md):
 # train.offload_embedding_state moves 4 bytes per trained embedding element each way per step.
 HOST_LINK_GB_S = 50.0
+# Of the copies the early passes run beside the backward pass, the share the step still waited for
+# (calls 20-25: 30-70 ms longer steps than without the switch, against ~85 ms of copies each way).
+EARLY_EXPOSED_SHARE = 0.4
 
 
 @dataclass
@@ -199,11 +203,12 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
             mem["optimizer states"] = (n_lora * state_bytes + 2 * n_trained_emb * 8 / 256 + 3 * CHUNK_ELEMENTS * 6
                                        + kept)
             # What cannot hide behind the backward pass: lm_head's update when gradients are clipped (it
-            # needs the global norm) and embed_tokens' when its rows are not row-sparse.
+            # needs the global norm) and embed_tokens' when its rows are not row-sparse; of the rest, the
+            # share the measured steps still waited for.
             head = emb_elems if (s.tied or "lm_head" in trained_emb) else 0
             exposed = (head if t.max_grad_norm > 0 else 0) + (emb_elems if "embed_tokens" in trained_emb
                                                               and not sparse_embed and not s.tied else 0)
-            exposed_bytes = exposed * (2 + state_bytes)
+            exposed_bytes = (exposed + EARLY_EXPOSED_SHARE * (n_trained_emb - exposed)) * (2 + state_bytes)
         if split:
             head = emb_elems if (s.tied or "lm_head" in trained_emb) else 0
             embed = 0 if s.tied or "embed_tokens" not in trained_emb else (
