@@ -22,10 +22,9 @@ import numpy as np
 
 from cpt.config import Config, SourceConfig
 from cpt.data.cache import TokenShards, cache_root, open_or_build
-from cpt.data.mix import MixPattern
-from cpt.data.pack import IGNORE_INDEX, CachedBlocks, StreamPacker, collate, document_attention_mask
+from cpt.data.pack import IGNORE_INDEX, CachedBlocks, StreamPacker, document_attention_mask
 from cpt.data.sampler import TokenStream
-from cpt.data.sources import (DataError, DataWarning, Doc, ReadReport, is_streaming, iter_docs, load_hf,
+from cpt.data.sources import (DataError, DataWarning, ReadReport, is_streaming, iter_docs, load_hf,
                               parse_filters, read_documents, resolve_files, source_fingerprint, source_label)
 from cpt.data.tokenize import Encoder
 
