@@ -72,6 +72,28 @@ def test_memory_plan_rejects_a_bad_budget():
     assert apply_memory_plan(M(), _cfg(), "cpu") is None  # no budget: nothing to do
 
 
+def test_memory_plan_warns_when_the_budget_cannot_be_met(tiny_model_dir, caplog, monkeypatch):
+    """A numeric budget under what the run needs even with every layer recomputing: every layer
+    recomputes and a warning names the key and the estimate; a budget that fits stays silent."""
+    import logging
+
+    import cpt.kernels
+    from cpt.config import load_config
+    from cpt.model import load_model_config
+
+    class M:
+        config = load_model_config(load_config(None, [f"model.name_or_path={tiny_model_dir}"]).model)
+    calls = []
+    monkeypatch.setattr(cpt.kernels, "set_recompute", lambda model, k, offload=False: calls.append(k))
+    caplog.set_level(logging.WARNING, logger="cpt")
+    for budget, recompute, warned in (("0.0001", M.config.num_hidden_layers, True), ("500", 0, False)):
+        caplog.clear()
+        apply_memory_plan(M(), load_config(None, [f"model.name_or_path={tiny_model_dir}",
+                                                  f"adapter.recompute_budget_gib={budget}"]), "cpu")
+        assert calls[-1] == recompute
+        assert ("adapter.recompute_budget_gib=0.00" in caplog.text and "estimates" in caplog.text) == warned
+
+
 def test_plan_cli_reads_the_model_config(tiny_model_dir, capsys):
     assert plan_main([f"model.name_or_path={tiny_model_dir}", "--gpu-memory-gib", "24"]) == 0
     out = capsys.readouterr().out

@@ -332,6 +332,14 @@ def apply_memory_plan(model: Any, cfg: Config, device: Any) -> Optional[dict]:
         raise ConfigError(f"adapter.recompute_budget_gib: {budget!r} is not a number of GiB or 'auto'")
     from cpt.kernels import set_recompute
     k = recompute_layers_for_budget(cfg, model.config, float(budget))
+    est = plan(cfg, model.config, gpu_memory_gib=float(budget), recompute_layers=k)["peak_gib"]
+    if est > float(budget):
+        import logging
+
+        logging.getLogger("cpt").warning(
+            "adapter.recompute_budget_gib=%.2f: even with every decoder layer recomputing, cpt plan estimates a %.2f GiB "
+            "peak; lower per_device_train_batch_size or model.max_seq_length, or use train.offload_embedding_state / "
+            "use_gradient_checkpointing=offload / model.load_in_4bit to fit under it", float(budget), est)
     return set_recompute(model, k, offload=gc == "offload")
 
 
