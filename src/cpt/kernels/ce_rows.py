@@ -19,8 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-IGNORE_INDEX = -100
-
 
 @triton.jit
 def _ce_rows_kernel(x_ptr, stride, t_ptr, loss_ptr, n_cols, scale, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
@@ -36,7 +34,7 @@ def _ce_rows_kernel(x_ptr, stride, t_ptr, loss_ptr, n_cols, scale, WRITE_GRAD: t
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
     lse = m + tl.log(s)
-    valid = t != -100  # IGNORE_INDEX (a kernel reads no Python globals)
+    valid = t != -100  # the ignore index (a Triton kernel reads no Python globals)
     safe_t = tl.where(valid, t, 0)
     x_t = tl.load(base + safe_t).to(tl.float32)
     tl.store(loss_ptr + row, tl.where(valid, lse - x_t, 0.0))

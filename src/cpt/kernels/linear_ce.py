@@ -59,10 +59,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if b is not None:
                     logits = logits + b
                 need_grad = need_h or need_w or need_b
-                kernel = _rows_kernel(logits)
-                if kernel is not None:
-                    # One Triton pass per row: the loss, and the gradient written over the logits.
-                    total += kernel(logits, t, scale, need_grad).sum()
+                rows = _triton_rows(logits, t, scale, need_grad)
+                if rows is not None:  # one Triton pass per row: the loss, the gradient written over the logits
+                    total += rows.sum()
                     g = logits
                 else:
                     g = _loss_and_grad(logits, t, scale, need_grad, total)
@@ -119,8 +118,9 @@ def _loss_and_grad(logits: torch.Tensor, t: torch.Tensor, scale: float, need_gra
 _ROWS: dict = {}
 
 
-def _rows_kernel(logits: torch.Tensor):
-    """kernels/ce_rows.py's Triton pass for CUDA logits in 16-bit (None: use the PyTorch path)."""
+def _triton_rows(logits: torch.Tensor, t: torch.Tensor, scale: float, need_grad: bool) -> Optional[torch.Tensor]:
+    """kernels/ce_rows.py's pass for CUDA logits in 16-bit: the per-row losses (the gradient written over
+    the logits). None where there is no Triton or it fails (a warning, once): then the PyTorch path runs."""
     if not logits.is_cuda or logits.dtype not in (torch.bfloat16, torch.float16):
         return None
     if "fn" not in _ROWS:
@@ -129,7 +129,17 @@ def _rows_kernel(logits: torch.Tensor):
         except ImportError:
             ce_rows_ = None
         _ROWS["fn"] = ce_rows_
-    return _ROWS["fn"]
+    if _ROWS["fn"] is None:
+        return None
+    try:
+        return _ROWS["fn"](logits, t, scale, need_grad)
+    except Exception as e:  # noqa: BLE001 - a kernel that will not build must not stop training
+        import logging
+
+        logging.getLogger("cpt").warning("the Triton loss kernel failed (%s: %s); the loss runs as PyTorch operations",
+                                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        _ROWS["fn"] = None
+        return None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
