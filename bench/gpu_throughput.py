@@ -334,38 +334,63 @@ def worker_ours(args) -> dict:
     # The values being trained: for split masters the bf16 weight together with its low half.
     res["embedding_changed"] = _changed_fraction(before, {k: master_weight(p, trainer.optimizer) for k, p in emb_named.items()},
                                                  data.seen)
-    if args.profile:
-        model, opt, loss_fn = trainer.model, trainer.optimizer, bundle.loss_fn
-        ids = torch.randint(0, TOKEN_HIGH, (args.batch, args.seq), device="cuda")
-        batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(args.seq, device="cuda").repeat(args.batch, 1)}
-
-        inner = getattr(opt, "optimizer", opt)
-        host = getattr(inner, "host_split_state", False)
-        marks: dict = {}
-
-        def step():
-            # As the loop does it (train.py), with CUDA events between the phases; with the embedding
-            # states in host memory also when the early passes' last copy lands (the copy-out stream).
-            ev = {k: torch.cuda.Event(enable_timing=True) for k in ("start", "forward", "backward", "side", "step")}
-            ev["start"].record()
-            loss = loss_fn(model, batch, ids.numel())
-            ev["forward"].record()
-            if host:
-                inner.start_early(ids.cpu(), clipping=False)
-            trainer.accelerator.backward(loss)
-            ev["backward"].record()
-            if host:
-                from cpt.host_state import streams
-                ev["side"].record(streams(ids.device)[2])
-            opt.step()
-            ev["step"].record()
-            opt.zero_grad(set_to_none=True)
-            marks.update(ev)
-        _profile_step(step, Path(args.profile))
-        t0 = marks["start"]
-        res["phases_ms"] = {k: t0.elapsed_time(e) for k, e in marks.items() if k != "start" and (host or k != "side")}
-        Path(args.profile).with_suffix(".phases.json").write_text(json.dumps(res["phases_ms"], indent=1))
+    if args.profile or args.phase_steps:
+        res.update(_phase_timings(args, trainer, bundle))
     return res
+
+
+def _phase_timings(args, trainer, bundle) -> dict:
+    """Steps made as the loop makes them (train.py), with CUDA events between the phases and the host's
+    own time for each (with the embedding states in host memory, also when the early passes' last copy
+    lands): `--phase-steps` of them without the profiler, then one under it (`--profile`)."""
+    import torch
+
+    model, opt, loss_fn = trainer.model, trainer.optimizer, bundle.loss_fn
+    ids = torch.randint(0, TOKEN_HIGH, (args.batch, args.seq), device="cuda")
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(args.seq, device="cuda").repeat(args.batch, 1)}
+    inner = getattr(opt, "optimizer", opt)
+    host = getattr(inner, "host_split_state", False)
+    done: list = []
+
+    def step():
+        ev = {k: torch.cuda.Event(enable_timing=True) for k in ("start", "forward", "backward", "side", "step")}
+        cpu = {}
+        t0 = time.perf_counter()
+        ev["start"].record()
+        loss = loss_fn(model, batch, ids.numel())
+        cpu["forward"] = time.perf_counter() - t0
+        ev["forward"].record()
+        if host:
+            inner.start_early(ids.cpu(), clipping=False)
+            cpu["start_early"] = time.perf_counter() - t0
+        trainer.accelerator.backward(loss)
+        cpu["backward"] = time.perf_counter() - t0
+        ev["backward"].record()
+        if host:
+            from cpt.host_state import streams
+            ev["side"].record(streams(ids.device)[2])
+        opt.step()
+        cpu["step"] = time.perf_counter() - t0
+        ev["step"].record()
+        opt.zero_grad(set_to_none=True)
+        done.append((ev, cpu))
+
+    def read(ev, cpu) -> dict:
+        gpu = {k: ev["start"].elapsed_time(e) for k, e in ev.items() if k != "start" and (host or k != "side")}
+        return {"gpu_ms": gpu, "host_ms": {k: 1000 * v for k, v in cpu.items()}}
+
+    out: dict = {}
+    if args.phase_steps:
+        for _ in range(args.phase_steps):
+            step()
+        _sync()
+        out["phases"] = [read(*x) for x in done]
+        done.clear()
+    if args.profile:
+        _profile_step(step, Path(args.profile))
+        out["phases_ms"] = read(*done[-1])["gpu_ms"]  # profiler on: the host side is slowed down, unevenly
+        Path(args.profile).with_suffix(".phases.json").write_text(json.dumps(out, indent=1))
+    return out
 
 
 # ---------------------------------------------------------------------------- longest sequence at micro-batch 1
@@ -499,6 +524,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--checkpointing", default="true", help="ours: adapter.use_gradient_checkpointing")
     p.add_argument("--compile", default="auto", help="ours: model.compile (auto, true, false)")
     p.add_argument("--profile", default=None, help="write a torch profiler table of one step here")
+    p.add_argument("--phase-steps", type=int, default=0, help="ours: this many more steps with CUDA-event and host phase times (no profiler)")
     p.add_argument("--memory-trace", default=None, help="ours: write what is allocated at the peak (bench/memory_peak.py) here")
     p.add_argument("--offload-embedding-state", nargs="?", const=True, default=False, type=lambda v: v if v == "auto" else v == "true",
                    help="ours: train.offload_embedding_state (the flag alone: true; or auto)")
@@ -572,6 +598,8 @@ def drive(args) -> int:
                 order = ["baseline"] + [x for x in order if x != "baseline"] if budget is None else order
             for system in order:
                 prof = ["--profile", str(logs / f"profile_{system}_{mode}.txt")] if args.profile_rows and run == 0 and mode == "bf16" else []
+                if prof and system != "baseline":
+                    prof += ["--phase-steps", "5"]
                 if system == "ours_budget":
                     if budget is None:
                         if not runs.get("baseline"):
