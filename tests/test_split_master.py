@@ -110,6 +110,45 @@ def test_sparse_row_gradient_gives_exactly_the_dense_update(monkeypatch):
     assert not torch.equal(dense_p.detach(), start)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA"))])
+def test_rows_marked_skip_stay_exactly_as_they_were(monkeypatch, device):
+    """A slot of SKIP (the rows an early pass sets aside for the step) leaves the row's weight, low half,
+    moment codes and block maxima untouched; every other row gets the update it gets without them. On
+    CUDA the Triton kernel, on the CPU the PyTorch operations (chunked, so skipped rows span chunks)."""
+    monkeypatch.setattr(optim, "_CHUNK_ELEMENTS", 256 * 3)
+    shape = (20, 512)
+    gen = torch.Generator().manual_seed(9)
+    start = (torch.randn(shape, generator=gen) * 0.02).bfloat16()
+    maps = QuantMaps(SIGNED, UNSIGNED, torch.device(device))
+    p_skip, p_ref = (start.clone().to(device) for _ in range(2))
+    s_skip, s_ref = ({k: v.to(device) for k, v in _fresh_state(shape).items()} for _ in range(2))
+    values = torch.randn(6, shape[1], generator=gen).bfloat16().to(device)
+    for step in range(1, 4):
+        slot = torch.full((shape[0],), -1, dtype=torch.int64)
+        slot[torch.tensor([1, 4, 7, 9, 15, 18])] = torch.arange(6)
+        skip = torch.tensor([0, 4, 5, 11, 12, 13, 19])  # with and without a gradient, at chunk edges
+        marked = slot.clone()
+        marked[skip] = optim.SKIP
+        before = [t.clone() for t in (p_skip, s_skip["lo"], s_skip["state1"], s_skip["state2"], s_skip["absmax1"], s_skip["absmax2"])]
+        hp = optim._hyper(0.9, 0.999, 1e-3, 1e-8, 0.1, step, torch.device(device))
+        for p, st, sl in ((p_skip, s_skip, marked), (p_ref, s_ref, slot)):
+            optim._update_split_rows(p, st["lo"], values, sl.to(device), st["state1"], st["state2"], st["absmax1"], st["absmax2"], maps, hp)
+        live = torch.ones(shape[0], dtype=torch.bool)
+        live[skip] = False
+        rows = [(before[0], p_skip, p_ref), (before[1], s_skip["lo"], s_ref["lo"])]
+        rows += [(b.view(shape[0], -1), s_skip[k].view(shape[0], -1), s_ref[k].view(shape[0], -1))
+                 for b, k in zip(before[2:], ("state1", "state2", "absmax1", "absmax2"))]
+        for b, got, ref in rows:
+            assert torch.equal(got[skip.to(device)], b[skip.to(device)]), step
+            assert torch.equal(got[live.to(device)], ref[live.to(device)]), step
+        # the reference moved the skipped rows: skipping is not a no-op by accident
+        assert not torch.equal(p_ref[skip.to(device)], before[0][skip.to(device)])
+        p_ref[skip.to(device)] = p_skip[skip.to(device)]
+        for k in ("lo", "state1", "state2", "absmax1", "absmax2"):
+            s_ref[k].view(shape[0], -1)[skip.to(device)] = s_skip[k].view(shape[0], -1)[skip.to(device)]
+
+
 def test_tiny_updates_land_in_the_master_not_in_a_bf16_copy():
     """lr 1e-6 on weights of ~0.02: each update is ~1/40 of a bf16 step."""
     g = torch.Generator().manual_seed(3)

@@ -11,8 +11,9 @@ Most of that cost can hide behind the backward pass, because most of the work is
 gradients are (`EarlyStep`):
 - embed_tokens' gradient covers only the rows the step's batches used, and every other row takes a
   gradient-free update (its moments decay, its weight moves by the decayed moments). That pass can
-  run while the backward pass runs; the batch's rows are set aside on the GPU (their state gathered
-  from the staged chunks) and updated at the step, with the gradient, clipped or not.
+  run while the backward pass runs. The batch's rows are marked in the pass's slot table (on the GPU,
+  so the host need not wait for anything to start it) and left alone; at the step they are read back
+  (weights from the GPU, states from the new host buffers) and updated with the gradient, clipped or not.
 - lm_head's gradient is complete when the loss is (the chunked loss makes it in the forward pass);
   without gradient clipping, its whole update can run during the backward pass too.
 Nothing done early is final: the new states go to a second set of host buffers and the weights'
@@ -23,13 +24,12 @@ old values to a host backup, so a step the loop skips (a non-finite loss or grad
 """
 from __future__ import annotations
 
-import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from cpt.optim import BLOCK, HOST_KEYS, QuantMaps, _chunk_rows, _grad_table, _hyper, _update_split_rows
+from cpt.optim import BLOCK, HOST_KEYS, SKIP, QuantMaps, _chunk_rows, _grad_table, _hyper, _update_split_rows
 
 DEVICE_KEYS = ("absmax1", "absmax2")
 CHUNK_ELEMENTS = 1 << 23  # 32 MiB of staged state per chunk (plus 16 MiB of weights when backing up), three in flight
@@ -61,31 +61,17 @@ class Job:
     g: torch.Tensor  # dense gradient, or the values of a row-sparse one (with slot)
     slot: Optional[torch.Tensor]  # row -> index in g, or -1 (no gradient: the row decays)
     backup: Optional[torch.Tensor] = None  # host copy of p made before the pass, to undo it
-    keep: Optional["KeptRows"] = None  # rows to set aside (gathered, not final) for the step
+    keep: Optional["KeptRows"] = None  # rows the pass leaves alone, updated at the step
 
 
 @dataclass
 class KeptRows:
-    """Rows of a split master whose update waits for the gradient: their weight, states and block
-    maxima as they were, gathered on the device during the early pass."""
-    rows: list  # sorted row numbers (host)
-    index: torch.Tensor  # the same, on the device
-    width: int
-    p: torch.Tensor = field(init=False)
-    lo: torch.Tensor = field(init=False)
-    s1: torch.Tensor = field(init=False)
-    s2: torch.Tensor = field(init=False)
-    a1: torch.Tensor = field(init=False)
-    a2: torch.Tensor = field(init=False)
+    """Rows of a split master whose update waits for the gradient: marked SKIP in the early pass's slot
+    table, so the pass leaves their weight, states and block maxima as they were."""
+    slot: torch.Tensor  # the pass's slot table (rows,): SKIP for these rows, -1 for the others
 
-    def allocate(self, p: torch.Tensor) -> None:
-        k, w, dev = len(self.rows), self.width, p.device
-        self.p = torch.empty(k, w, dtype=p.dtype, device=dev)
-        self.lo = torch.empty(k, w, dtype=torch.int16, device=dev)
-        self.s1 = torch.empty(k * w, dtype=torch.uint8, device=dev)
-        self.s2 = torch.empty(k * w, dtype=torch.uint8, device=dev)
-        self.a1 = torch.empty(k * (w // BLOCK), dtype=torch.float32, device=dev)
-        self.a2 = torch.empty(k * (w // BLOCK), dtype=torch.float32, device=dev)
+    def index(self) -> torch.Tensor:
+        return (self.slot == SKIP).nonzero().squeeze(1)  # waits for the GPU: called at the step
 
 
 def _staging(device: torch.device, elements: int) -> list:
@@ -161,8 +147,6 @@ def _run(jobs: list, maps: QuantMaps, device: torch.device, s: Optional[tuple]) 
         if j.dst is not j.src:
             for k in DEVICE_KEYS:  # block maxima are updated in place: start the new ones from the old
                 j.dst[k].copy_(j.src[k])
-        if j.keep is not None:
-            j.keep.allocate(j.p)
         for r0 in range(0, rows, step_rows):
             r1 = min(rows, r0 + step_rows)
             e0, e1 = r0 * width, min(src[1].numel(), -(-(r1 * width) // BLOCK) * BLOCK)
@@ -183,14 +167,10 @@ def _run(jobs: list, maps: QuantMaps, device: torch.device, s: Optional[tuple]) 
             if j.backup is not None:
                 old_p = b["p"][:(r1 - r0) * width].view(r1 - r0, width)
                 old_p.copy_(j.p.data[r0:r1])
-            kept = _gather(j, r0, r1, staged) if j.keep is not None else None
             a_lo, a_hi = e0 // BLOCK, e1 // BLOCK
             _update_split_rows(j.p.data[r0:r1], staged[0].view(r1 - r0, width), j.g if j.slot is not None else j.g[r0:r1],
                                j.slot[r0:r1] if j.slot is not None else None, staged[1], staged[2],
                                j.dst["absmax1"][a_lo:a_hi], j.dst["absmax2"][a_lo:a_hi], maps, j.hp)
-            if kept is not None:  # the kept rows' weights stay as they were until the step
-                k0, k1, local = kept
-                j.p.data[r0:r1].index_copy_(0, local, j.keep.p[k0:k1])
             outs = [(h[e0 + a:e0 + z], d) for d, h, (a, z) in zip(staged, dst, spans)]
             if old_p is not None:
                 outs.append((j.backup.view(rows, width)[r0:r1], old_p))
@@ -206,43 +186,48 @@ def _run(jobs: list, maps: QuantMaps, device: torch.device, s: Optional[tuple]) 
             i += 1
 
 
-def _gather(j: Job, r0: int, r1: int, staged: list) -> Optional[tuple]:
-    """Set aside the kept rows that fall in [r0, r1): their weight, staged states and block maxima.
-    Returns (first, end, rows relative to r0) of them, None when there are none."""
-    keep, width = j.keep, j.keep.width
-    k0, k1 = bisect.bisect_left(keep.rows, r0), bisect.bisect_left(keep.rows, r1)
-    if k0 == k1:
-        return None
-    local = keep.index[k0:k1] - r0
-    keep.p[k0:k1] = j.p.data[r0:r1].index_select(0, local)
-    keep.lo[k0:k1] = staged[0].view(r1 - r0, width).index_select(0, local)
-    per = width // BLOCK
-    for name, st in (("s1", staged[1]), ("s2", staged[2])):
-        getattr(keep, name).view(-1, width)[k0:k1] = st[:(r1 - r0) * width].view(r1 - r0, width).index_select(0, local)
-    for name, key in (("a1", "absmax1"), ("a2", "absmax2")):
-        src = j.src[key][r0 * per:r1 * per].view(r1 - r0, per)
-        getattr(keep, name).view(-1, per)[k0:k1] = src.index_select(0, local)
-    return k0, k1, local
-
-
 def finish_kept(p: torch.Tensor, grad: torch.Tensor, keep: KeptRows, dst: dict, maps: QuantMaps, hp: torch.Tensor) -> None:
-    """The step's update of the kept rows (with their gradient), written where the early pass wrote the rest."""
+    """The step's update of the kept rows (with their gradient), written where the early pass wrote the
+    rest. The pass left them as they were: their weight is read from p, their states from dst."""
     rows, width = p.shape
-    if not keep.rows:
+    index = keep.index()
+    k = index.numel()
+    if not k:
         return
+    per = width // BLOCK
+    kp = p.data.index_select(0, index)
+    lo = _gather_from_host(dst["lo"].view(rows, width), index)
+    s1 = _gather_from_host(dst["state1"].view(-1)[:rows * width].view(rows, width), index).view(-1)
+    s2 = _gather_from_host(dst["state2"].view(-1)[:rows * width].view(rows, width), index).view(-1)
+    a1 = dst["absmax1"].view(-1)[:rows * per].view(rows, per).index_select(0, index).view(-1)
+    a2 = dst["absmax2"].view(-1)[:rows * per].view(rows, per).index_select(0, index).view(-1)
     values, slot = _grad_table(p, grad)
     if slot is None:  # a dense gradient: the kept rows' own rows of it
-        values, kslot = values.index_select(0, keep.index), torch.arange(len(keep.rows), device=p.device)
+        values, kslot = values.index_select(0, index), torch.arange(k, device=p.device)
     else:
-        kslot = slot.index_select(0, keep.index)
-    _update_split_rows(keep.p, keep.lo, values, kslot, keep.s1, keep.s2, keep.a1, keep.a2, maps, hp)
-    p.data.index_copy_(0, keep.index, keep.p)
-    per = width // BLOCK
-    dst["absmax1"].view(rows, per).index_copy_(0, keep.index, keep.a1.view(-1, per))
-    dst["absmax2"].view(rows, per).index_copy_(0, keep.index, keep.a2.view(-1, per))
-    _scatter_to_host(dst["lo"].view(rows, width), keep.index, keep.lo)
-    _scatter_to_host(dst["state1"].view(-1)[:rows * width].view(rows, width), keep.index, keep.s1.view(-1, width))
-    _scatter_to_host(dst["state2"].view(-1)[:rows * width].view(rows, width), keep.index, keep.s2.view(-1, width))
+        kslot = slot.index_select(0, index)
+    _update_split_rows(kp, lo, values, kslot, s1, s2, a1, a2, maps, hp)
+    p.data.index_copy_(0, index, kp)
+    dst["absmax1"].view(-1)[:rows * per].view(rows, per).index_copy_(0, index, a1.view(-1, per))
+    dst["absmax2"].view(-1)[:rows * per].view(rows, per).index_copy_(0, index, a2.view(-1, per))
+    _scatter_to_host(dst["lo"].view(rows, width), index, lo)
+    _scatter_to_host(dst["state1"].view(-1)[:rows * width].view(rows, width), index, s1.view(-1, width))
+    _scatter_to_host(dst["state2"].view(-1)[:rows * width].view(rows, width), index, s2.view(-1, width))
+
+
+def _gather_from_host(host: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """host[index] on index's device, host in (pinned) host memory: the GPU reads the rows itself (a
+    Triton kernel through the mapped host memory), without waiting on the host."""
+    if index.device.type == "cpu":
+        return host.index_select(0, index)
+    try:
+        from cpt.kernels.adamw8bit import gather_rows
+
+        out = torch.empty(index.numel(), host.shape[1], dtype=host.dtype, device=index.device)
+        gather_rows(host, index, out)
+        return out
+    except Exception:  # noqa: BLE001 - no Triton, or it cannot address host memory: gather on the host
+        return host.index_select(0, index.cpu()).to(index.device)
 
 
 def _scatter_to_host(host: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
@@ -274,20 +259,25 @@ class EarlyStep:
                                   "backup": host_tensor(p.shape, p.dtype)}
         return self.spares[id(p)]
 
-    def start(self, group: dict, p: torch.Tensor, rows: Optional[list]) -> None:
-        """Start p's pass now: the gradient-free rows only (rows = the batch's rows, set aside), or the
-        whole update with p.grad (rows None)."""
+    def start(self, group: dict, p: torch.Tensor, ids: Optional[torch.Tensor]) -> None:
+        """Start p's pass now: the rows no id names (ids = the step's token ids, on p's device; the
+        named rows are set aside), or the whole update with p.grad (ids None). Nothing here waits for
+        the GPU: the host goes straight on to launch the backward pass."""
         state = self.opt.state[p]
         spare = self._spare(p, state)
         b1, b2 = group["betas"]
         hp = _hyper(b1, b2, group["lr"], group["eps"], group["weight_decay"], state["step"] + 1, p.device)
-        if rows is None:
+        if ids is None:
             g, slot = _grad_table(p, p.grad)
             keep = None
         else:
+            n = p.shape[0]
             g = torch.zeros(1, p.shape[1], dtype=p.dtype, device=p.device)
-            slot = torch.full((p.shape[0],), -1, dtype=torch.int64, device=p.device)
-            keep = KeptRows(rows, torch.tensor(rows, dtype=torch.int64).to(p.device, non_blocking=True), p.shape[1])
+            table = torch.full((n + 1,), -1, dtype=torch.int64, device=p.device)  # entry n takes ids out of range
+            ids = ids.reshape(-1).to(device=p.device, dtype=torch.int64)
+            table.index_fill_(0, torch.where((ids >= 0) & (ids < n), ids, n), SKIP)
+            slot = table[:n]
+            keep = KeptRows(slot)
         dst = {k: spare[k] for k in (*HOST_KEYS, *DEVICE_KEYS)}
         job = Job(p, state, dst, hp, g, slot, backup=spare["backup"], keep=keep)
         launch([job], self.maps)
@@ -304,10 +294,7 @@ class EarlyStep:
             return True
         if not p.grad.is_sparse:
             return False
-        rows = p.grad._indices()[0]
-        kept = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
-        kept[job.keep.index] = True
-        return bool(kept[rows].all())
+        return bool((job.keep.slot[p.grad._indices()[0]] == SKIP).all())
 
     def drop(self, p: torch.Tensor) -> None:
         """Undo p's early pass (its weight from the backup; the old states stay live)."""

@@ -183,7 +183,6 @@ def _adamw_8bit_without_syncs() -> type:
                 return
             from cpt.host_state import EarlyStep
 
-            rows = None if token_ids is None else torch.unique(token_ids.reshape(-1).cpu()).tolist()
             for group in self.param_groups:
                 for p in group["params"]:
                     if not getattr(p, SPLIT_MASTER, False):
@@ -192,8 +191,8 @@ def _adamw_8bit_without_syncs() -> type:
                         self._early = EarlyStep(self, self._maps(p.device))
                     self._split_state(group, p)
                     if getattr(p, ROW_SPARSE, False):
-                        if rows is not None and p.shape[1] % BLOCK == 0:
-                            self._early.start(group, p, [r for r in rows if 0 <= r < p.shape[0]])
+                        if token_ids is not None and p.shape[1] % BLOCK == 0:
+                            self._early.start(group, p, token_ids)
                     elif not clipping:
                         if not getattr(p, "_cpt_early_hook", False):
                             p.register_post_accumulate_grad_hook(self._gradient_complete)
@@ -299,6 +298,7 @@ def _adamw_8bit_without_syncs() -> type:
 SPLIT_MASTER = "_cpt_split_master"
 HOST_KEYS = ("lo", "state1", "state2")  # what a split master may keep in host memory (cpt.host_state)
 ROW_SPARSE = "_cpt_row_sparse"  # a split master whose gradient covers only the rows a batch used (embed_tokens)
+SKIP = -2  # a slot-table entry (see _update_split_rows): the row is left exactly as it is
 BLOCK = 256  # elements per quantisation block of the 8-bit states (as bitsandbytes' blockwise optimizers)
 _CHUNK_ELEMENTS = 1 << 24  # elements updated per call: float32 temporaries stay at 64 MiB each
 
@@ -455,10 +455,20 @@ def _chunk_rows(width: int, elements: int) -> int:
 
 def _update_split_rows(high, low, g, slot, s1, s2, a1, a2, maps: QuantMaps, hp: torch.Tensor) -> None:
     """Update rows of a split master in place: the Triton kernel on CUDA, else PyTorch by chunks.
-    g: the rows' dense gradient, or (slot given, one entry per row) the values of a sparse one."""
+    g: the rows' dense gradient, or (slot given, one entry per row) the values of a sparse one: slot[row]
+    is the row's index in g, -1 (no gradient: its moments decay), or SKIP (left as it is; rows must then
+    be whole quantisation blocks)."""
     if _try_triton(high.device, high, low, g, slot, s1, s2, a1, a2, maps, hp):
         return
     rows, width = high.shape
+    skip = None if slot is None else (slot == SKIP).nonzero().squeeze(1)
+    if skip is not None and skip.numel():
+        per = width // BLOCK
+        kept = [high, low, *(t.view(-1)[:rows * width].view(rows, width) for t in (s1, s2)),
+                *(t.view(-1)[:rows * per].view(rows, per) for t in (a1, a2))]
+        saved = [t.index_select(0, skip) for t in kept]
+    else:
+        kept = None
     step_rows = _chunk_rows(width, _CHUNK_ELEMENTS)
     for r0 in range(0, rows, step_rows):
         r1 = min(rows, r0 + step_rows)
@@ -466,6 +476,9 @@ def _update_split_rows(high, low, g, slot, s1, s2, a1, a2, maps: QuantMaps, hp: 
         _split_chunk(high[r0:r1], low[r0:r1], _rows(slot[r0:r1], g) if slot is not None else g[r0:r1],
                      s1[e0:e1], s2[e0:e1], a1[e0 // BLOCK:e1 // BLOCK], a2[e0 // BLOCK:e1 // BLOCK],
                      maps.q1, maps.q2, maps.mid1, maps.mid2, hp)
+    if kept is not None:
+        for t, v in zip(kept, saved):
+            t.index_copy_(0, skip, v)
 
 
 def split_adamw8bit_step(p: torch.Tensor, grad: torch.Tensor, state: dict, maps: QuantMaps, *, lr: float,

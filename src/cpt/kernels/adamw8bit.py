@@ -5,7 +5,7 @@ Each program takes NB quantisation blocks of 256 elements: it dequantises both m
 int16 low half), takes each block's new maximum, and rounds the moments back to the nearest map value
 with an 8-step binary search over the 255 midpoints. A row-sparse gradient (an embedding's) is read
 through a row -> slot table, so the rows the batch did not use are updated with a zero gradient
-without ever being made dense. About 14 bytes of traffic per element, against ~100 for the same
+without ever being made dense; a row whose slot is -2 is left untouched (set aside for later). About 14 bytes of traffic per element, against ~100 for the same
 update written as separate PyTorch operations.
 
 cpt.optim calls `adamw8bit_update` on CUDA when Triton is installed; `_adamw8bit_blocks` there is
@@ -38,8 +38,11 @@ def _adamw8bit_kernel(p_ptr, lo_ptr, g_ptr, slot_ptr, s1_ptr, s2_ptr, a1_ptr, a2
         row = offs // width
         slot = tl.load(slot_ptr + row, mask=mask, other=-1)
         g = tl.load(g_ptr + slot * width + (offs - row * width), mask=mask & (slot >= 0), other=0.0).to(tl.float32)
+        # slot -2 (cpt.optim.SKIP): a row set aside for later, left exactly as it is (blocks lie within rows)
+        live = mask & (slot != -2)
     else:
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        live = mask
     c1 = tl.load(s1_ptr + offs, mask=mask, other=0).to(tl.int32)
     c2 = tl.load(s2_ptr + offs, mask=mask, other=0).to(tl.int32)
     in_range = blk * 256 < n
@@ -67,17 +70,18 @@ def _adamw8bit_kernel(p_ptr, lo_ptr, g_ptr, slot_ptr, s1_ptr, s2_ptr, a1_ptr, a2
         half = 128 >> k
         i1 = tl.where(tl.load(mid1_ptr + i1 + (half - 1)) < x1, i1 + half, i1)
         i2 = tl.where(tl.load(mid2_ptr + i2 + (half - 1)) < x2, i2 + half, i2)
-    tl.store(s1_ptr + offs, i1.to(tl.uint8), mask=mask)
-    tl.store(s2_ptr + offs, i2.to(tl.uint8), mask=mask)
-    tl.store(a1_ptr + blk, n1, mask=in_range)
-    tl.store(a2_ptr + blk, n2, mask=in_range)
+    blk_live = in_range & (tl.max(live.to(tl.int32), axis=1) > 0)
+    tl.store(s1_ptr + offs, i1.to(tl.uint8), mask=live)
+    tl.store(s2_ptr + offs, i2.to(tl.uint8), mask=live)
+    tl.store(a1_ptr + blk, n1, mask=blk_live)
+    tl.store(a2_ptr + blk, n2, mask=blk_live)
     if SPLIT:
         bits = new.to(tl.int32, bitcast=True)
         high = (bits + 0x8000) >> 16
-        tl.store(p_ptr + offs, high.to(tl.int16), mask=mask)
-        tl.store(lo_ptr + offs, (bits - (high << 16)).to(tl.int16), mask=mask)
+        tl.store(p_ptr + offs, high.to(tl.int16), mask=live)
+        tl.store(lo_ptr + offs, (bits - (high << 16)).to(tl.int16), mask=live)
     else:
-        tl.store(p_ptr + offs, new, mask=mask)
+        tl.store(p_ptr + offs, new, mask=live)
 
 
 def adamw8bit_update(p: torch.Tensor, lo, g: torch.Tensor, slot, s1, s2, a1, a2, maps, hp: torch.Tensor) -> None:
@@ -102,6 +106,26 @@ def _scatter_rows_kernel(dst_ptr, idx_ptr, src_ptr, width, BLOCK_W: tl.constexpr
     row = tl.load(idx_ptr + i)
     values = tl.load(src_ptr + i.to(tl.int64) * width + cols, mask=mask)
     tl.store(dst_ptr + row * width + cols, values, mask=mask)
+
+
+def gather_rows(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
+    """out[i] = src[index[i]] for a row-major src anywhere the GPU can address, pinned host memory
+    included (the rows cpt.host_state set aside, read back at the step without a host sync)."""
+    k, width = out.shape
+    if k == 0:
+        return
+    grid = (k, triton.cdiv(width, 1024))
+    _gather_rows_kernel[grid](out, index, src, width, BLOCK_W=1024)
+
+
+@triton.jit
+def _gather_rows_kernel(out_ptr, idx_ptr, src_ptr, width, BLOCK_W: tl.constexpr):
+    i = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    mask = cols < width
+    row = tl.load(idx_ptr + i)
+    values = tl.load(src_ptr + row * width + cols, mask=mask)
+    tl.store(out_ptr + i.to(tl.int64) * width + cols, values, mask=mask)
 
 
 def scatter_rows(dst: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
