@@ -287,6 +287,10 @@ def worker_ours(args) -> dict:
     cfg = ours_config(Path(args.model_dir), args.mode, args.seq, args.batch, args.warmup + args.steps + 1,
                       recompute_budget=args.recompute_budget, checkpointing=args.checkpointing, compile=args.compile,
                       offload_embedding_state=args.offload_embedding_state)
+    if args.lora_addmm:
+        import cpt.kernels.lora
+
+        cpt.kernels.lora.LINEAR_OP = False
     t_setup = time.perf_counter()
     bundle = build_model(cfg, torch.device(args.device), tokenizer=_tokenizer())
     setup_s = time.perf_counter() - t_setup
@@ -530,6 +534,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="ours: train.offload_embedding_state (the flag alone: true; or auto)")
     p.add_argument("--systems", default=None, help="the bf16/nf4 rows run exactly these systems (comma list of baseline, "
                    "ours, ours_eager, ours_offload) instead of baseline, ours and what --rows adds")
+    p.add_argument("--lora-addmm", action="store_true", help="ours: bf16 projections without the cpt::lora_linear op (experiment row)")
     p.add_argument("--embeddings-first", action="store_true", help="ours: embedding group first in the optimizer (experiment row)")
     p.add_argument("--time-limit", type=float, default=150.0, help="long-context worker: seconds for the ladder")
     p.add_argument("--model-dir", default="/tmp/cpt-bench/llama-3.1-8b-random")

@@ -323,8 +323,9 @@ def test_cuda_offloaded_recompute_matches_plain(tiny_model_dir):
 
 
 def test_fused_lora_matches_peft(tiny_model_dir):
-    """The addmm-epilogue LoRA gives peft's outputs and gradients: exactly (fp32) and within bf16
-    tolerance under autocast; dropout or disabled adapters fall back to peft's forward."""
+    """The fused LoRA forward (cpt::lora_linear for these bias-free Linear bases) gives peft's
+    outputs and gradients: exactly (fp32) and within bf16 tolerance under autocast; dropout or
+    disabled adapters fall back to peft's forward."""
     from cpt.kernels import fuse_lora_projections
     from cpt.kernels.lora import unfuse_lora_projections
 
@@ -368,6 +369,149 @@ def test_fused_lora_matches_peft(tiny_model_dir):
     for n in grads:
         assert grads[n].dtype == torch.float32
         assert _rel(grads[n], grads_32[n]) <= 1.3 * _rel(grads_peft[n], grads_32[n]) + 2e-3, n
+
+
+_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _tiny_lora_llama(layers: int = 2):
+    """A random Llama (hidden 32) with LoRA on all 7 projections and trained embeddings / head."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, use_rslora=True, init_lora_weights=False,
+                                             target_modules=_PROJECTIONS, modules_to_save=["embed_tokens", "lm_head"]))
+    model.train()
+    return model
+
+
+class _OpCalls:
+    """Counts calls of the cpt:: custom ops (forward and backward) while active."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        calls = self.calls = {}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = str(func)
+                if name.startswith("cpt."):
+                    calls[name] = calls.get(name, 0) + 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def _lora_step(lora, x, g):
+    """(output, x.grad, A.grad, B.grad) of one LoRA projection for output gradient g."""
+    a, b = lora.lora_A["default"].weight, lora.lora_B["default"].weight
+    a.grad = b.grad = None
+    x = x.detach().requires_grad_(True)
+    out = lora(x)
+    out.backward(g)
+    return out.detach(), x.grad, a.grad.clone(), b.grad.clone()
+
+
+def test_lora_linear_op_matches_peft():
+    """Every projection of a tiny Llama (plain bias-free Linear bases) runs cpt::lora_linear
+    forward and cpt::lora_linear_backward backward, and gives peft's output and the gradients of
+    the input and both LoRA matrices: to float32 rounding, and under CPU autocast (bf16 base,
+    float32 LoRA masters) within bf16 rounding of peft's autocast result."""
+    from cpt.kernels import fuse_lora_projections
+
+    model = _tiny_lora_llama()
+    loras = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    assert len(loras) == 7 * 2
+    g = torch.Generator().manual_seed(8)
+    data = [(torch.randn(2, 5, m.in_features, generator=g), torch.randn(2, 5, m.out_features, generator=g)) for m in loras]
+    ref = [_lora_step(m, x, gy) for m, (x, gy) in zip(loras, data)]
+    assert fuse_lora_projections(model) == 14
+    with _OpCalls() as seen:
+        got = [_lora_step(m, x, gy) for m, (x, gy) in zip(loras, data)]
+    assert seen.calls == {"cpt.lora_linear.default": 14, "cpt.lora_linear_backward.default": 14}
+    for m, r, o in zip(loras, ref, got):
+        assert o[0].shape == r[0].shape == (2, 5, m.out_features)
+        for what, u, v in zip(("out", "x", "A", "B"), o, r):
+            assert _rel(u, v) < 1e-6, (what, _rel(u, v))
+
+    # bf16 base, float32 LoRA masters, bf16 activations, under autocast (the GPU setting).
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.bfloat16()
+    data16 = [(x.bfloat16(), gy.bfloat16()) for x, gy in data]
+    plain = {}
+    for m in loras:  # peft's own forward for the reference (its input upcast included)
+        plain[m], m.forward = m.forward, m._cpt_plain_lora_forward
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref16 = [_lora_step(m, x, gy) for m, (x, gy) in zip(loras, data16)]
+    for m in loras:
+        m.forward = plain[m]
+    with torch.autocast("cpu", dtype=torch.bfloat16), _OpCalls() as seen:
+        got16 = [_lora_step(m, x, gy) for m, (x, gy) in zip(loras, data16)]
+    assert seen.calls == {"cpt.lora_linear.default": 14, "cpt.lora_linear_backward.default": 14}
+    for r, o, r32 in zip(ref16, got16, ref):
+        assert o[0].dtype == o[1].dtype == torch.bfloat16 and o[2].dtype == o[3].dtype == torch.float32
+        for what, u, v, v32 in zip(("out", "x", "A", "B"), o, r, r32):
+            # As close to peft's bf16 result as bf16 rounding allows, and no farther from float32's.
+            assert _rel(u, v) < 1e-2, (what, _rel(u, v))
+            assert _rel(u, v32) < 2 * _rel(v, v32) + 1e-2, (what, _rel(u, v32), _rel(v, v32))
+
+    # Without autocast, bf16 activations meet float32 LoRA weights: peft's forward, not the op.
+    with torch.no_grad(), _OpCalls() as seen:
+        out = loras[0](data16[0][0])
+    assert seen.calls == {} and out.dtype == torch.bfloat16
+
+
+def test_lora_over_a_biased_base_keeps_the_addmm_path():
+    """A base Linear with a bias (Qwen2's q/k/v, for one) is not the op's case: the fused forward
+    there is still the addmm epilogue over the base output, with peft's result."""
+    from peft import LoraConfig, get_peft_model
+
+    from cpt.kernels import fuse_lora_projections
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.Linear(10, 6, bias=False))
+    model = get_peft_model(net, LoraConfig(r=2, lora_alpha=4, target_modules=["0", "1"], init_lora_weights=False))
+    loras = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    x, gy = torch.randn(3, 4, 12), torch.randn(3, 4, 10)
+    ref = _lora_step(loras[0], x, gy)
+    assert fuse_lora_projections(model) == 2
+    with _OpCalls() as seen:
+        got = _lora_step(loras[0], x, gy)
+        loras[1](torch.randn(3, 10))
+    assert seen.calls == {"cpt.lora_linear.default": 1}  # only the bias-free one
+    for u, v in zip(got, ref):
+        assert _rel(u, v) < 1e-6
+
+
+def test_lora_linear_opcheck():
+    """torch.library's own checks of both ops (schema, autograd registration, fake tensors, AOT
+    dispatch with dynamic shapes), and a float64 gradcheck of the forward op's x, A and B gradients
+    (the frozen base weight gets none)."""
+    import cpt.kernels.lora  # noqa: F401  (registers the ops)
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+    w = torch.randn(6, 8, generator=g)
+    a = torch.randn(3, 8, generator=g, requires_grad=True)
+    b = torch.randn(6, 3, generator=g, requires_grad=True)
+    torch.library.opcheck(torch.ops.cpt.lora_linear.default, (x, w, a, b, 0.7))
+    # The backward op has no autograd of its own (no double backward): check it on plain tensors.
+    gy = torch.randn(2, 5, 6, generator=g)
+    torch.library.opcheck(torch.ops.cpt.lora_linear_backward.default, (gy, x.detach(), w, a.detach(), b.detach(), 0.7))
+    x64, a64, b64 = (t.detach().double().requires_grad_(True) for t in (x, a, b))
+    assert torch.autograd.gradcheck(lambda x, a, b: torch.ops.cpt.lora_linear(x, w.double(), a, b, 0.7), (x64, a64, b64))
 
 
 def _saved_bytes(model, loss_fn, batch, num_items) -> tuple:
@@ -444,6 +588,71 @@ def test_compiled_layers_match_eager():
         assert uncompile_layer(layer) == was
         assert "forward" not in layer.__dict__ and layer.gradient_checkpointing == was
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_compiled_recompute_reruns_lora_ops_only_where_backward_needs_them(autocast):
+    """Regional compile with one layer keeping and one recomputing: the loss and gradients are
+    eager's, and the partitioner sees cpt::lora_linear as one opaque op (7 per layer forward, 7
+    backward ops). The recomputing layer's backward graph reruns 6 of the 7: q, k, v (attention's
+    backward needs them), o (the post-attention RMSNorm's input) and gate / up (down_proj's input),
+    but not down_proj, whose output backward never needs; the keeping layer reruns none. Had the
+    op saved its rank-r middle `x @ A.T`, that output would be needed and down_proj's base GEMM
+    would be recomputed too. Under CPU autocast too (its casts trace without graph breaks)."""
+    import torch._dynamo
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    from cpt.kernels import compile_decoder_layers, decoder_layers
+    from cpt.kernels.compile import uncompile_layer
+
+    graphs = {"forward": [], "backward": []}
+
+    def keep(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    # aot_eager's own setup (min-cut partitioner, graphs run as traced), keeping the graphs.
+    backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"),
+                           partition_fn=min_cut_rematerialization_partition)
+
+    def calls(gm, op):
+        return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
+
+    torch._dynamo.reset()
+    model = _tiny_lora_llama()
+    batch = _batch(97, seed=10)
+    loss_fn = apply_kernels(model, "cpt", torch.device("cpu"))
+    set_recompute(model, 1)  # layer 0 keeps its activations, layer 1 recomputes
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return _loss_and_grads(model, loss_fn, batch, 45)
+
+    loss_ref, grads_ref = step()
+    breaks = _dynamo_counts()["breaks"]  # (dynamo's counters outlive its reset)
+    try:
+        assert compile_decoder_layers(model, backend=backend) == {"compiled": 2, "recompute": 1, "eager": 0}
+        loss, grads = step()
+        assert abs(loss.item() - loss_ref.item()) < 1e-5 * loss_ref.item()
+        assert grads.keys() == grads_ref.keys()
+        for n in grads:
+            assert _rel(grads[n], grads_ref[n]) < (1e-3 if autocast else 1e-5), n
+        assert _dynamo_counts()["breaks"] == breaks
+    finally:
+        for layer in decoder_layers(model):
+            uncompile_layer(layer)
+        torch._dynamo.reset()
+    fw, bw = torch.ops.cpt.lora_linear.default, torch.ops.cpt.lora_linear_backward.default
+    assert [len(calls(gm, fw)) for gm in graphs["forward"]] == [7, 7]
+    assert sorted(len(calls(gm, bw)) for gm in graphs["backward"]) == [7, 7]
+    reruns = sorted((calls(gm, fw) for gm in graphs["backward"]), key=len)
+    assert [len(r) for r in reruns] == [0, 6]
+    # Which ones, by base weight shape (out, in): down_proj's (32, 64) is the one missing.
+    shapes = sorted(tuple(n.args[1].meta["val"].shape) for n in reruns[1])
+    assert shapes == [(16, 32), (16, 32), (32, 32), (32, 32), (64, 32), (64, 32)]
 
 
 def test_a_failing_compiler_leaves_the_plain_layers_training(caplog):
