@@ -528,7 +528,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--checkpointing", default="true", help="ours: adapter.use_gradient_checkpointing")
     p.add_argument("--compile", default="auto", help="ours: model.compile (auto, true, false)")
     p.add_argument("--profile", default=None, help="write a torch profiler table of one step here")
-    p.add_argument("--phase-steps", type=int, default=0, help="ours: this many more steps with CUDA-event and host phase times (no profiler)")
+    p.add_argument("--phase-steps", type=int, default=0, help="ours: this many more steps with CUDA-event and host phase times (no profiler; 5 with --profile-rows)")
     p.add_argument("--memory-trace", default=None, help="ours: write what is allocated at the peak (bench/memory_peak.py) here")
     p.add_argument("--offload-embedding-state", nargs="?", const=True, default=False, type=lambda v: v if v == "auto" else v == "true",
                    help="ours: train.offload_embedding_state (the flag alone: true; or auto)")
@@ -603,8 +603,8 @@ def drive(args) -> int:
                 order = ["baseline"] + [x for x in order if x != "baseline"] if budget is None else order
             for system in order:
                 prof = ["--profile", str(logs / f"profile_{system}_{mode}.txt")] if args.profile_rows and run == 0 and mode == "bf16" else []
-                if prof and system != "baseline":
-                    prof += ["--phase-steps", "5"]
+                if (prof or args.phase_steps) and system != "baseline":
+                    prof += ["--phase-steps", str(args.phase_steps or 5)]
                 if system == "ours_budget":
                     if budget is None:
                         if not runs.get("baseline"):
