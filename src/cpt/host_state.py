@@ -274,7 +274,10 @@ class EarlyStep:
             n = p.shape[0]
             g = torch.zeros(1, p.shape[1], dtype=p.dtype, device=p.device)
             table = torch.full((n + 1,), -1, dtype=torch.int64, device=p.device)  # entry n takes ids out of range
-            ids = ids.reshape(-1).to(device=p.device, dtype=torch.int64)
+            ids = ids.reshape(-1)
+            if ids.device.type == "cpu" and p.device.type == "cuda":
+                ids = ids.pin_memory()  # from pageable memory the copy would wait for the forward pass to end
+            ids = ids.to(p.device, non_blocking=True).long()
             table.index_fill_(0, torch.where((ids >= 0) & (ids < n), ids, n), SKIP)
             slot = table[:n]
             keep = KeptRows(slot)

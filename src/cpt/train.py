@@ -96,6 +96,14 @@ def resume_point(o: OutputConfig) -> Optional[Path]:
     return path
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch tensor onto the device without waiting for it: a copy from pageable host memory would
+    first wait for everything queued on the GPU (the previous step's update) to finish."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def target_tokens(labels: torch.Tensor) -> int:
     """Tokens that contribute to the loss: labels are shifted by one inside the model."""
     return int((labels[:, 1:] != -100).sum())
@@ -336,7 +344,7 @@ class Trainer:
                 n_items = int(acc.reduce(torch.tensor(n_local, device=acc.device), "sum")) if self.world > 1 else n_local
                 step_loss = torch.zeros((), device=acc.device)
                 for i, b in enumerate(micro):
-                    b = {k: v.to(acc.device, non_blocking=True) for k, v in b.items()}
+                    b = {k: to_device(v, acc.device) for k, v in b.items()}
                     sync = i == len(micro) - 1
                     with (acc.no_sync(model) if not sync and self.world > 1 else _null()):
                         # DDP averages gradients over ranks; scale back so the step is the global token mean.
