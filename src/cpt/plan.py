@@ -43,8 +43,9 @@ FIT_MARGIN = 0.92  # share of the GPU a plan may fill and still be called a fit
 # train.offload_embedding_state moves 4 bytes per trained embedding element each way per step.
 HOST_LINK_GB_S = 50.0
 # Of the copies the early passes run beside the backward pass, the share the step still waited for
-# (calls 20-25: 30-70 ms longer steps than without the switch, against ~85 ms of copies each way).
-EARLY_EXPOSED_SHARE = 0.4
+# (call 29, 8B bf16: ~15 ms longer steps than without the switch, against ~85 ms of copies each way;
+# 30-70 ms in calls 20-25, before the loop's copies from pageable memory stopped waiting for the GPU).
+EARLY_EXPOSED_SHARE = 0.2
 
 
 @dataclass
@@ -196,12 +197,11 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
 
             # Low halves and moment codes in host memory (twice: the early passes write a second set,
             # cpt.host_state) and a host backup of the weights; on the GPU stay the block maxima (twice),
-            # three staging chunks and, for embed_tokens, the batch's rows set aside until the step.
+            # three staging chunks (embed_tokens' rows set aside for the step are read back only then,
+            # after the backward pass's peak).
             host = n_trained_emb * (2 + state_bytes) * 2 + n_trained_emb * 2
-            kept = min(s.vocab, tokens * t.gradient_accumulation_steps) * s.hidden * 6 if sparse_embed else 0
             mem["trained embeddings"] = n_trained_emb * 2
-            mem["optimizer states"] = (n_lora * state_bytes + 2 * n_trained_emb * 8 / 256 + 3 * CHUNK_ELEMENTS * 6
-                                       + kept)
+            mem["optimizer states"] = n_lora * state_bytes + 2 * n_trained_emb * 8 / 256 + 3 * CHUNK_ELEMENTS * 6
             # What cannot hide behind the backward pass: lm_head's update when gradients are clipped (it
             # needs the global norm) and embed_tokens' when its rows are not row-sparse; of the rest, the
             # share the measured steps still waited for.
