@@ -182,6 +182,12 @@ def test_clip_grad_norm_sums_repeated_rows_first():
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(a.grad.to_dense(), a_dense.grad)
     torch.testing.assert_close(b.grad, b_dense.grad)
+    # Without clipping (max_norm inf) the norm is all it does: no gradient is written (an early pass on a
+    # side stream may be reading lm_head's while the loop takes the norm).
+    version = b.grad._version
+    torch.testing.assert_close(clip_grad_norm_([a, b], float("inf")), torch.linalg.vector_norm(
+        torch.cat([a.grad.to_dense().reshape(-1), b.grad.reshape(-1)])))
+    assert b.grad._version == version
 
 
 def test_model_holds_split_masters_and_sparse_embedding_gradients(tiny_model_dir):

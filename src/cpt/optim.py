@@ -611,6 +611,8 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
         by_dtype.setdefault(g.dtype, []).append(g)
     total = torch.linalg.vector_norm(torch.stack(
         [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs)).float()) for gs in by_dtype.values()]))
+    if math.isinf(max_norm):  # no clipping: the norm is for logging and the non-finite check only
+        return total
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for gs in by_dtype.values():
         torch._foreach_mul_(gs, coef.to(gs[0].dtype))
