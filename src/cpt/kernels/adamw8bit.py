@@ -99,40 +99,35 @@ def adamw8bit_update(p: torch.Tensor, lo, g: torch.Tensor, slot, s1, s2, a1, a2,
 
 
 @triton.jit
-def _scatter_rows_kernel(dst_ptr, idx_ptr, src_ptr, width, BLOCK_W: tl.constexpr):
-    i = tl.program_id(0)
+def _move_rows_kernel(dst_ptr, src_ptr, idx_ptr, width, SCATTER: tl.constexpr, BLOCK_W: tl.constexpr):
+    # Row i of the compact side is row idx[i] of the other: dst[idx[i]] = src[i] (SCATTER) or dst[i] = src[idx[i]].
+    i = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     mask = cols < width
     row = tl.load(idx_ptr + i)
-    values = tl.load(src_ptr + i.to(tl.int64) * width + cols, mask=mask)
-    tl.store(dst_ptr + row * width + cols, values, mask=mask)
+    if SCATTER:
+        src_row = i
+        dst_row = row
+    else:
+        src_row = row
+        dst_row = i
+    values = tl.load(src_ptr + src_row * width + cols, mask=mask)
+    tl.store(dst_ptr + dst_row * width + cols, values, mask=mask)
+
+
+def _move_rows(dst: torch.Tensor, src: torch.Tensor, index: torch.Tensor, scatter: bool) -> None:
+    k, width = (src if scatter else dst).shape
+    if k:
+        _move_rows_kernel[(k, triton.cdiv(width, 1024))](dst, src, index, width, SCATTER=scatter, BLOCK_W=1024)
 
 
 def gather_rows(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
     """out[i] = src[index[i]] for a row-major src anywhere the GPU can address, pinned host memory
     included (the rows cpt.host_state set aside, read back at the step without a host sync)."""
-    k, width = out.shape
-    if k == 0:
-        return
-    grid = (k, triton.cdiv(width, 1024))
-    _gather_rows_kernel[grid](out, index, src, width, BLOCK_W=1024)
-
-
-@triton.jit
-def _gather_rows_kernel(out_ptr, idx_ptr, src_ptr, width, BLOCK_W: tl.constexpr):
-    i = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    mask = cols < width
-    row = tl.load(idx_ptr + i)
-    values = tl.load(src_ptr + row * width + cols, mask=mask)
-    tl.store(out_ptr + i.to(tl.int64) * width + cols, values, mask=mask)
+    _move_rows(out, src, index, scatter=False)
 
 
 def scatter_rows(dst: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
     """dst[index[i]] = rows[i] for a row-major dst anywhere the GPU can address, pinned host memory
     included (cpt.host_state writes the kept rows' states home this way, without a host sync)."""
-    k, width = rows.shape
-    if k == 0:
-        return
-    grid = (k, triton.cdiv(width, 1024))
-    _scatter_rows_kernel[grid](dst, index, rows.contiguous(), width, BLOCK_W=1024)
+    _move_rows(dst, rows.contiguous(), index, scatter=True)
