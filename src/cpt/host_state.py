@@ -59,7 +59,7 @@ class Job:
     dst: dict
     hp: torch.Tensor
     g: torch.Tensor  # dense gradient, or the values of a row-sparse one (with slot)
-    slot: Optional[torch.Tensor]  # row -> index in g, or -1 (no gradient: the row decays)
+    slot: Optional[torch.Tensor]  # row -> index in g, -1 (no gradient: the row decays) or SKIP (left alone)
     backup: Optional[torch.Tensor] = None  # host copy of p made before the pass, to undo it
     keep: Optional["KeptRows"] = None  # rows the pass leaves alone, updated at the step
 
