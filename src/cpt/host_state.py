@@ -43,6 +43,14 @@ def host_tensor(shape, dtype: torch.dtype, fill: int = 0) -> torch.Tensor:
     return torch.full(shape, fill, dtype=dtype, device="cpu", pin_memory=pin)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t onto the device without waiting for it: a copy from pageable host memory would first wait for
+    everything queued on the GPU (the loop's batches, the early pass's token ids) to finish."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def to_host(t: torch.Tensor) -> torch.Tensor:
     if t.device.type == "cpu" and (t.is_pinned() or not torch.cuda.is_available()):
         return t
@@ -274,10 +282,7 @@ class EarlyStep:
             n = p.shape[0]
             g = torch.zeros(1, p.shape[1], dtype=p.dtype, device=p.device)
             table = torch.full((n + 1,), -1, dtype=torch.int64, device=p.device)  # entry n takes ids out of range
-            ids = ids.reshape(-1)
-            if ids.device.type == "cpu" and p.device.type == "cuda":
-                ids = ids.pin_memory()  # from pageable memory the copy would wait for the forward pass to end
-            ids = ids.to(p.device, non_blocking=True).long()
+            ids = to_device(ids.reshape(-1), p.device).long()
             table.index_fill_(0, torch.where((ids >= 0) & (ids < n), ids, n), SKIP)
             slot = table[:n]
             keep = KeptRows(slot)

@@ -27,6 +27,7 @@ from cpt import checkpoint as ckpt
 from cpt.config import Config, ConfigError, OutputConfig
 from cpt.distributed import Parallel, build_accelerator, plain
 from cpt.model import ModelBundle, sparse_gradients
+from cpt.host_state import to_device
 from cpt.optim import build_optimizer, build_scheduler, clip_grad_norm_
 
 log = logging.getLogger("cpt")
@@ -94,14 +95,6 @@ def resume_point(o: OutputConfig) -> Optional[Path]:
     if not ckpt.is_complete(path):
         raise ConfigError(f"output.resume: {path} is not a complete checkpoint (no {ckpt.COMPLETE} marker)")
     return path
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch tensor onto the device without waiting for it: a copy from pageable host memory would
-    first wait for everything queued on the GPU (the previous step's update) to finish."""
-    if device.type == "cuda" and t.device.type == "cpu":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
 
 
 def target_tokens(labels: torch.Tensor) -> int:
