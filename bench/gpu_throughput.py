@@ -228,12 +228,13 @@ def _result(args, times: list[float], losses: list[float], **extra) -> dict:
 
 
 def ours_config(model_dir: Path, mode: str, seq: int, batch: int, steps: int, recompute_budget: Optional[str] = None,
-                checkpointing: Any = True, compile: str = "auto", offload_embedding_state: Any = False):
+                checkpointing: Any = True, compile: str = "auto", offload_embedding_state: Any = False,
+                cuda_graphs: Any = "auto"):
     from cpt.config import config_from_dict
     raw = {
         "model": {"name_or_path": str(model_dir), "max_seq_length": seq, "dtype": "bfloat16",
                   "load_in_4bit": mode == "nf4", "attn_implementation": "sdpa", "kernels": "auto",
-                  "compile": compile},
+                  "compile": compile, "cuda_graphs": cuda_graphs},
         "adapter": {"r": R, "lora_alpha": ALPHA, "lora_dropout": 0.0, "use_rslora": True,
                     "target_modules": LORA_TARGETS + ["embed_tokens", "lm_head"],
                     "use_gradient_checkpointing": checkpointing, "embedding_master_dtype": "float32"},
@@ -286,7 +287,7 @@ def worker_ours(args) -> dict:
 
     cfg = ours_config(Path(args.model_dir), args.mode, args.seq, args.batch, args.warmup + args.steps + 1,
                       recompute_budget=args.recompute_budget, checkpointing=args.checkpointing, compile=args.compile,
-                      offload_embedding_state=args.offload_embedding_state)
+                      offload_embedding_state=args.offload_embedding_state, cuda_graphs=args.cuda_graphs)
     if args.lora_addmm:
         import cpt.kernels.lora
 
@@ -330,8 +331,11 @@ def worker_ours(args) -> dict:
     plan_layers = {"keep": sum(1 for l in layers if not recomputes(l) and not hasattr(l, "_cpt_plain_forward")),
                    "offload": sum(1 for l in layers if hasattr(l, "_cpt_plain_forward"))}
     from torch._dynamo.utils import counters
+
+    from cpt.kernels.compile import graphs_recorded
     dynamo = {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
-              "break_reasons": [k[:300] for k in counters["graph_break"]][:5]}
+              "break_reasons": [k[:300] for k in counters["graph_break"]][:5],
+              "cudagraph_skips": counters["inductor"]["cudagraph_skips"], "cuda_graphs_recorded": graphs_recorded()}
     res = _result(args, times, losses, setup_s=setup_s, kernels=getattr(base, "_cpt_kernels", []), layers=plan_layers,
                   dynamo=dynamo, offload_embedding_state=cfg.train.offload_embedding_state)
     from cpt.optim import master_weight
@@ -349,6 +353,8 @@ def _phase_timings(args, trainer, bundle) -> dict:
     lands): `--phase-steps` of them without the profiler, then one under it (`--profile`)."""
     import torch
 
+    from cpt.kernels.compile import mark_step
+
     model, opt, loss_fn = trainer.model, trainer.optimizer, bundle.loss_fn
     ids = torch.randint(0, TOKEN_HIGH, (args.batch, args.seq), device="cuda")
     batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(args.seq, device="cuda").repeat(args.batch, 1)}
@@ -360,6 +366,7 @@ def _phase_timings(args, trainer, bundle) -> dict:
         ev = {k: torch.cuda.Event(enable_timing=True) for k in ("start", "forward", "backward", "side", "step")}
         cpu = {}
         t0 = time.perf_counter()
+        mark_step()
         ev["start"].record()
         loss = loss_fn(model, batch, ids.numel())
         cpu["forward"] = time.perf_counter() - t0
@@ -533,7 +540,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--offload-embedding-state", nargs="?", const=True, default=False, type=lambda v: v if v == "auto" else v == "true",
                    help="ours: train.offload_embedding_state (the flag alone: true; or auto)")
     p.add_argument("--systems", default=None, help="the bf16/nf4 rows run exactly these systems (comma list of baseline, "
-                   "ours, ours_eager, ours_offload) instead of baseline, ours and what --rows adds")
+                   "ours, ours_eager, ours_offload; a suffix _graphs / _nographs sets model.cuda_graphs true / false, e.g. ours_offload_nographs) instead of baseline, ours and what --rows adds")
+    p.add_argument("--cuda-graphs", nargs="?", const="true", default="auto", choices=["auto", "true", "false"],
+                   help="ours: model.cuda_graphs (the flag alone: true; systems named *_graphs set true, *_nographs false)")
     p.add_argument("--lora-addmm", action="store_true", help="ours: bf16 projections without the cpt::lora_linear op (experiment row)")
     p.add_argument("--embeddings-first", action="store_true", help="ours: embedding group first in the optimizer (experiment row)")
     p.add_argument("--time-limit", type=float, default=150.0, help="long-context worker: seconds for the ladder")
@@ -544,6 +553,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "budget (ours capped at the memory target: adapter.recompute_budget_gib from the baseline's peak, offload auto), order (experiment), "
                    "eager (ours with model.compile=false beside ours in the bf16/nf4 rows), nf4compile (experiment: nf4 with model.compile=true)")
     p.add_argument("--runs", type=int, default=1, help="repeat the bf16/nf4 pairs; the second run goes in reverse order")
+    p.add_argument("--append", action="store_true", help="keep the rows of OUT/gpu_throughput.json that this call does not run")
     p.add_argument("--profile-rows", action="store_true", help="profile one step of the bf16 baseline and ours rows")
     args = p.parse_args(argv)
 
@@ -583,6 +593,13 @@ def drive(args) -> int:
                                                    "count": "6*N_frozen + 8*N_lora + 6*N_lm_head + 6*L*d*seq (causal attention), "
                                                             "minus 2*N per layer that keeps its activations (no recompute)"},
                                "peak_tflops": PEAK_TFLOPS, "anchor": ANCHOR, "targets": TARGETS}
+    if args.append and (out / "gpu_throughput.json").is_file():
+        # Rows of an earlier call on the same kind of machine (one call may run 10 minutes at most):
+        # kept unless this call runs them again; both commands are listed.
+        earlier = json.loads((out / "gpu_throughput.json").read_text())
+        commands = earlier.get("commands") or [earlier["command"]]
+        results = {**{k: v for k, v in earlier.items() if k not in ("commands", "wall_s")}, **results,
+                   "commands": [*commands, results["command"]]}
     try:
         import importlib.metadata as md
         results["versions"] = {k: md.version(k) for k in ("transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel")}
@@ -599,22 +616,25 @@ def drive(args) -> int:
         budget = None  # ours_budget: the memory target as a cap, from this run's baseline peak
         for run in range(args.runs):
             order = systems if run % 2 == 0 else systems[::-1]
-            if "ours_budget" in order and "baseline" in order:  # the cap needs the baseline's peak first
+            if any(_base(x) == "ours_budget" for x in order) and "baseline" in order:  # the cap needs the baseline's peak first
                 order = ["baseline"] + [x for x in order if x != "baseline"] if budget is None else order
             for system in order:
                 prof = ["--profile", str(logs / f"profile_{system}_{mode}.txt")] if args.profile_rows and run == 0 and mode == "bf16" else []
                 if (prof or args.phase_steps) and system != "baseline":
                     prof += ["--phase-steps", str(args.phase_steps or 5)]
-                if system == "ours_budget":
+                if _base(system) == "ours_budget":
                     if budget is None:
                         if not runs.get("baseline"):
                             continue
                         # A little under the target: the cap applies to cpt plan's estimate.
                         budget = round(TARGETS[mode]["memory_ratio"] * runs["baseline"][0]["peak_gib"] - BUDGET_MARGIN_GIB, 2)
+                base_system = _base(system)
                 worker = {"ours_eager": ["--worker", "ours", "--compile", "false"],
                           "ours_offload": ["--worker", "ours", "--offload-embedding-state"],
                           "ours_budget": ["--worker", "ours", "--offload-embedding-state", "auto",
-                                          "--recompute-budget", str(budget)]}.get(system, ["--worker", system])
+                                          "--recompute-budget", str(budget)]}.get(base_system, ["--worker", base_system])
+                if system != base_system:
+                    worker = [*worker, "--cuda-graphs", "false" if system.endswith("_nographs") else "true"]
                 r = _run_worker([*worker, "--mode", mode, *common, *prof], logs, f"{system}_{mode}_run{run + 1}", 900)
                 if r:
                     runs[system].append(r)
@@ -631,19 +651,19 @@ def drive(args) -> int:
                              "embedding_changed": rs[0].get("embedding_changed"), "loss_first_last": [rs[0]["losses"][0], rs[0]["losses"][-1]],
                              **({"kernels": rs[0].get("kernels"), "setup_s": rs[0].get("setup_s"), "dynamo": rs[0].get("dynamo")}
                                 if system != "baseline" else {})}
-            if system == "ours_budget":
+            if _base(system) == "ours_budget":
                 entry[system].update(budget_gib=budget, layers=rs[0].get("layers"),
                                      offload_embedding_state=rs[0].get("offload_embedding_state"),
                                      mfu=tps * flops_per_token(SEQ, 32 - rs[0]["layers"]["keep"]) / (PEAK_TFLOPS * 1e12))
             entry[system]["plan"] = _plan_estimate(model_dir, mode, SEQ, MICRO_BATCH, system="baseline" if system == "baseline" else "ours",
-                                                   offload_embedding_state={"ours_offload": True, "ours_budget": "auto"}.get(system, False),
-                                                   recompute_budget=budget if system == "ours_budget" else None)
+                                                   offload_embedding_state={"ours_offload": True, "ours_budget": "auto"}.get(_base(system), False),
+                                                   recompute_budget=budget if _base(system) == "ours_budget" else None)
         if entry.get("ours") and entry.get("baseline"):
             entry["speedup"] = entry["ours"]["tokens_per_s"] / entry["baseline"]["tokens_per_s"]
             entry["memory_ratio"] = entry["ours"]["peak_gib"] / entry["baseline"]["peak_gib"]
             entry["target_met"] = {"speedup": entry["speedup"] >= TARGETS[mode]["speedup"],
                                    "memory_ratio": entry["memory_ratio"] <= TARGETS[mode]["memory_ratio"]}
-        for other in ("ours_eager", "ours_offload", "ours_budget"):
+        for other in [k for k in runs if k not in ("baseline", "ours")]:
             if entry.get(other) and entry.get("baseline"):
                 entry[other]["speedup"] = entry[other]["tokens_per_s"] / entry["baseline"]["tokens_per_s"]
                 entry[other]["memory_ratio"] = entry[other]["peak_gib"] / entry["baseline"]["peak_gib"]
@@ -653,7 +673,8 @@ def drive(args) -> int:
         results[mode] = entry
         _write(results, out)
     if "memory" in rows:
-        r = _run_worker(["--worker", "ours", "--mode", "bf16", "--recompute-budget", "auto", *common], logs, "ours_bf16_memory_aware", 900)
+        graphs = ["--cuda-graphs", args.cuda_graphs]
+        r = _run_worker(["--worker", "ours", "--mode", "bf16", "--recompute-budget", "auto", *graphs, *common], logs, "ours_bf16_memory_aware", 900)
         if r:
             keep = r["layers"]["keep"]
             r["mfu"] = r["tokens_per_s"] * flops_per_token(SEQ, 32 - keep) / (PEAK_TFLOPS * 1e12)
@@ -695,6 +716,19 @@ def drive(args) -> int:
     return 0
 
 
+def _base(system: str) -> str:
+    """The system a row runs, without the suffix _graphs / _nographs (model.cuda_graphs true / false)."""
+    return system.removesuffix("_nographs").removesuffix("_graphs")
+
+
+def _graphs_label(row: dict) -> str:
+    """What the row's own kernel list says about CUDA graphs (rows of ours only)."""
+    compiled = [k for k in row.get("kernels") or [] if k.startswith("decoder layers compiled")]
+    if not compiled:
+        return ""
+    return ", CUDA graphs" if "CUDA graphs" in compiled[0] else ", without CUDA graphs"
+
+
 def _fmt(x: Optional[float], spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
@@ -702,8 +736,10 @@ def _fmt(x: Optional[float], spec: str) -> str:
 def _write(results: dict, out: Path) -> None:
     (out / "gpu_throughput.json").write_text(json.dumps(results, indent=1))
     lines = ["# GPU throughput: cpt vs transformers + peft (Llama-3.1-8B shape, micro-batch 2 x 2048)", "",
-             f"Command: `{results['command']}`  ", f"Device: {results['device']}, torch {results['torch']}, "
-             f"{results.get('versions')}", "",
+             *([f"Commands (rows from {len(results['commands'])} device calls, each row's systems in one call): "
+                + "; ".join(f"`{c}`" for c in results["commands"]) + "  "] if results.get("commands")
+               else [f"Command: `{results['command']}`  "]), f"Device: {results['device']}, torch {results['torch']}, "
+             f"{results.get('versions')}", "", *([results["note"], ""] if results.get("note") else []),
              f"FLOPs per token for MFU: {results['flops_per_token']['with_recompute'] / 1e9:.2f} G with full recompute "
              f"({results['flops_per_token']['count']}); MFU against {PEAK_TFLOPS:.0f} TFLOP/s.", "",
              "| mode | system | tokens/s | step ms min-max | peak GiB | speedup | memory ratio | MFU | plan: tokens/s | plan: peak GiB | lm_head changed | embed rows changed |",
@@ -712,14 +748,16 @@ def _write(results: dict, out: Path) -> None:
         e = results.get(mode)
         if not e:
             continue
-        for system in [k for k in ("baseline", "ours", "ours_eager", "ours_offload", "ours_budget") if k in e]:
+        for system in [k for k in e if k == "baseline" or k.startswith("ours")]:
             s = e.get(system)
             label = {"ours_eager": "ours, eager (model.compile=false)",
-                     "ours_offload": "ours, embedding states in host memory (train.offload_embedding_state)"}.get(system, system)
-            if system == "ours_budget" and s:
+                     "ours_offload": "ours, embedding states in host memory (train.offload_embedding_state)"}.get(_base(system), _base(system))
+            if _base(system) == "ours_budget" and s:
                 label = (f"ours, capped at the memory target (adapter.recompute_budget_gib={s['budget_gib']}): embedding states "
                          f"{'in host memory' if s.get('offload_embedding_state') else 'on the GPU'}, "
                          f"{(s.get('layers') or {}).get('keep', '?')} of 32 layers keep activations")
+            if s and system != "baseline":
+                label += _graphs_label(s)
             if not s:
                 lines.append(f"| {mode} | {label} | failed | | | | | | | | | |")
                 continue
@@ -733,7 +771,7 @@ def _write(results: dict, out: Path) -> None:
                          f"{100 * ch.get('embed_tokens_seen_rows', float('nan')):.2f}% |")
     m = results.get("bf16_memory_aware")
     if m:
-        lines.append(f"| bf16 | ours, memory-aware ({m['layers']['keep']} of 32 layers keep activations) | {m['tokens_per_s']:,.0f} | "
+        lines.append(f"| bf16 | ours, memory-aware ({m['layers']['keep']} of 32 layers keep activations){_graphs_label(m)} | {m['tokens_per_s']:,.0f} | "
                      f"{1000 * m['step_s_min']:.0f}-{1000 * m['step_s_max']:.0f} | {m['peak_gib']:.1f} | {_fmt(m.get('speedup'), '.2f')}x | {_fmt(m.get('memory_ratio'), '.2f')}x | "
                      f"{100 * m['mfu']:.1f}% | {m['plan']['tokens_per_s']:,.0f} | {m['plan']['peak_gib']:.1f} | | |")
     for key, mode, label in (("nf4_experiment_compiled", "nf4", "experiment: ours with model.compile=true"),
@@ -755,10 +793,12 @@ def _write(results: dict, out: Path) -> None:
         e = results.get(mode) or {}
         if "target_met" in e:
             tm = e["target_met"]
-            lines.append(f"- {mode}: speedup {e['speedup']:.2f}x ({'met' if tm['speedup'] else 'NOT met'}), "
+            lines.append(f"- {mode}, ours{_graphs_label(e.get('ours') or {})}: speedup {e['speedup']:.2f}x ({'met' if tm['speedup'] else 'NOT met'}), "
                          f"memory {e['memory_ratio']:.2f}x ({'met' if tm['memory_ratio'] else 'NOT met'})")
-        for key, what in (("ours_offload", "embedding states in host memory"), ("ours_budget", "capped at the memory target")):
+        for key in [k for k in e if k.startswith("ours_")]:
             o = e.get(key) or {}
+            what = {"ours_offload": "embedding states in host memory", "ours_budget": "capped at the memory target",
+                    "ours_eager": "eager"}.get(_base(key), _base(key)) + _graphs_label(o)
             if "target_met" in o:
                 tm = o["target_met"]
                 lines.append(f"- {mode}, {what}: speedup {o['speedup']:.2f}x ({'met' if tm['speedup'] else 'NOT met'}), "

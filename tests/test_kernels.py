@@ -774,3 +774,15 @@ def test_compiled_recompute_marks_every_op_must_recompute(monkeypatch):
     seen.clear()
     compiled._layer_step(layer, False, torch.randn(2, 4))
     assert not seen  # a layer that keeps its activations is not checkpointed at all
+
+
+def test_use_cuda_graphs_resolution(monkeypatch):
+    from cpt.kernels import use_cuda_graphs
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert use_cuda_graphs("auto", cuda) and not use_cuda_graphs("auto", cpu)
+    assert not use_cuda_graphs("auto", cuda, fsdp=True)
+    assert use_cuda_graphs(True, cpu) and use_cuda_graphs("true", cuda) and not use_cuda_graphs("false", cuda)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # several processes (DDP): not measured, so auto stays off
+    assert not use_cuda_graphs("auto", cuda) and use_cuda_graphs(True, cuda)

@@ -147,3 +147,40 @@ def test_moving_a_batch_does_not_wait_for_the_gpu():
     waited = time.perf_counter() - t0
     assert waited < 0.2, waited
     assert torch.equal(moved.cpu(), ids)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_cuda_graphs_train_as_the_compiled_layers_do(tiny_model_dir, corpus_dir, tmp_path, accumulation):
+    """model.cuda_graphs replays the compiled layers as CUDA graphs: the same losses and weights as
+    without, with recomputation, and with gradient accumulation (a graph's output buffer kept as a
+    first .grad would be overwritten by the next micro-batch's replay)."""
+    from cpt.kernels.compile import graphs_recorded
+
+    results = []
+    for graphs in (False, True):
+        out = tmp_path / f"g{int(graphs)}"
+        cfg = load_config(None, _overrides(tiny_model_dir, corpus_dir, out, "train.max_steps=6", "output.logging_steps=1",
+                                           "output.save_steps=0", "data.shuffle=false", "train.max_grad_norm=0",
+                                           "adapter.use_gradient_checkpointing=true", "model.compile=true",
+                                           f"train.gradient_accumulation_steps={accumulation}",
+                                           f"model.cuda_graphs={str(graphs).lower()}"))
+        run_training(cfg)
+        if graphs:  # 2 layers x (forward, backward), recorded in the second micro-batch
+            assert graphs_recorded(torch.cuda.current_device()) >= 4
+        results.append(([r["loss"] for r in _metrics(out)], load_file(str(out / "adapter_model.safetensors"))))
+    (loss_a, w_a), (loss_b, w_b) = results
+    assert loss_b == pytest.approx(loss_a, rel=1e-3)
+    for k in w_a:
+        assert torch.allclose(w_a[k].float(), w_b[k].float(), atol=1e-5, rtol=1e-3), k
+    assert any(not torch.equal(w_a[k], torch.zeros_like(w_a[k])) for k in w_a if "lora_B" in k)
+
+
+def test_cuda_graphs_need_compiled_layers():
+    from cpt.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.cuda_graphs"):
+        load_config(None, ["model.cuda_graphs=true", "model.compile=false"])
+    with pytest.raises(ConfigError, match="model.cuda_graphs"):
+        load_config(None, ["model.cuda_graphs=sometimes"])
+    assert load_config(None, ["model.compile=false"]).model.cuda_graphs == "auto"  # auto: off where nothing compiles

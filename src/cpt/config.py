@@ -51,7 +51,8 @@ class ModelConfig:
     trust_remote_code: bool = _f(False, "Run model code shipped with a Hub repository. Off unless you trust its author.")
     attn_implementation: Optional[str] = _f("sdpa", "Attention backend passed to transformers: sdpa, eager, flash_attention_2. None lets transformers choose.")
     kernels: Literal["auto", "none", "liger", "cpt"] = _f("auto", "Fused GPU kernels. auto: the fastest available on this device; none: plain PyTorch.")
-    compile: Union[bool, str] = _f("auto", "torch.compile each decoder layer's training step (forward, recompute and backward as generated graphs: far fewer kernel launches and Python calls per step). auto: on for CUDA, off on CPU, with model.kernels=liger, with train.fsdp and with load_in_4bit (there it measured faster but held 9 GiB more on an 8B model). The first step pays the compilation (tens of seconds); evaluation and generation run the plain layers. If the compiler fails, a warning says why and training goes on uncompiled.")
+    compile: Union[bool, str] = _f("auto", "torch.compile each decoder layer's training step (forward, recompute and backward as generated graphs: far fewer kernel launches and Python calls per step). auto: on for CUDA (4-bit bases included), off on CPU, with model.kernels=liger and with train.fsdp. The first step pays the compilation (tens of seconds); evaluation and generation run the plain layers. If the compiler fails, a warning says why and training goes on uncompiled.")
+    cuda_graphs: Union[bool, str] = _f("auto", "Replay each compiled decoder layer's forward and backward pass as a CUDA graph (torch.compile mode reduce-overhead): the host launches one graph per layer and pass instead of ~80 kernels (8B on an H200: +1-2% tokens/s in bf16, +4% in 4-bit, same memory). Recorded in the second step, once per sequence shape. auto: on for compiled layers on one CUDA GPU, off under DDP/FSDP (not measured there). Gradient accumulation is handled.")
 
 
 @dataclass
@@ -413,6 +414,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"adapter.use_gradient_checkpointing: {a.use_gradient_checkpointing!r} is not true, false or 'offload'")
     if isinstance(m.compile, str) and m.compile not in ("auto", "true", "false"):
         raise ConfigError(f"model.compile: {m.compile!r} is not auto, true or false")
+    if isinstance(m.cuda_graphs, str) and m.cuda_graphs not in ("auto", "true", "false"):
+        raise ConfigError(f"model.cuda_graphs: {m.cuda_graphs!r} is not auto, true or false")
+    if m.cuda_graphs in (True, "true") and m.compile in (False, "false"):
+        raise ConfigError("model.cuda_graphs replays the compiled layers as CUDA graphs: it needs model.compile auto or true")
     if m.load_in_4bit and a.method == "full":
         raise ConfigError("model.load_in_4bit cannot be combined with adapter.method=full: 4-bit weights cannot be trained; use method: lora")
     if t.embedding_learning_rate is not None and not cfg.trains_embeddings:

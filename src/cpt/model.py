@@ -312,7 +312,7 @@ class ModelBundle:
 def build_model(cfg: Config, device: torch.device | None = None, model: nn.Module | None = None,
                 tokenizer: Any = None) -> ModelBundle:
     """Load (or take) the model and tokenizer, check limits, add adapters, pick kernels, make groups."""
-    from cpt.kernels import apply_kernels, use_compile
+    from cpt.kernels import apply_kernels, use_compile, use_cuda_graphs
 
     device = device or default_device()
     check_device(cfg, device)
@@ -339,7 +339,8 @@ def build_model(cfg: Config, device: torch.device | None = None, model: nn.Modul
     apply_memory_plan(model, cfg, device)  # adapter.recompute_budget_gib: keep activations where they fit
     # Last: compiled layers take the recompute choice the memory plan made.
     loss_fn = apply_kernels(model, cfg.model.kernels, device,
-                            compile=use_compile(cfg.model.compile, cfg.model.kernels, device, cfg.train.fsdp, cfg.model.load_in_4bit))
+                            compile=use_compile(cfg.model.compile, cfg.model.kernels, device, cfg.train.fsdp, cfg.model.load_in_4bit),
+                            cuda_graphs=use_cuda_graphs(cfg.model.cuda_graphs, device, cfg.train.fsdp))
     bundle = ModelBundle(model=model, tokenizer=tokenizer, loss_fn=loss_fn, device=device, dtype=dtype)
     bundle.groups = param_groups(model, cfg)
     if cfg.trains_embeddings and not any(g["name"] == GROUP_EMBEDDINGS for g in bundle.groups):

@@ -28,6 +28,7 @@ from cpt.config import Config, ConfigError, OutputConfig
 from cpt.distributed import Parallel, build_accelerator, plain
 from cpt.model import ModelBundle, sparse_gradients
 from cpt.host_state import to_device
+from cpt.kernels.compile import mark_step, own_gradients
 from cpt.optim import build_optimizer, build_scheduler, clip_grad_norm_
 
 log = logging.getLogger("cpt")
@@ -337,6 +338,7 @@ class Trainer:
                 n_items = int(acc.reduce(torch.tensor(n_local, device=acc.device), "sum")) if self.world > 1 else n_local
                 step_loss = torch.zeros((), device=acc.device)
                 for i, b in enumerate(micro):
+                    mark_step()  # model.cuda_graphs: the previous pass's graph outputs are free to reuse
                     b = {k: to_device(v, acc.device) for k, v in b.items()}
                     sync = i == len(micro) - 1
                     with (acc.no_sync(model) if not sync and self.world > 1 else _null()):
@@ -347,6 +349,8 @@ class Trainer:
                             # the backward pass (cpt.host_state).
                             early(torch.cat([m["input_ids"].reshape(-1) for m in micro]), t.max_grad_norm > 0)
                         acc.backward(loss)
+                        if i == 0 and not sync:
+                            own_gradients(model.parameters())  # model.cuda_graphs: out of the graphs' memory
                     step_loss += loss.detach() / self.world
                 max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
                 # Row-sparse embedding gradients (one process only) need their rows summed before the norm.

@@ -35,7 +35,7 @@ LossFn = Callable[[torch.nn.Module, dict, int], torch.Tensor]
 
 __all__ = ["LossFn", "plain_causal_lm_loss", "apply_kernels", "fused_linear_cross_entropy", "shift_labels",
            "set_recompute", "decoder_layers", "output_head", "liger_available", "enable_activation_offload", "offload_frozen_originals",
-           "skip_lora_input_upcast", "fuse_lora_projections", "compile_decoder_layers", "use_compile", "MODES"]
+           "skip_lora_input_upcast", "fuse_lora_projections", "compile_decoder_layers", "use_compile", "use_cuda_graphs", "MODES"]
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "none", "cpt", "liger")
@@ -238,6 +238,18 @@ def use_compile(setting: bool | str, mode: str, device: torch.device, fsdp: bool
     return torch.device(device).type == "cuda" and mode != "liger" and not fsdp
 
 
+def use_cuda_graphs(setting: bool | str, device: torch.device, fsdp: bool = False) -> bool:
+    """Resolve config `model.cuda_graphs` (it applies only where the layers compile). auto: on for one
+    CUDA process; off under FSDP or several processes (DDP), where it has not been measured."""
+    if setting in (True, "true"):
+        return True
+    if setting in (False, "false"):
+        return False
+    from cpt.distributed import launched_world_size
+
+    return torch.device(device).type == "cuda" and not fsdp and launched_world_size() == 1
+
+
 def _layers_or_none(model: torch.nn.Module) -> list:
     try:
         return list(decoder_layers(model))
@@ -245,13 +257,15 @@ def _layers_or_none(model: torch.nn.Module) -> list:
         return []
 
 
-def apply_kernels(model: torch.nn.Module, mode: str, device: torch.device, compile: bool = False) -> LossFn:
+def apply_kernels(model: torch.nn.Module, mode: str, device: torch.device, compile: bool = False,
+                  cuda_graphs: bool = False) -> LossFn:
     """Patch `model` (a transformers causal LM, possibly peft-wrapped) for `mode` on `device` and
     return the loss function the loop calls. Calling it again re-chooses the loss path (`mode="none"`
     restores the plain loss; liger's RMSNorm/SwiGLU/RoPE, once applied on CUDA, stay).
 
     `compile` compiles every decoder layer last, reading the recompute choice each layer has
-    then (so model setup sets the memory plan first).
+    then (so model setup sets the memory plan first); with `cuda_graphs` (CUDA only) they replay as
+    CUDA graphs.
 
     The patched model still goes through its own `__call__` (so accelerate / DDP wrappers keep
     their hooks): only the causal LM's forward changes, and only while training with labels.
@@ -288,9 +302,10 @@ def apply_kernels(model: torch.nn.Module, mode: str, device: torch.device, compi
         if device.type == "cuda" and offload_frozen_originals(model):
             applied.append("frozen embedding originals in host memory")
     if compile:
-        layers = compile_decoder_layers(model)
+        graphs = cuda_graphs and device.type == "cuda"
+        layers = compile_decoder_layers(model, cuda_graphs=graphs)
         applied.append(f"decoder layers compiled ({layers['compiled']} of {layers['compiled'] + layers['eager']}, "
-                       f"{layers['recompute']} recompute inside the graph)")
+                       f"{layers['recompute']} recompute inside the graph{', replayed as CUDA graphs' if graphs else ''})")
     causal_lm._cpt_kernels = applied
     log.info("kernels: %s", ", ".join(applied) or "plain PyTorch")
     return plain_causal_lm_loss

@@ -17,6 +17,13 @@ checkpoint wrapper is switched off for that layer, never both). Layers whose inp
 to host memory (kernels/recompute.py) stay eager. If the compiler fails (no C compiler or Triton
 on the machine, an op it cannot handle), a warning says why and the layers train uncompiled.
 
+With model.cuda_graphs (on by default for one CUDA GPU) the compiled passes replay as CUDA graphs
+(torch.compile's reduce-overhead mode): one recording per layer and pass, made in the second step,
+then one launch per layer and pass instead of ~80. On an 8B step that gave +1% (bf16, where the GPU
+was already never waiting) to +4% (4-bit, whose bitsandbytes ops cost more host time); bench/NOTES.md,
+session 7. The loop marks each micro-batch's start (`mark_step`) and, under gradient accumulation,
+takes the first micro-batch's gradients out of the graphs' memory (`own_gradients`).
+
     python -m pytest tests/test_kernels.py -q -k compile
 """
 from __future__ import annotations
@@ -58,18 +65,62 @@ def _recompute_everything() -> tuple:
 
 _COMPILED: dict[Any, Callable] = {}
 _FAILED: dict[Any, str] = {}  # backend -> why compiling failed in this process (then nothing more is compiled)
+GRAPHS = "reduce-overhead"  # torch.compile's mode that replays each compiled pass as a CUDA graph
 
 
-def _compiled_step(backend: str) -> Callable:
+def _compiled_step(backend: str, mode: Optional[str] = None) -> Callable:
     # One compiled function per backend for the whole process: every layer of every model goes
     # through the same code object, so dynamo's cache holds one graph per distinct layer shape.
-    if backend not in _COMPILED:
-        _COMPILED[backend] = torch.compile(_layer_step, backend=backend)
-    return _COMPILED[backend]
+    if (backend, mode) not in _COMPILED:
+        _COMPILED[(backend, mode)] = torch.compile(_layer_step, backend=backend, mode=mode)
+    return _COMPILED[(backend, mode)]
 
 
-def _compiled_forward(layer: torch.nn.Module, recompute: bool, backend: str) -> Callable:
-    step = _compiled_step(backend)
+def graphs_in_use() -> bool:
+    """Whether some layers were compiled to replay as CUDA graphs (model.cuda_graphs) in this process."""
+    return any(mode == GRAPHS for _, mode in _COMPILED)
+
+
+def mark_step() -> None:
+    """Tell CUDA-graph replay that a new forward pass begins: every output of the previous pass's
+    graphs may be overwritten from here on. The loop calls it before each micro-batch."""
+    if graphs_in_use():
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def graphs_recorded(device_index: int = 0) -> int:
+    """How many CUDA graphs torch.compile has recorded on this device (one per layer and pass once the
+    second step ran): 0 when replay never started, e.g. because inductor skipped it (it logs why)."""
+    try:
+        from torch._inductor import cudagraph_trees
+
+        manager = cudagraph_trees.get_manager(device_index, create_if_none_exists=False)
+    except Exception:  # noqa: BLE001 - no CUDA, or an inductor without CUDA-graph trees
+        return 0
+    if manager is None or manager.roots is None:
+        return 0
+    n, todo = 0, [node for nodes in manager.roots.values() for node in nodes]
+    while todo:
+        node = todo.pop()
+        n += 1
+        todo.extend(child for children in node.children.values() for child in children)
+    return n
+
+
+def own_gradients(params) -> None:
+    """After a micro-batch that is not the step's last: move every gradient out of the graphs' memory.
+    A first gradient is the backward graph's own output buffer (autograd keeps it as .grad without a
+    copy), and the next micro-batch's replay writes that buffer again: accumulating into it would
+    silently double-count (pytorch/pytorch#169545). A copy is made once per step; later micro-batches
+    add into it in place."""
+    if graphs_in_use():
+        for p in params:
+            if p.grad is not None and not p.grad.is_sparse:
+                p.grad = p.grad.clone()
+
+
+def _compiled_forward(layer: torch.nn.Module, recompute: bool, backend: str, mode: Optional[str] = None) -> Callable:
+    step = _compiled_step(backend, mode)
     plain = layer.forward
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
@@ -93,10 +144,13 @@ def _compiled_forward(layer: torch.nn.Module, recompute: bool, backend: str) -> 
     return types.MethodType(forward, layer)
 
 
-def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor") -> dict:
+def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor", cuda_graphs: bool = False) -> dict:
     """Compile every decoder layer's training forward (and so its backward). Reads each layer's
     recompute choice as model setup left it (set_recompute / gradient checkpointing), so call it
-    last. Returns {"compiled": n, "recompute": n, "eager": n} (eager: offloaded layers)."""
+    last. `cuda_graphs`: each layer's forward and backward replay as CUDA graphs (one recording per
+    layer and pass, made in the second step), so the host launches one graph instead of ~80 kernels
+    per layer and pass. Returns {"compiled": n, "recompute": n, "eager": n} (eager: offloaded layers)."""
+    mode = GRAPHS if cuda_graphs and backend == "inductor" else None
     summary = {"compiled": 0, "recompute": 0, "eager": 0}
     for layer in decoder_layers(model):
         if getattr(layer, "_cpt_compiled", None) is not None:
@@ -107,7 +161,7 @@ def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor") ->
         recompute = bool(getattr(layer, "gradient_checkpointing", False))
         layer._cpt_compiled = {"recompute": recompute, "forward": layer.__dict__.get("forward")}
         layer.gradient_checkpointing = False
-        layer.forward = _compiled_forward(layer, recompute, backend)
+        layer.forward = _compiled_forward(layer, recompute, backend, mode)
         summary["compiled"] += 1
         summary["recompute"] += int(recompute)
     return summary
