@@ -229,12 +229,12 @@ def _result(args, times: list[float], losses: list[float], **extra) -> dict:
 
 def ours_config(model_dir: Path, mode: str, seq: int, batch: int, steps: int, recompute_budget: Optional[str] = None,
                 checkpointing: Any = True, compile: str = "auto", offload_embedding_state: Any = False,
-                cuda_graphs: Any = "auto"):
+                cuda_graphs: Any = None):
     from cpt.config import config_from_dict
     raw = {
         "model": {"name_or_path": str(model_dir), "max_seq_length": seq, "dtype": "bfloat16",
                   "load_in_4bit": mode == "nf4", "attn_implementation": "sdpa", "kernels": "auto",
-                  "compile": compile, "cuda_graphs": cuda_graphs},
+                  "compile": compile, **({} if cuda_graphs is None else {"cuda_graphs": cuda_graphs})},
         "adapter": {"r": R, "lora_alpha": ALPHA, "lora_dropout": 0.0, "use_rslora": True,
                     "target_modules": LORA_TARGETS + ["embed_tokens", "lm_head"],
                     "use_gradient_checkpointing": checkpointing, "embedding_master_dtype": "float32"},
@@ -541,8 +541,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="ours: train.offload_embedding_state (the flag alone: true; or auto)")
     p.add_argument("--systems", default=None, help="the bf16/nf4 rows run exactly these systems (comma list of baseline, "
                    "ours, ours_eager, ours_offload; a suffix _graphs / _nographs sets model.cuda_graphs true / false, e.g. ours_offload_nographs) instead of baseline, ours and what --rows adds")
-    p.add_argument("--cuda-graphs", nargs="?", const="true", default="auto", choices=["auto", "true", "false"],
-                   help="ours: model.cuda_graphs (the flag alone: true; systems named *_graphs set true, *_nographs false)")
+    p.add_argument("--cuda-graphs", nargs="?", const="true", default=None, choices=["auto", "true", "false"],
+                   help="ours: model.cuda_graphs (default: the config's default; the flag alone: true; systems named *_graphs set true, *_nographs false)")
     p.add_argument("--lora-addmm", action="store_true", help="ours: bf16 projections without the cpt::lora_linear op (experiment row)")
     p.add_argument("--embeddings-first", action="store_true", help="ours: embedding group first in the optimizer (experiment row)")
     p.add_argument("--time-limit", type=float, default=150.0, help="long-context worker: seconds for the ladder")
@@ -673,7 +673,7 @@ def drive(args) -> int:
         results[mode] = entry
         _write(results, out)
     if "memory" in rows:
-        graphs = ["--cuda-graphs", args.cuda_graphs]
+        graphs = ["--cuda-graphs", args.cuda_graphs] if args.cuda_graphs else []
         r = _run_worker(["--worker", "ours", "--mode", "bf16", "--recompute-budget", "auto", *graphs, *common], logs, "ours_bf16_memory_aware", 900)
         if r:
             keep = r["layers"]["keep"]

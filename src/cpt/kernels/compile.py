@@ -17,7 +17,7 @@ checkpoint wrapper is switched off for that layer, never both). Layers whose inp
 to host memory (kernels/recompute.py) stay eager. If the compiler fails (no C compiler or Triton
 on the machine, an op it cannot handle), a warning says why and the layers train uncompiled.
 
-With model.cuda_graphs (on by default for one CUDA GPU) the compiled passes replay as CUDA graphs
+With model.cuda_graphs (off by default until the CLI smoke test has passed with it) the compiled passes replay as CUDA graphs
 (torch.compile's reduce-overhead mode): one recording per layer and pass, made in the second step,
 then one launch per layer and pass instead of ~80. On an 8B step that gave +1% (bf16, where the GPU
 was already never waiting) to +4% (4-bit, whose bitsandbytes ops cost more host time); bench/NOTES.md,
@@ -111,11 +111,12 @@ def own_gradients(params) -> None:
     """After a micro-batch that is not the step's last: move every gradient out of the graphs' memory.
     A first gradient is the backward graph's own output buffer (autograd keeps it as .grad without a
     copy), and the next micro-batch's replay writes that buffer again: accumulating into it would
-    silently double-count (pytorch/pytorch#169545). A copy is made once per step; later micro-batches
-    add into it in place."""
+    silently double-count (pytorch/pytorch#169545). The same holds for embed_tokens' row-sparse
+    gradient, whose values are a view of the first layer's input gradient (a graph output). A copy is
+    made once per step; later micro-batches add into it."""
     if graphs_in_use():
         for p in params:
-            if p.grad is not None and not p.grad.is_sparse:
+            if p.grad is not None:
                 p.grad = p.grad.clone()
 
 
