@@ -207,14 +207,22 @@ def _plot_grad_norm(run: RunFiles) -> Figure | None:
     return _finish(fig, ax)
 
 
-def _plot_throughput(run: RunFiles) -> Figure | None:
-    xs, ys = _series(run.metrics, "tokens_per_s")
+def _plot_metric(run: RunFiles, key: str, title: str, ylabel: str, color: str, headroom: float | None = None) -> Figure | None:
+    """One logged metric over steps, from zero up (with `headroom`: to that multiple of its maximum)."""
+    xs, ys = _series(run.metrics, key)
     if not xs:
         return None
-    fig, ax = _figure("Throughput", "tokens / s")
-    ax.plot(xs, ys, color=COLORS[3], lw=1.2)
-    ax.set_ylim(bottom=0)
+    fig, ax = _figure(title, ylabel)
+    ax.plot(xs, ys, color=color, lw=1.2)
+    if headroom is None:
+        ax.set_ylim(bottom=0)
+    else:
+        ax.set_ylim(0, max(ys) * headroom or 1.0)
     return _finish(fig, ax)
+
+
+def _plot_throughput(run: RunFiles) -> Figure | None:
+    return _plot_metric(run, "tokens_per_s", "Throughput", "tokens / s", COLORS[3])
 
 
 def _plot_eval_bpb(run: RunFiles) -> Figure | None:
@@ -240,13 +248,7 @@ def _plot_eval_bpb(run: RunFiles) -> Figure | None:
 
 
 def _plot_memory(run: RunFiles) -> Figure | None:
-    xs, ys = _series(run.metrics, "memory_gib")
-    if not xs:
-        return None
-    fig, ax = _figure("Peak memory (GPU allocated, or process RSS on CPU)", "GiB")
-    ax.plot(xs, ys, color=COLORS[4], lw=1.2)
-    ax.set_ylim(0, max(ys) * 1.15 or 1.0)
-    return _finish(fig, ax)
+    return _plot_metric(run, "memory_gib", "Peak memory (GPU allocated, or process RSS on CPU)", "GiB", COLORS[4], headroom=1.15)
 
 
 PLOTS = [  # file stem, caption, builder; the order is the page's order
