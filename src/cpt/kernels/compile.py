@@ -17,7 +17,7 @@ checkpoint wrapper is switched off for that layer, never both). Layers whose inp
 to host memory (kernels/recompute.py) stay eager. If the compiler fails (no C compiler or Triton
 on the machine, an op it cannot handle), a warning says why and the layers train uncompiled.
 
-With model.cuda_graphs (off by default until the CLI smoke test has passed with it) the compiled passes replay as CUDA graphs
+With model.cuda_graphs (auto, the default: on for one CUDA GPU) the compiled passes replay as CUDA graphs
 (torch.compile's reduce-overhead mode): one recording per layer and pass, made in the second step,
 then one launch per layer and pass instead of ~80. On an 8B step that gave +1% (bf16, where the GPU
 was already never waiting) to +4% (4-bit, whose bitsandbytes ops cost more host time); bench/NOTES.md,
