@@ -543,7 +543,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "ours, ours_eager, ours_offload; a suffix _graphs / _nographs sets model.cuda_graphs true / false, e.g. ours_offload_nographs) instead of baseline, ours and what --rows adds")
     p.add_argument("--cuda-graphs", nargs="?", const="true", default=None, choices=["auto", "true", "false"],
                    help="ours: model.cuda_graphs (default: the config's default; the flag alone: true; systems named *_graphs set true, *_nographs false)")
-    p.add_argument("--lora-addmm", action="store_true", help="ours: bf16 projections without the cpt::lora_linear op (experiment row)")
+    p.add_argument("--lora-addmm", action="store_true", help="ours: projections without the cpt::lora_linear / lora_linear_4bit ops (experiment row)")
     p.add_argument("--embeddings-first", action="store_true", help="ours: embedding group first in the optimizer (experiment row)")
     p.add_argument("--time-limit", type=float, default=150.0, help="long-context worker: seconds for the ladder")
     p.add_argument("--model-dir", default="/tmp/cpt-bench/llama-3.1-8b-random")

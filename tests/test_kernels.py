@@ -495,6 +495,130 @@ def test_lora_over_a_biased_base_keeps_the_addmm_path():
         assert _rel(u, v) < 1e-6
 
 
+def _lora_over_4bit(dtype, nested=True, bias=False):
+    """peft LoRA (r=4, random A and B) over two bitsandbytes NF4 Linear4bit bases, quantized on the CPU."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+
+    def lin4(i, o):
+        lin = bnb.nn.Linear4bit(i, o, bias=bias, compute_dtype=dtype, compress_statistics=nested, quant_type="nf4",
+                                quant_storage=dtype)
+        lin.weight = bnb.nn.Params4bit(torch.randn(o, i, dtype=dtype) * 0.1, requires_grad=False, compress_statistics=nested,
+                                       quant_type="nf4", quant_storage=dtype)
+        return lin.to("cpu")  # quantizes
+
+    net = torch.nn.Sequential(lin4(128, 192), lin4(192, 64))
+    model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1"], init_lora_weights=False))
+    return model, [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_lora_linear_4bit_op_matches_peft(nested):
+    """QLoRA projections (bitsandbytes NF4 bases, double quantization or not) run cpt::lora_linear_4bit
+    and its backward op, with peft's output and gradients: float32 bases to float32 rounding, bf16
+    bases under autocast (float32 LoRA masters) within bf16 rounding. A biased 4-bit base keeps
+    peft's forward plus the addmm epilogue."""
+    from cpt.kernels import fuse_lora_projections
+
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
+        model, loras = _lora_over_4bit(dtype, nested)
+        g = torch.Generator().manual_seed(3)
+        data = [(torch.randn(3, 5, m.in_features, generator=g).to(dtype), torch.randn(3, 5, m.out_features, generator=g).to(dtype))
+                for m in loras]
+
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                return [_lora_step(m, x, gy) for m, (x, gy) in zip(loras, data)]
+
+        ref = run()
+        assert fuse_lora_projections(model) == 2
+        with _OpCalls() as seen:
+            got = run()
+        assert seen.calls == {"cpt.lora_linear_4bit.default": 2, "cpt.lora_linear_4bit_backward.default": 2}, dtype
+        for r, o in zip(ref, got):
+            assert o[0].dtype == r[0].dtype and o[1].dtype == r[1].dtype
+            for what, u, v in zip(("out", "x", "A", "B"), o, r):
+                assert _rel(u, v) < tol, (dtype, what, _rel(u, v))
+        # The quantized weight gets no gradient and is not replaced.
+        assert all(m.base_layer.weight.grad is None and m.base_layer.weight.dtype == dtype for m in loras)
+
+    model, loras = _lora_over_4bit(torch.float32, nested, bias=True)
+    x, gy = torch.randn(3, 5, 128), torch.randn(3, 5, 192)
+    ref = _lora_step(loras[0], x, gy)
+    fuse_lora_projections(model)
+    with _OpCalls() as seen:
+        got = _lora_step(loras[0], x, gy)
+    assert seen.calls == {}
+    assert all(_rel(u, v) < 1e-6 for u, v in zip(got, ref))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with bitsandbytes (run on the device)")
+def test_cuda_4bit_lora_op_matches_peft_eager_and_compiled(tiny_model_dir):
+    """A QLoRA model on the GPU (NF4, double quantization, bf16 compute, float32 LoRA): the 4-bit op
+    (eager, then in compiled layers of which one recomputes) gives peft's loss and gradients within
+    bf16 rounding."""
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    torch.manual_seed(0)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quant, dtype=torch.bfloat16,
+                                                 device_map={"": 0})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, use_rslora=True, init_lora_weights=False,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.train()
+    batch = {k: v.cuda() for k, v in _batch(model.config.vocab_size, seed=5, t=64).items()}
+    cuda = torch.device("cuda")
+
+    def run(loss_fn):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return _loss_and_grads(model, loss_fn, batch, 2 * 63 - 3)
+
+    loss_ref, grads_ref = run(apply_kernels(model, "none", cuda))
+    assert len(grads_ref) == 7 * 2 * model.config.num_hidden_layers
+    loss_fn = apply_kernels(model, "cpt", cuda)
+    with _OpCalls() as seen:
+        got = [run(loss_fn)]
+    assert seen.calls == {"cpt.lora_linear_4bit.default": 14, "cpt.lora_linear_4bit_backward.default": 14}
+    set_recompute(model, 1)
+    loss_fn = apply_kernels(model, "cpt", cuda, compile=True)
+    got += [run(loss_fn) for _ in range(2)]
+    for loss, grads in got:
+        assert abs(loss.item() - loss_ref.item()) < 1e-2 * loss_ref.item()
+        for n in grads_ref:
+            assert _rel(grads[n], grads_ref[n]) < 0.03, (n, _rel(grads[n], grads_ref[n]))
+
+
+def test_lora_linear_4bit_opcheck():
+    """torch.library's checks of both 4-bit ops (schema, autograd registration, fake tensors, AOT
+    dispatch), and the output against its definition over bitsandbytes' own dequantized weight."""
+    _, loras = _lora_over_4bit(torch.float32)
+    from cpt.kernels.lora import _4bit_args
+
+    m = loras[0]
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 128, generator=g, requires_grad=True)
+    args4 = _4bit_args(m.base_layer, x, torch.float32)
+    a = torch.randn(4, 128, generator=g, requires_grad=True)
+    b = torch.randn(192, 4, generator=g, requires_grad=True)
+    torch.library.opcheck(torch.ops.cpt.lora_linear_4bit.default, (x, *args4, a, b, 0.5))
+    gy = torch.randn(2, 3, 192, generator=g)
+    torch.library.opcheck(torch.ops.cpt.lora_linear_4bit_backward.default, (gy, x.detach(), *args4, a.detach(), b.detach(), 0.5))
+    import bitsandbytes.functional as bf
+
+    wd = bf.dequantize_4bit(m.base_layer.weight, m.base_layer.weight.quant_state)
+    out = torch.ops.cpt.lora_linear_4bit(x, *args4, a, b, 0.5)
+    assert _rel(out, x @ wd.t() + (x @ a.t()) @ b.t() * 0.5) < 1e-6
+
+
 def test_lora_linear_opcheck():
     """torch.library's own checks of both ops (schema, autograd registration, fake tensors, AOT
     dispatch with dynamic shapes), and a float64 gradcheck of the forward op's x, A and B gradients

@@ -291,7 +291,7 @@ def apply_kernels(model: torch.nn.Module, mode: str, device: torch.device, compi
         if _patch_loss(causal_lm, use_liger_loss=(mode == "liger")):
             applied.append("liger fused linear cross-entropy" if mode == "liger" else "cpt chunked linear cross-entropy")
         if fuse_lora_projections(model):
-            applied.append("LoRA update fused into the projection (cpt::lora_linear, or addmm for other bases)")
+            applied.append("LoRA update fused into the projection (cpt::lora_linear, lora_linear_4bit for 4-bit bases, or addmm for others)")
         # Under compile the generated kernels fuse norms, RoPE and SwiGLU themselves.
         if (device.type == "cuda" and liger_available() and _model_type(causal_lm) in FUSABLE_MODEL_TYPES
                 and (mode == "liger" or not compile)):

@@ -28,7 +28,14 @@ Under autocast the four inputs are cast to the autocast dtype before the op, out
 float32 LoRA weights get their gradients back through the casts as with autocast's own. Without
 autocast the op runs only when all four share a dtype.
 
-Every other base (bitsandbytes 4-bit and 8-bit, a Linear with bias) keeps the earlier fused
+4-bit bases (bitsandbytes `Linear4bit`, bias-free, computing in the autocast dtype) call
+`cpt::lora_linear_4bit`: the same two ops over the weight dequantized inside them (in the forward
+pass and again in backward, as bitsandbytes does; only the packed weight and its statistics are
+saved). At training batch sizes bitsandbytes itself dequantizes and runs a plain GEMM, so the
+result is its own; what goes is the copy of the base output and the separate sum of the input
+gradient's two terms.
+
+Every other base (bitsandbytes 8-bit, a Linear with bias) keeps the earlier fused
 path: the second LoRA matmul adds itself into the base output inside cuBLAS,
 `addmm(result, lora_A(x), B.T, alpha=scaling)`, reading the base output once and writing the sum
 once.
@@ -52,6 +59,10 @@ import torch.nn.functional as F
                          schema="(Tensor x, Tensor w, Tensor a, Tensor b, float scale) -> Tensor")
 def lora_linear(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """`x @ w.T + (x @ a.T) @ b.T * scale` for x (..., in), w (out, in), a (r, in), b (out, r)."""
+    return _forward(x, w, a, b, scale)
+
+
+def _forward(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     out = torch.mm(x2, w.t())
     out.addmm_(torch.mm(x2, a.t()), b.t(), alpha=scale)
@@ -68,6 +79,11 @@ def _lora_linear_fake(x, w, a, b, scale):
 def lora_linear_backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of lora_linear's output gradient `g` with respect to x, a and b."""
+    return _backward(g, x, w, a, b, scale)
+
+
+def _backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g2 = g.reshape(-1, g.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     # `scale` rides in the GEMMs' epilogue (beta=0: the empty buffer is never read): six launches,
@@ -100,6 +116,90 @@ def _lora_linear_grad(ctx, g):
 torch.library.register_autograd("cpt::lora_linear", _lora_linear_grad, setup_context=_lora_linear_setup_context)
 
 
+# 4-bit bases (bitsandbytes Linear4bit, QLoRA): the same op over a weight that is dequantized inside it.
+# bitsandbytes itself dequantizes and calls a plain GEMM at training batch sizes on Hopper
+# (its fused 4-bit kernel is for a few rows), so numerics are its own; what changes is that the LoRA
+# term lands in the output buffer in place and the input gradient's two terms in one buffer, with no
+# copies. The weight is dequantized in the forward pass and again in backward (as bitsandbytes does),
+# never saved: the op saves its packed inputs only. `absmax2` / `code2` / `offset` are the nested
+# statistics (double quantization); empty tensors when there are none.
+_4BIT_SCHEMA = ("Tensor w, Tensor absmax, Tensor absmax2, Tensor code2, Tensor offset, int blocksize, int blocksize2, "
+                "str quant_type, int out_features")
+
+
+def _dequantize(w: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor, code2: torch.Tensor, offset: torch.Tensor,
+                blocksize: int, blocksize2: int, quant_type: str, out_features: int, in_features: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    if absmax2.numel():  # nested: the 8-bit block maxima first
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise(absmax, absmax2, code2, blocksize2, torch.float32) + offset
+    return torch.ops.bitsandbytes.dequantize_4bit(w, absmax.float(), blocksize, quant_type, [out_features, in_features], dtype)
+
+
+@torch.library.custom_op("cpt::lora_linear_4bit", mutates_args=(),
+                         schema=f"(Tensor x, {_4BIT_SCHEMA}, Tensor a, Tensor b, float scale) -> Tensor")
+def lora_linear_4bit(x: torch.Tensor, w: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor, code2: torch.Tensor,
+                     offset: torch.Tensor, blocksize: int, blocksize2: int, quant_type: str, out_features: int,
+                     a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """lora_linear with W = the dequantized 4-bit weight (out_features x x.shape[-1], in x's dtype)."""
+    wd = _dequantize(w, absmax, absmax2, code2, offset, blocksize, blocksize2, quant_type, out_features, x.shape[-1], x.dtype)
+    return _forward(x, wd, a, b, scale)
+
+
+@lora_linear_4bit.register_fake
+def _lora_linear_4bit_fake(x, w, absmax, absmax2, code2, offset, blocksize, blocksize2, quant_type, out_features, a, b, scale):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("cpt::lora_linear_4bit_backward", mutates_args=(),
+                         schema=f"(Tensor g, Tensor x, {_4BIT_SCHEMA}, Tensor a, Tensor b, float scale) -> (Tensor, Tensor, Tensor)")
+def lora_linear_4bit_backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor,
+                              code2: torch.Tensor, offset: torch.Tensor, blocksize: int, blocksize2: int, quant_type: str,
+                              out_features: int, a: torch.Tensor, b: torch.Tensor,
+                              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    wd = _dequantize(w, absmax, absmax2, code2, offset, blocksize, blocksize2, quant_type, out_features, x.shape[-1], g.dtype)
+    return _backward(g, x, wd, a, b, scale)
+
+
+@lora_linear_4bit_backward.register_fake
+def _lora_linear_4bit_backward_fake(g, x, w, absmax, absmax2, code2, offset, blocksize, blocksize2, quant_type, out_features,
+                                    a, b, scale):
+    return x.new_empty(x.shape), a.new_empty(a.shape), b.new_empty(b.shape)
+
+
+def _lora_linear_4bit_setup_context(ctx, inputs, output):
+    x, w, absmax, absmax2, code2, offset, blocksize, blocksize2, quant_type, out_features, a, b, scale = inputs
+    ctx.save_for_backward(x, w, absmax, absmax2, code2, offset, a, b)
+    ctx.consts = (blocksize, blocksize2, quant_type, out_features)
+    ctx.scale = scale
+
+
+def _lora_linear_4bit_grad(ctx, g):
+    x, w, absmax, absmax2, code2, offset, a, b = ctx.saved_tensors
+    gx, ga, gb = torch.ops.cpt.lora_linear_4bit_backward(g, x, w, absmax, absmax2, code2, offset, *ctx.consts, a, b, ctx.scale)
+    return gx, None, None, None, None, None, None, None, None, None, ga, gb, None
+
+
+torch.library.register_autograd("cpt::lora_linear_4bit", _lora_linear_4bit_grad, setup_context=_lora_linear_4bit_setup_context)
+
+
+def _4bit_args(base: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Any:
+    """The op's weight arguments for a bitsandbytes Linear4bit base computing in `dtype`, or None
+    where it is not the op's case (a bias, another compute dtype, no quantization state yet)."""
+    if type(base).__name__ != "Linear4bit" or not type(base).__module__.startswith("bitsandbytes") or base.bias is not None:
+        return None
+    qs = getattr(base.weight, "quant_state", None)
+    if qs is None or qs.dtype != dtype or len(qs.shape) != 2 or qs.shape[1] != x.shape[-1]:
+        return None
+    if qs.nested:
+        s2 = qs.state2
+        offset = qs.offset if torch.is_tensor(qs.offset) else torch.tensor(float(qs.offset), device=qs.absmax.device)
+        nested = (s2.absmax, s2.code, offset, s2.blocksize)
+    else:
+        empty = qs.absmax.new_empty(0, dtype=torch.float32)
+        nested = (empty, empty, empty, 0)
+    return (base.weight, qs.absmax, *nested[:3], qs.blocksize, nested[3], qs.quant_type, qs.shape[0])
+
+
 LINEAR_OP = True  # False: plain projections take the addmm path too (bench/gpu_throughput.py --lora-addmm)
 
 
@@ -124,6 +224,13 @@ def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
         if x.dtype == w.dtype == a.dtype == b.dtype:
             return torch.ops.cpt.lora_linear(x, w, a, b, float(self.scaling[name]))
         return plain(x, *args, **kwargs)
+    if LINEAR_OP and type(base).__name__ == "Linear4bit":
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        args4 = _4bit_args(base, x, dtype)
+        if args4 is not None and (autocast or x.dtype == a.dtype == b.dtype):
+            out = torch.ops.cpt.lora_linear_4bit(x.to(dtype), *args4, a.to(dtype), b.to(dtype), float(self.scaling[name]))
+            return out.to(x.dtype)
     if not torch.is_autocast_enabled(x.device.type):
         # Without autocast, mixed dtypes need peft's casts.
         base_w = getattr(self.base_layer, "weight", None)
