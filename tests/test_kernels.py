@@ -557,9 +557,10 @@ def test_lora_linear_4bit_op_matches_peft(nested):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with bitsandbytes (run on the device)")
 def test_cuda_4bit_lora_op_matches_peft_eager_and_compiled(tiny_model_dir):
     """A QLoRA model on the GPU (NF4, double quantization, bf16 compute, float32 LoRA): the 4-bit op
-    (eager, then in compiled layers of which one recomputes) gives peft's loss and gradients within
-    bf16 rounding."""
-    pytest.importorskip("bitsandbytes")
+    (eager, then in compiled layers of which one recomputes) stays as close to a float32 computation
+    over the same 4-bit weights as peft's own bf16 path is. 2048 tokens per batch, as in training:
+    below 1536 rows bitsandbytes' forward takes its fused small-batch kernel, which rounds otherwise."""
+    bnb = pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -575,15 +576,29 @@ def test_cuda_4bit_lora_op_matches_peft_eager_and_compiled(tiny_model_dir):
         if p.requires_grad:
             p.data = p.data.float()
     model.train()
-    batch = {k: v.cuda() for k, v in _batch(model.config.vocab_size, seed=5, t=64).items()}
+    batch = {k: v.cuda() for k, v in _batch(model.config.vocab_size, seed=5, b=8, t=256).items()}
+    n_items = 8 * 255 - 3
     cuda = torch.device("cuda")
+
+    # Reference: the same 4-bit weights, everything else in float32, no autocast, peft's own path.
+    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    plain16 = [p for p in model.parameters() if p.dtype == torch.bfloat16 and not isinstance(p, bnb.nn.Params4bit)]
+    for m in quantized:
+        m.compute_dtype = torch.float32
+    for p in plain16:
+        p.data = p.data.float()
+    _, grads_32 = _loss_and_grads(model, apply_kernels(model, "none", cuda), batch, n_items)
+    for m in quantized:
+        m.compute_dtype = torch.bfloat16
+    for p in plain16:
+        p.data = p.data.bfloat16()
 
     def run(loss_fn):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            return _loss_and_grads(model, loss_fn, batch, 2 * 63 - 3)
+            return _loss_and_grads(model, loss_fn, batch, n_items)
 
     loss_ref, grads_ref = run(apply_kernels(model, "none", cuda))
-    assert len(grads_ref) == 7 * 2 * model.config.num_hidden_layers
+    assert len(grads_ref) == len(grads_32) == 7 * 2 * model.config.num_hidden_layers
     loss_fn = apply_kernels(model, "cpt", cuda)
     with _OpCalls() as seen:
         got = [run(loss_fn)]
@@ -593,9 +608,7 @@ def test_cuda_4bit_lora_op_matches_peft_eager_and_compiled(tiny_model_dir):
     loss_fn = apply_kernels(model, "cpt", cuda, compile=True)
     got += [run(loss_fn) for _ in range(2)]
     for loss, grads in got:
-        assert abs(loss.item() - loss_ref.item()) < 1e-2 * loss_ref.item()
-        for n in grads_ref:
-            assert _rel(grads[n], grads_ref[n]) < 0.03, (n, _rel(grads[n], grads_ref[n]))
+        _assert_bf16_close(loss, grads, loss_ref, grads_ref, grads_32)
 
 
 def test_lora_linear_4bit_opcheck():
