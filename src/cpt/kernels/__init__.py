@@ -291,7 +291,10 @@ def apply_kernels(model: torch.nn.Module, mode: str, device: torch.device, compi
         if _patch_loss(causal_lm, use_liger_loss=(mode == "liger")):
             applied.append("liger fused linear cross-entropy" if mode == "liger" else "cpt chunked linear cross-entropy")
         if fuse_lora_projections(model):
-            applied.append("LoRA update fused into the projection (cpt::lora_linear, lora_linear_4bit for 4-bit bases, or addmm for others)")
+            from cpt.kernels import lora as lora_mod
+
+            applied.append("LoRA update fused into the projection (" + ("cpt::lora_linear, lora_linear_4bit for 4-bit bases, or addmm for others"
+                                                                        if lora_mod.LINEAR_OP else "addmm epilogue") + ")")
         # Under compile the generated kernels fuse norms, RoPE and SwiGLU themselves.
         if (device.type == "cuda" and liger_available() and _model_type(causal_lm) in FUSABLE_MODEL_TYPES
                 and (mode == "liger" or not compile)):
