@@ -48,7 +48,7 @@ variant, no LoRA bias); anything else runs peft's own forward.
 from __future__ import annotations
 
 import types
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -182,7 +182,7 @@ def _lora_linear_4bit_grad(ctx, g):
 torch.library.register_autograd("cpt::lora_linear_4bit", _lora_linear_4bit_grad, setup_context=_lora_linear_4bit_setup_context)
 
 
-def _4bit_args(base: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Any:
+def _4bit_args(base: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Optional[tuple]:
     """The op's weight arguments for a bitsandbytes Linear4bit base computing in `dtype`, or None
     where it is not the op's case (a bias, another compute dtype, no quantization state yet)."""
     if type(base).__name__ != "Linear4bit" or not type(base).__module__.startswith("bitsandbytes") or base.bias is not None:
@@ -191,16 +191,15 @@ def _4bit_args(base: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> An
     if qs is None or qs.dtype != dtype or len(qs.shape) != 2 or qs.shape[1] != x.shape[-1]:
         return None
     if qs.nested:
-        s2 = qs.state2
+        absmax2, code2, blocksize2 = qs.state2.absmax, qs.state2.code, qs.state2.blocksize
         offset = qs.offset if torch.is_tensor(qs.offset) else torch.tensor(float(qs.offset), device=qs.absmax.device)
-        nested = (s2.absmax, s2.code, offset, s2.blocksize)
     else:
-        empty = qs.absmax.new_empty(0, dtype=torch.float32)
-        nested = (empty, empty, empty, 0)
-    return (base.weight, qs.absmax, *nested[:3], qs.blocksize, nested[3], qs.quant_type, qs.shape[0])
+        absmax2 = code2 = offset = qs.absmax.new_empty(0, dtype=torch.float32)
+        blocksize2 = 0
+    return (base.weight, qs.absmax, absmax2, code2, offset, qs.blocksize, blocksize2, qs.quant_type, qs.shape[0])
 
 
-LINEAR_OP = True  # False: plain projections take the addmm path too (bench/gpu_throughput.py --lora-addmm)
+LINEAR_OP = True  # False: plain and 4-bit projections take the addmm path too (bench/gpu_throughput.py --lora-addmm)
 
 
 def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
