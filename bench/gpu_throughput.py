@@ -84,12 +84,13 @@ def build_model_dir(path: Path) -> None:
     _tokenizer().save_pretrained(path)
 
 
-def flops_per_token(seq: int, recompute_layers: int) -> float:
+def flops_per_token(seq: int, recompute_layers: int, host_layers: int = 0) -> float:
     """The anchor's count: 6*N_frozen + 8*N_lora + 6*N_lm_head + 6*L*d*seq with full recompute;
-    each layer that keeps its activations saves 2*N (frozen) + 2*N (lora) of its share."""
+    each layer that keeps its activations saves 2*N (frozen) + 2*N (lora) of its share, each host
+    layer (adapter.host_activations) the same for its gate and up projections."""
     from cpt.plan import model_flops_per_token
     return model_flops_per_token(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256,
-                                 r=R, n_lora_targets=7, seq=seq, recompute_layers=recompute_layers)
+                                 r=R, n_lora_targets=7, seq=seq, recompute_layers=recompute_layers, host_layers=host_layers)
 
 
 def _batches(n: int, batch: int, seq: int, seed: int, device) -> list:
@@ -229,7 +230,7 @@ def _result(args, times: list[float], losses: list[float], **extra) -> dict:
 
 def ours_config(model_dir: Path, mode: str, seq: int, batch: int, steps: int, recompute_budget: Optional[str] = None,
                 checkpointing: Any = True, compile: str = "auto", offload_embedding_state: Any = False,
-                cuda_graphs: Any = None):
+                cuda_graphs: Any = None, host_activations: Any = None):
     from cpt.config import config_from_dict
     raw = {
         "model": {"name_or_path": str(model_dir), "max_seq_length": seq, "dtype": "bfloat16",
@@ -245,6 +246,8 @@ def ours_config(model_dir: Path, mode: str, seq: int, batch: int, steps: int, re
         "output": {"output_dir": f"/tmp/cpt-bench/out-{mode}-{os.getpid()}", "logging_steps": 1, "save_steps": 0, "report": False,
                    "report_to": [], "overwrite_output_dir": True, "resume": False},
     }
+    if host_activations is not None:
+        raw["adapter"]["host_activations"] = host_activations
     if recompute_budget is not None:
         raw["adapter"]["recompute_budget_gib"] = recompute_budget if recompute_budget == "auto" else float(recompute_budget)
     return config_from_dict(raw)
@@ -287,7 +290,9 @@ def worker_ours(args) -> dict:
 
     cfg = ours_config(Path(args.model_dir), args.mode, args.seq, args.batch, args.warmup + args.steps + 1,
                       recompute_budget=args.recompute_budget, checkpointing=args.checkpointing, compile=args.compile,
-                      offload_embedding_state=args.offload_embedding_state, cuda_graphs=args.cuda_graphs)
+                      offload_embedding_state=args.offload_embedding_state, cuda_graphs=args.cuda_graphs,
+                      host_activations=None if args.host_activations is None else
+                      (args.host_activations if args.host_activations == "auto" else int(args.host_activations)))
     if args.lora_addmm:
         import cpt.kernels.lora
 
@@ -328,8 +333,11 @@ def worker_ours(args) -> dict:
     from cpt.kernels import decoder_layers
     from cpt.kernels.compile import recomputes
     layers = decoder_layers(bundle.model)
+    host = [l._cpt_host_activations for l in layers if recomputes(l) and hasattr(l, "_cpt_host_activations")]
     plan_layers = {"keep": sum(1 for l in layers if not recomputes(l) and not hasattr(l, "_cpt_plain_forward")),
-                   "offload": sum(1 for l in layers if hasattr(l, "_cpt_plain_forward"))}
+                   "offload": sum(1 for l in layers if hasattr(l, "_cpt_plain_forward")),
+                   "host": len(host), "host_tensors_last_step": sum(h.count for h in host),
+                   "host_gib": sum(b.numel() * b.element_size() for h in host for b in h.buffers) / 2**30}
     from torch._dynamo.utils import counters
 
     from cpt.kernels.compile import graphs_recorded
@@ -505,19 +513,20 @@ def _run_worker(argv: list[str], log_dir: Path, name: str, timeout: float) -> Op
 
 
 def _plan_estimate(model_dir: Path, mode: str, seq: int, batch: int, recompute_budget: Any = None,
-                   checkpointing: Any = True, system: str = "ours", offload_embedding_state: Any = False) -> dict:
+                   checkpointing: Any = True, system: str = "ours", offload_embedding_state: Any = False,
+                   host_activations: Any = None) -> dict:
     from cpt.plan import plan
     cfg = ours_config(model_dir, mode, seq, batch, 1, recompute_budget=recompute_budget, checkpointing=checkpointing,
-                      offload_embedding_state=offload_embedding_state)
+                      offload_embedding_state=offload_embedding_state, host_activations=host_activations)
     from cpt.model import load_model_config
-    from cpt.plan import recompute_layers_for_budget
+    from cpt.plan import memory_plan
     mc = load_model_config(cfg.model)
-    if recompute_budget is None:
-        k = None
-    else:
-        k = recompute_layers_for_budget(cfg, mc, 0.92 * 139.8 if recompute_budget == "auto" else float(recompute_budget))
-    est = plan(cfg, mc, system=system, gpu_memory_gib=139.8, recompute_layers=k)
-    return {"peak_gib": est["peak_gib"], "tokens_per_s": est["tokens_per_s"], "recompute_layers": est["recompute_layers"]}
+    k = host = None
+    if recompute_budget is not None:
+        k, host = memory_plan(cfg, mc, 0.92 * 139.8 if recompute_budget == "auto" else float(recompute_budget))
+    est = plan(cfg, mc, system=system, gpu_memory_gib=139.8, recompute_layers=k, host_layers=host)
+    return {"peak_gib": est["peak_gib"], "tokens_per_s": est["tokens_per_s"], "recompute_layers": est["recompute_layers"],
+            "host_layers": est["host_layers"]}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -532,6 +541,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--recompute-budget", default=None, help="ours: adapter.recompute_budget_gib (memory-aware row)")
+    p.add_argument("--host-activations", default=None, help="ours: adapter.host_activations (auto or a number of layers)")
     p.add_argument("--checkpointing", default="true", help="ours: adapter.use_gradient_checkpointing")
     p.add_argument("--compile", default="auto", help="ours: model.compile (auto, true, false)")
     p.add_argument("--profile", default=None, help="write a torch profiler table of one step here")
@@ -616,13 +626,13 @@ def drive(args) -> int:
         budget = None  # ours_budget: the memory target as a cap, from this run's baseline peak
         for run in range(args.runs):
             order = systems if run % 2 == 0 else systems[::-1]
-            if any(_base(x) == "ours_budget" for x in order) and "baseline" in order:  # the cap needs the baseline's peak first
+            if any(_is_budget(x) for x in order) and "baseline" in order:  # the cap needs the baseline's peak first
                 order = ["baseline"] + [x for x in order if x != "baseline"] if budget is None else order
             for system in order:
                 prof = ["--profile", str(logs / f"profile_{system}_{mode}.txt")] if args.profile_rows and run == 0 and mode == "bf16" else []
                 if (prof or args.phase_steps) and system != "baseline":
                     prof += ["--phase-steps", str(args.phase_steps or 5)]
-                if _base(system) == "ours_budget":
+                if _is_budget(system):
                     if budget is None:
                         if not runs.get("baseline"):
                             continue
@@ -632,7 +642,10 @@ def drive(args) -> int:
                 worker = {"ours_eager": ["--worker", "ours", "--compile", "false"],
                           "ours_offload": ["--worker", "ours", "--offload-embedding-state"],
                           "ours_budget": ["--worker", "ours", "--offload-embedding-state", "auto",
-                                          "--recompute-budget", str(budget)]}.get(base_system, ["--worker", base_system])
+                                          "--recompute-budget", str(budget)],
+                          "ours_budget_nohost": ["--worker", "ours", "--offload-embedding-state", "auto",
+                                                 "--recompute-budget", str(budget), "--host-activations", "0"],
+                          }.get(base_system, ["--worker", base_system])
                 if system != base_system:
                     worker = [*worker, "--cuda-graphs", "false" if system.endswith("_nographs") else "true"]
                 r = _run_worker([*worker, "--mode", mode, *common, *prof], logs, f"{system}_{mode}_run{run + 1}", 900)
@@ -651,13 +664,15 @@ def drive(args) -> int:
                              "embedding_changed": rs[0].get("embedding_changed"), "loss_first_last": [rs[0]["losses"][0], rs[0]["losses"][-1]],
                              **({"kernels": rs[0].get("kernels"), "setup_s": rs[0].get("setup_s"), "dynamo": rs[0].get("dynamo")}
                                 if system != "baseline" else {})}
-            if _base(system) == "ours_budget":
+            if _is_budget(system):
                 entry[system].update(budget_gib=budget, layers=rs[0].get("layers"),
                                      offload_embedding_state=rs[0].get("offload_embedding_state"),
-                                     mfu=tps * flops_per_token(SEQ, 32 - rs[0]["layers"]["keep"]) / (PEAK_TFLOPS * 1e12))
+                                     mfu=tps * flops_per_token(SEQ, 32 - rs[0]["layers"]["keep"], rs[0]["layers"].get("host", 0))
+                                     / (PEAK_TFLOPS * 1e12))
             entry[system]["plan"] = _plan_estimate(model_dir, mode, SEQ, MICRO_BATCH, system="baseline" if system == "baseline" else "ours",
-                                                   offload_embedding_state={"ours_offload": True, "ours_budget": "auto"}.get(_base(system), False),
-                                                   recompute_budget=budget if _base(system) == "ours_budget" else None)
+                                                   offload_embedding_state="auto" if _is_budget(system) else _base(system) == "ours_offload",
+                                                   recompute_budget=budget if _is_budget(system) else None,
+                                                   host_activations=0 if _base(system) == "ours_budget_nohost" else None)
         if entry.get("ours") and entry.get("baseline"):
             entry["speedup"] = entry["ours"]["tokens_per_s"] / entry["baseline"]["tokens_per_s"]
             entry["memory_ratio"] = entry["ours"]["peak_gib"] / entry["baseline"]["peak_gib"]
@@ -716,6 +731,11 @@ def drive(args) -> int:
     return 0
 
 
+def _is_budget(system: str) -> bool:
+    """Rows capped at the memory target: ours_budget, and ours_budget_nohost (no host layers, A/B)."""
+    return _base(system) in ("ours_budget", "ours_budget_nohost")
+
+
 def _base(system: str) -> str:
     """The system a row runs, without the suffix _graphs / _nographs (model.cuda_graphs true / false)."""
     return system.removesuffix("_nographs").removesuffix("_graphs")
@@ -752,10 +772,11 @@ def _write(results: dict, out: Path) -> None:
             s = e.get(system)
             label = {"ours_eager": "ours, eager (model.compile=false)",
                      "ours_offload": "ours, embedding states in host memory (train.offload_embedding_state)"}.get(_base(system), _base(system))
-            if _base(system) == "ours_budget" and s:
+            if _is_budget(system) and s:
                 label = (f"ours, capped at the memory target (adapter.recompute_budget_gib={s['budget_gib']}): embedding states "
                          f"{'in host memory' if s.get('offload_embedding_state') else 'on the GPU'}, "
-                         f"{(s.get('layers') or {}).get('keep', '?')} of 32 layers keep activations")
+                         f"{(s.get('layers') or {}).get('keep', '?')} of 32 layers keep activations"
+                         + (f", {h} keep their MLP activations in host memory" if (h := (s.get('layers') or {}).get('host')) else ""))
             if s and system != "baseline":
                 label += _graphs_label(s)
             if not s:

@@ -204,7 +204,7 @@ def test_recompute_modes_match_plain(tiny_model_dir, plan):
     summary = set_recompute(model, recompute_layers, offload)
     n = model.config.num_hidden_layers
     k = n if recompute_layers is None else recompute_layers
-    assert summary == {"keep": n - k, "recompute": 0 if offload else k, "offload": k if offload else 0}
+    assert summary == {"keep": n - k, "recompute": 0 if offload else k, "offload": k if offload else 0, "host": 0}
     loss, grads = _loss_and_grads(model, apply_kernels(model, "cpt", torch.device("cpu")), batch, 45)
     assert abs(loss.item() - loss_ref.item()) < 1e-5 * loss_ref.item()
     assert grads.keys() == grads_ref.keys()
@@ -705,7 +705,7 @@ def test_compiled_layers_match_eager():
     loss_ref, grads_ref, saved_ref = _saved_bytes(model, loss_fn, batch, 45)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    assert compile_decoder_layers(model, backend="aot_eager") == {"compiled": 3, "recompute": 2, "eager": 0}
+    assert compile_decoder_layers(model, backend="aot_eager") == {"compiled": 3, "recompute": 2, "eager": 0, "host": 0}
     assert [recomputes(l) for l in layers] == [False, True, True]
     for _ in range(2):  # the second step reuses the graphs
         loss, grads, saved = _saved_bytes(model, loss_fn, batch, 45)
@@ -772,7 +772,7 @@ def test_compiled_recompute_reruns_lora_ops_only_where_backward_needs_them(autoc
     loss_ref, grads_ref = step()
     breaks = _dynamo_counts()["breaks"]  # (dynamo's counters outlive its reset)
     try:
-        assert compile_decoder_layers(model, backend=backend) == {"compiled": 2, "recompute": 1, "eager": 0}
+        assert compile_decoder_layers(model, backend=backend) == {"compiled": 2, "recompute": 1, "eager": 0, "host": 0}
         loss, grads = step()
         assert abs(loss.item() - loss_ref.item()) < 1e-5 * loss_ref.item()
         assert grads.keys() == grads_ref.keys()
@@ -924,3 +924,152 @@ def test_use_cuda_graphs_resolution(monkeypatch):
     assert use_cuda_graphs(True, cpu) and use_cuda_graphs("true", cuda) and not use_cuda_graphs("false", cuda)
     monkeypatch.setenv("WORLD_SIZE", "2")  # several processes (DDP): not measured, so auto stays off
     assert not use_cuda_graphs("auto", cuda) and use_cuda_graphs(True, cuda)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_host_activations_layer_saves_gate_and_up_in_host_memory(monkeypatch, autocast):
+    """adapter.host_activations: a recomputing layer chosen as a host layer saves the outputs of its
+    expanding projections (gate, up) instead of rerunning them, and those saved tensors leave for
+    host memory and come back for backward; everything else recomputes as before. The loss and
+    gradients stay eager's. Counted in the compiled graphs: the host layer's backward reruns 4 of
+    its 7 projections (q, k, v, o), a plain recomputing layer 6, a keeping layer none."""
+    import torch._dynamo
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    from cpt.kernels import compile_decoder_layers, decoder_layers, host_activations
+    from cpt.kernels.compile import uncompile_layer
+
+    monkeypatch.setattr(host_activations, "MIN_BYTES", 0)  # toy tensors count
+    graphs = {"forward": [], "backward": []}
+
+    def keep(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"),
+                           partition_fn=min_cut_rematerialization_partition)
+
+    def calls(gm, op):
+        return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
+
+    torch._dynamo.reset()
+    model = _tiny_lora_llama(layers=6)
+    batch = _batch(97, seed=11)
+    loss_fn = apply_kernels(model, "cpt", torch.device("cpu"))
+    # Layer 0 keeps, 1-5 recompute; one of those becomes a host layer (never the top LEAD layers
+    # or the bottom LEAD + 1).
+    assert set_recompute(model, 5, host_layers=1) == {"keep": 1, "recompute": 5, "offload": 0, "host": 1}
+    layers = decoder_layers(model)
+    marked = [i for i, l in enumerate(layers) if hasattr(l, "_cpt_host_activations")]
+    assert len(marked) == 1 and host_activations.LEAD < marked[0] < 6 - host_activations.LEAD
+    host = layers[marked[0]]._cpt_host_activations
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return _loss_and_grads(model, loss_fn, batch, 45)
+
+    loss_ref, grads_ref = step()  # eager: the host layer just recomputes
+    assert host.count == 0
+    try:
+        assert compile_decoder_layers(model, backend=backend) == {"compiled": 6, "recompute": 5, "eager": 0, "host": 1}
+        for _ in range(2):  # the second step reuses the host buffers
+            loss, grads = step()
+            assert abs(loss.item() - loss_ref.item()) < 1e-5 * loss_ref.item()
+            assert grads.keys() == grads_ref.keys()
+            for n in grads:
+                assert _rel(grads[n], grads_ref[n]) < (1e-3 if autocast else 1e-5), n
+            # gate's and up's outputs at least (the layer input, an input, never moves)
+            assert host.count >= 2 and len(host.buffers) == host.count
+            x_ptrs = {b.data_ptr() for b in host.buffers}
+    finally:
+        for layer in layers:
+            uncompile_layer(layer)
+        torch._dynamo.reset()
+    assert {b.data_ptr() for b in host.buffers} == x_ptrs  # reused, not reallocated
+    fw, bw = torch.ops.cpt.lora_linear.default, torch.ops.cpt.lora_linear_backward.default
+    # Three kinds of layer: keep, recompute, host.
+    assert len(graphs["forward"]) == 3 and len(graphs["backward"]) == 3
+    assert sorted(len(calls(gm, bw)) for gm in graphs["backward"]) == [7, 7, 7]
+    reruns = sorted((calls(gm, fw) for gm in graphs["backward"]), key=len)
+    assert [len(r) for r in reruns] == [0, 4, 6]
+    shapes = sorted(tuple(n.args[1].meta["val"].shape) for n in reruns[1])
+    assert shapes == [(16, 32), (16, 32), (32, 32), (32, 32)]  # q, k, v, o: not gate/up (64, 32)
+
+
+def test_host_layer_indices_spread_and_skip_the_top():
+    from cpt.kernels.host_activations import LEAD, host_layer_indices
+
+    assert host_layer_indices(list(range(32)), 32, 0) == []
+    got = host_layer_indices(list(range(32)), 32, 10)
+    assert len(got) == 10 and LEAD < min(got) and max(got) < 32 - LEAD
+    gaps = [b - a for a, b in zip(got, got[1:])]
+    assert max(gaps) - min(gaps) <= 1  # evenly spread
+    assert host_layer_indices(list(range(5, 32)), 32, 100) == list(range(5, 32 - LEAD))
+    assert host_layer_indices(list(range(32)), 32, 100) == list(range(LEAD + 1, 32 - LEAD))
+    assert host_layer_indices([31, 0, 1], 32, 3) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
+def test_cuda_host_activations_match_plain_bf16():
+    """On the GPU, with inductor and CUDA graphs for the other layers: host layers (gate/up outputs
+    copied to pinned memory on a side stream, fetched back two layers ahead) give the eager path's
+    loss and gradients within bf16 tolerance over three steps (graphs record in the second), every
+    saved tensor comes back through the fetch ahead, and the buffers are pinned and reused."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpt.kernels import decoder_layers
+    from cpt.kernels.compile import mark_step
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=1408, num_hidden_layers=8,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    model = LlamaForCausalLM(cfg).to("cuda")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, use_rslora=True, init_lora_weights=False,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                             modules_to_save=["embed_tokens", "lm_head"]))
+    model.train()
+    assert set_recompute(model, 7, host_layers=3)["host"] == 3  # layer 0 keeps, 1-7 recompute, 3 of them host layers
+    layers = decoder_layers(model)
+    hosts = [l._cpt_host_activations for l in layers if hasattr(l, "_cpt_host_activations")]
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 32000, (2, 1024), generator=g).cuda()  # gate/up outputs: 5.8 MB each, over MIN_BYTES
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(1024, device="cuda").repeat(2, 1)}
+    n = 2 * 1023
+    _, grads_32 = _loss_and_grads(model, apply_kernels(model, "none", torch.device("cuda")), batch, n)
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.bfloat16()
+    model.get_base_model().model.embed_tokens.register_forward_hook(lambda m, a, o: o.to(torch.bfloat16))
+
+    def run(loss_fn):
+        mark_step()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return _loss_and_grads(model, loss_fn, batch, n)
+
+    # The reference: the same compiled layers without host layers. (Not the eager path: its liger
+    # RMSNorm/SwiGLU patches would stay, and host layers are off under them.)
+    held = {i: l.__dict__.pop("_cpt_host_activations") for i, l in enumerate(layers) if "_cpt_host_activations" in l.__dict__}
+    loss_ref, grads_ref = run(apply_kernels(model, "cpt", torch.device("cuda"), compile=True))
+    for i, h in held.items():
+        layers[i]._cpt_host_activations = h
+    assert all(h.count == 0 for h in hosts)
+    loss_fn = apply_kernels(model, "cpt", torch.device("cuda"), compile=True, cuda_graphs=True)
+    kernels = " ".join(model.get_base_model()._cpt_kernels)
+    assert "compiled (8 of 8" in kernels and "CUDA graphs" in kernels
+    try:
+        for step in range(3):
+            loss, grads = run(loss_fn)
+            _assert_bf16_close(loss, grads, loss_ref, grads_ref, grads_32)
+            assert all(h.count >= 2 for h in hosts), [h.count for h in hosts]
+            if step == 0:
+                ptrs = [b.data_ptr() for h in hosts for b in h.buffers]
+        assert all(h.late == 0 for h in hosts), [h.late for h in hosts]
+        assert all(b.is_pinned() for h in hosts for b in h.buffers)
+        assert [b.data_ptr() for h in hosts for b in h.buffers] == ptrs
+    finally:
+        apply_kernels(model, "none", torch.device("cuda"))

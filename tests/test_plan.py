@@ -84,7 +84,7 @@ def test_memory_plan_warns_when_the_budget_cannot_be_met(tiny_model_dir, caplog,
     class M:
         config = load_model_config(load_config(None, [f"model.name_or_path={tiny_model_dir}"]).model)
     calls = []
-    monkeypatch.setattr(cpt.kernels, "set_recompute", lambda model, k, offload=False: calls.append(k))
+    monkeypatch.setattr(cpt.kernels, "set_recompute", lambda model, k, offload=False, host_layers=0: calls.append(k))
     caplog.set_level(logging.WARNING, logger="cpt")
     for budget, recompute, warned in (("0.0001", M.config.num_hidden_layers, True), ("500", 0, False)):
         caplog.clear()
@@ -197,3 +197,43 @@ def test_auto_offload_is_decided_at_model_setup(tiny_model_dir):
 
     build_model(cfg, torch.device("cpu"))
     assert cfg.train.offload_embedding_state is False
+
+
+def test_host_layers_under_a_cap_trade_link_time_for_recompute():
+    """adapter.host_activations=auto (the default) adds host layers only under a numeric cap, as many
+    as the link carries during the forward pass; they cut the recompute FLOPs (gate and up) and cost
+    pinned host memory and one layer's copies in flight, and the plan still fits the cap."""
+    from cpt.plan import host_activation_bytes, memory_plan, shape_from_config
+
+    mc = _llama_8b()
+    capped = _cfg(recompute_budget_gib=21.5)
+    k, host = memory_plan(capped, mc, 21.5)
+    assert 10 <= host <= 32 - 2 - 3 and k >= host
+    with_host = plan(capped, mc, gpu_memory_gib=139.8, recompute_layers=k, host_layers=host)
+    without = plan(capped, mc, gpu_memory_gib=139.8, recompute_layers=k, host_layers=0)
+    assert with_host["host_layers"] == host and with_host["peak_gib"] <= 21.5
+    per_layer = 2 * 2 * (4096 * 14336 + 128 * (4096 + 14336))
+    assert without["flops_per_token"] - with_host["flops_per_token"] == pytest.approx(host * per_layer)
+    assert with_host["tokens_per_s"] > 1.05 * without["tokens_per_s"]
+    moved = host * host_activation_bytes(shape_from_config(mc), 4096) / 2**30
+    assert with_host["host_memory_gib"] == pytest.approx(without["host_memory_gib"] + moved)
+    assert with_host["activations_gib"]["host layers' activations in flight"] == pytest.approx(224 / 1024)
+    # The link bounds the count: the copies out fit in the forward pass's share of the step.
+    from cpt.plan import FORWARD_SHARE, HOST_LINK_GB_S
+    step_s = 4096 / without["tokens_per_s"]
+    assert host * host_activation_bytes(shape_from_config(mc), 4096) <= HOST_LINK_GB_S * 1e9 * FORWARD_SHARE * step_s
+    # No cap, none asked for, a number, not compiled.
+    assert plan(_cfg(), mc, gpu_memory_gib=139.8)["host_layers"] == 0
+    assert memory_plan(_cfg(recompute_budget_gib=21.5, host_activations=0), mc, 21.5)[1] == 0
+    assert plan(_cfg(host_activations=4), mc, gpu_memory_gib=139.8)["host_layers"] == 4
+    no_compile = config_from_dict({"model": {"name_or_path": "unused", "compile": False}, "adapter": {"host_activations": 4}})
+    assert plan(no_compile, mc, gpu_memory_gib=139.8)["host_layers"] == 0
+
+
+@pytest.mark.parametrize("value, ok", [("auto", "auto"), (3, 3), ("5", 5), (0, 0), ("lots", None), (-1, None), (True, None)])
+def test_host_activations_key_is_checked(value, ok):
+    if ok is None:
+        with pytest.raises(ConfigError, match="adapter.host_activations"):
+            config_from_dict({"adapter": {"host_activations": value}})
+    else:
+        assert config_from_dict({"adapter": {"host_activations": value}}).adapter.host_activations == ok

@@ -67,6 +67,7 @@ class AdapterConfig:
     random_state: int = _f(3407, "Seed for the adapter's initialisation.")
     use_gradient_checkpointing: Union[bool, str] = _f(True, "Recompute activations in the backward pass: true, false, or 'offload' (keep checkpointed inputs in host memory).")
     recompute_budget_gib: Optional[Union[float, str]] = _f(None, "Memory-aware recomputation (with use_gradient_checkpointing on): the first decoder layers keep their activations instead of recomputing them while `cpt plan`'s estimated peak stays under this many GiB; 'auto': 92% of the GPU's memory. A number is a cap on the whole run: train.offload_embedding_state=auto also plans against it. null: every layer recomputes.")
+    host_activations: Union[int, str] = _f("auto", "Recomputing decoder layers that keep their MLP's gate and up outputs (about 60% of a layer's recompute work, 224 MiB per layer of an 8B model at 4096 tokens) in pinned host memory instead of rerunning them: copied out on a side stream during the forward pass, fetched back one layer ahead in the backward pass (so one layer's worth, 0.22 GiB for 8B, is in flight at a time). Needs compiled layers (model.compile) on CUDA with model.kernels cpt; such layers replay without CUDA graphs. auto: only under a numeric adapter.recompute_budget_gib, as many as `cpt plan` says the host link carries during the forward pass; a number: that many of the recomputing layers (spread evenly, never the top layer nor the bottom two); 0: none. H200, 8B capped at 0.75x the baseline's memory: bf16 +4.8% tokens/s (bench/NOTES.md, session 9).")
     embedding_master_dtype: Literal["float32", "model"] = _f("float32", "Dtype of the trained embed_tokens/lm_head copies. float32 keeps small updates from rounding away in bf16 runs. With train.optim=adamw_8bit in bf16 (not FSDP) the float32 value is held as the bf16 weight plus a 16-bit low half in the optimizer state: bit-exact float32 masters with bf16 gradients, and embed_tokens gets a gradient only for the rows the batch used. The adapter then saves the bf16 weights; the checkpoint keeps the low halves.")
 
 
@@ -432,6 +433,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.warmup_ratio must be in [0, 1)")
     if t.bf16 and t.fp16:
         raise ConfigError("train.bf16 and train.fp16 are both true: choose one")
+    if isinstance(a.host_activations, str) and a.host_activations.strip().isdigit():
+        a.host_activations = int(a.host_activations)
+    if (isinstance(a.host_activations, bool) or (isinstance(a.host_activations, str) and a.host_activations != "auto")
+            or (isinstance(a.host_activations, int) and a.host_activations < 0)):
+        raise ConfigError(f"adapter.host_activations: {a.host_activations!r} is not 'auto' or a number of layers (0: none)")
     if isinstance(t.offload_embedding_state, str):
         if t.offload_embedding_state not in ("auto", "true", "false"):
             raise ConfigError(f"train.offload_embedding_state: {t.offload_embedding_state!r} is not true, false or auto")

@@ -46,6 +46,10 @@ HOST_LINK_GB_S = 50.0
 # (call 29, 8B bf16: ~15 ms longer steps than without the switch, against ~85 ms of copies each way;
 # 30-70 ms in calls 20-25, before the loop's copies from pageable memory stopped waiting for the GPU).
 EARLY_EXPOSED_SHARE = 0.2
+# Share of a step the forward pass takes (8B bf16 compiled on an H200: the GPU finished the forward
+# pass and the loss ~127 ms into a ~380 ms step, bench/NOTES.md call 26): the window in which the
+# host layers' activations go out.
+FORWARD_SHARE = 0.3
 
 
 @dataclass
@@ -82,10 +86,11 @@ def shape_from_config(mc: Any) -> Shape:
 
 def model_flops_per_token(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
                           r: int, n_lora_targets: int = 7, seq: int = 2048, recompute_layers: Optional[int] = None,
-                          train_head: bool = True) -> float:
+                          train_head: bool = True, host_layers: int = 0) -> float:
     """6*N_frozen + 8*N_lora + 6*N_lm_head + 6*L*d*seq (gpu_anchor.md's count) with every layer
     recomputed; a layer that keeps its activations skips its recompute (2*N of its frozen and LoRA
-    weights): 49.32 GFLOP with recompute and 34.69 without for Llama-3.1-8B, r=128, seq 2048."""
+    weights): 49.32 GFLOP with recompute and 34.69 without for Llama-3.1-8B, r=128, seq 2048.
+    A host layer (adapter.host_activations) skips the recompute of its gate and up projections."""
     s = Shape(hidden, layers, heads, kv_heads, intermediate, vocab, False)
     shapes = list(s.linear_shapes().values())[:n_lora_targets] if n_lora_targets < 7 else list(s.linear_shapes().values())
     n_frozen = s.block_params
@@ -96,6 +101,7 @@ def model_flops_per_token(hidden: int, layers: int, heads: int, kv_heads: int, i
     # A layer that keeps its activations skips the recompute of its frozen and LoRA matmuls
     # (2N each); the anchor leaves the attention term as is.
     saved = (layers - k) / layers * (2 * n_frozen + 2 * n_lora)
+    saved += host_layers * 2 * 2 * (hidden * intermediate + r * (hidden + intermediate))
     return float(full - saved)
 
 
@@ -109,6 +115,11 @@ def layer_activation_bytes(s: Shape, tokens: int, fused: bool, r: int) -> float:
     else:
         per_token = 12 * d + (8 * d + 6 * kv) + 8 * f + 14 * r
     return float(per_token * tokens)
+
+
+def host_activation_bytes(s: Shape, tokens: int) -> float:
+    """Bytes a host layer moves each way per micro-batch: its gate and up outputs (bf16)."""
+    return float(2 * s.intermediate * tokens * 2)
 
 
 def _gpu(gpu_memory_gib: Optional[float]) -> tuple[str, float, float]:
@@ -126,7 +137,7 @@ def _gpu(gpu_memory_gib: Optional[float]) -> tuple[str, float, float]:
 
 
 def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory_gib: Optional[float] = None,
-         recompute_layers: Optional[int] = None) -> dict:
+         recompute_layers: Optional[int] = None, host_layers: Optional[int] = None) -> dict:
     """The estimate as a dict (GiB and tokens/s). system: 'ours' (cpt as configured) or 'baseline'
     (transformers + peft as in gpu_anchor.md: bf16 embedding copies, plain loss and norms)."""
     if model_config is None:
@@ -143,7 +154,8 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
         def with_offload(on: bool) -> Config:
             return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, offload_embedding_state=on))
 
-        kw = {"system": system, "gpu_memory_gib": gpu_memory_gib, "recompute_layers": recompute_layers}
+        kw = {"system": system, "gpu_memory_gib": gpu_memory_gib, "recompute_layers": recompute_layers,
+              "host_layers": host_layers}
         here = plan(with_offload(False), model_config, **kw)
         if system != "ours" or here["peak_gib"] <= memory_limit_gib(cfg, here["gpu_memory_gib"]):
             return here
@@ -243,27 +255,53 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
         loss = tokens * s.vocab * (2 + 4 + 4 + 2)
         head_grad_early = 0
     at_loss = acts["checkpointed layer inputs"] + acts["layers that keep their activations"] + loss + head_grad_early
-    recompute_peak = 1.5 * layer_act if recompute_layers else 0.0
-    at_end = grads + recompute_peak + (2 * ckpt_in if offload else ckpt_in)
-    peak = static + max(at_loss, at_end) + WORKSPACE_GIB * GIB
-
-    flops = model_flops_per_token(s.hidden, s.layers, s.heads, s.kv_heads, s.intermediate, s.vocab, a.r,
-                                  n_lora_targets=len([x for x in a.target_modules if x in LORA_SHAPES]) or 7,
-                                  seq=m.max_seq_length, recompute_layers=recompute_layers)
+    # One recomputing layer's backward pass: its activations and their gradients. Compiled layers
+    # free them sooner (the partitioner's schedule): 1.0x matched the capped 8B rows (20.50 GiB
+    # measured, bench/NOTES.md session 9); eager layers, offloaded ones included, 1.5x.
     from cpt.kernels import use_compile  # the plan is for a CUDA GPU: resolve model.compile there
     compiled = ours and use_compile(m.compile, m.kernels, "cuda", cfg.train.fsdp, m.load_in_4bit)
+    recompute_peak = (1.0 if compiled and not offload else 1.5) * layer_act if recompute_layers else 0.0
+    at_end = grads + recompute_peak + (2 * ckpt_in if offload else ckpt_in)
+
     eff = EFFICIENCY[("ours, compiled" if compiled else "ours" if ours else "baseline", mode)]
-    tps = eff * tflops * 1e12 / flops
-    if exposed_bytes:  # copies to and from host memory that the step waits for
-        step_s = tokens * t.gradient_accumulation_steps / tps + exposed_bytes / (HOST_LINK_GB_S * 1e9)
-        tps = tokens * t.gradient_accumulation_steps / step_s
+    n_targets = len([x for x in a.target_modules if x in LORA_SHAPES]) or 7
+
+    def speed(host_n: int) -> float:
+        flops = model_flops_per_token(s.hidden, s.layers, s.heads, s.kv_heads, s.intermediate, s.vocab, a.r,
+                                      n_lora_targets=n_targets, seq=m.max_seq_length,
+                                      recompute_layers=recompute_layers, host_layers=host_n)
+        tps = eff * tflops * 1e12 / flops
+        if exposed_bytes:  # copies to and from host memory that the step waits for
+            step_s = tokens * t.gradient_accumulation_steps / tps + exposed_bytes / (HOST_LINK_GB_S * 1e9)
+            tps = tokens * t.gradient_accumulation_steps / step_s
+        return flops, tps
+
+    host_bytes = host_activation_bytes(s, tokens)
+    if host_layers is None:
+        host_layers = auto_host_layers(cfg, s, recompute_layers, tokens, speed(0)[1], compiled and not full_mode
+                                       and not offload and m.kernels in ("auto", "cpt") and "gate_proj" in a.target_modules)
+    flops, tps = speed(host_layers)
+    if host_layers:
+        # The last host layer's copies still going out at the loss; in the backward pass the host
+        # layers fetched ahead of the running one (its own fetched tensors replace what its
+        # recompute would make). Measured: two layers' worth at LEAD=2 (bench/NOTES.md, session 9).
+        from cpt.kernels.host_activations import LEAD
+
+        candidates = max(1, recompute_layers - 2 * LEAD - 1)
+        ahead = min(host_layers, -(-LEAD * host_layers // candidates))
+        acts["host layers' activations in flight"] = host_bytes * max(1, ahead)
+        at_loss += host_bytes
+        at_end += host_bytes * ahead
+    host_act = host_layers * host_bytes
+    peak = static + max(at_loss, at_end) + WORKSPACE_GIB * GIB
     return {
         "model": m.name_or_path, "system": system, "mode": mode, "gpu": gpu_name, "gpu_memory_gib": gpu_total,
-        "tokens_per_micro_batch": tokens, "recompute_layers": recompute_layers, "offload": offload,
+        "tokens_per_micro_batch": tokens, "recompute_layers": recompute_layers, "host_layers": host_layers,
+        "offload": offload,
         "memory_gib": {k: v / GIB for k, v in mem.items()},
         "activations_gib": {**{k: v / GIB for k, v in acts.items()}, "loss": loss / GIB,
                             "one layer's activations": layer_act / GIB},
-        "gradients_gib": grads / GIB, "host_memory_gib": host / GIB, "offload_embedding_state": bool(host),
+        "gradients_gib": grads / GIB, "host_memory_gib": (host + host_act) / GIB, "offload_embedding_state": bool(host),
         "peak_gib": peak / GIB, "peak_at": "loss" if at_loss >= at_end else "end of backward",
         "flops_per_token": flops, "assumed_efficiency": eff, "peak_tflops": tflops, "tokens_per_s": tps,
         # 8% headroom: allocator fragmentation and reserved-but-free blocks (the baseline's 64k step,
@@ -271,6 +309,28 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
         "fits": peak / GIB <= FIT_MARGIN * gpu_total,
         "small_model": s.block_params < 1e9,
     }
+
+
+def auto_host_layers(cfg: Config, s: Shape, recompute_layers: int, tokens: int, tokens_per_s: float,
+                     possible: bool) -> int:
+    """adapter.host_activations: a number is that many layers (of those that recompute); 'auto' is
+    as many as the host link carries out during the forward pass (FORWARD_SHARE of the estimated
+    step), but only under a numeric adapter.recompute_budget_gib: without a cap every layer recomputes
+    by choice. Only compiled, fused LoRA layers can (kernels/host_activations.py)."""
+    from cpt.kernels.host_activations import host_layer_indices
+
+    want = cfg.adapter.host_activations
+    budget = cfg.adapter.recompute_budget_gib
+    if not possible or not recompute_layers or want in (0, False):
+        return 0
+    if want == "auto":
+        if not isinstance(budget, (int, float)) or isinstance(budget, bool):
+            return 0
+        step_s = tokens * cfg.train.gradient_accumulation_steps / tokens_per_s
+        per_pass = step_s / cfg.train.gradient_accumulation_steps
+        # 80% of the window: what the link has not carried out by the loss waits on the GPU.
+        want = int(0.8 * HOST_LINK_GB_S * 1e9 * FORWARD_SHARE * per_pass // host_activation_bytes(s, tokens))
+    return len(host_layer_indices(list(range(s.layers - recompute_layers, s.layers)), s.layers, int(want)))
 
 
 def memory_limit_gib(cfg: Config, gpu_total_gib: float) -> float:
@@ -284,11 +344,21 @@ def memory_limit_gib(cfg: Config, gpu_total_gib: float) -> float:
 
 def recompute_layers_for_budget(cfg: Config, model_config: Any, budget_gib: float) -> int:
     """Fewest recomputing layers whose estimated peak stays under budget_gib (memory-aware mode)."""
+    return memory_plan(cfg, model_config, budget_gib)[0]
+
+
+def memory_plan(cfg: Config, model_config: Any, budget_gib: float) -> tuple[int, int]:
+    """(recomputing layers, host layers) for a cap of budget_gib: the fewest recomputing layers whose
+    estimated peak fits, with adapter.host_activations' layers among them; if nothing fits with host
+    layers (their copies in flight cost memory too), every layer recomputes without them."""
     layers = shape_from_config(model_config).layers
     for k in range(layers + 1):
-        if plan(cfg, model_config, gpu_memory_gib=budget_gib, recompute_layers=k)["peak_gib"] <= budget_gib:
-            return k
-    return layers
+        est = plan(cfg, model_config, gpu_memory_gib=budget_gib, recompute_layers=k)
+        if est["peak_gib"] <= budget_gib:
+            return k, est["host_layers"]
+    if plan(cfg, model_config, gpu_memory_gib=budget_gib, recompute_layers=layers, host_layers=0)["peak_gib"] <= budget_gib:
+        return layers, 0
+    return layers, plan(cfg, model_config, gpu_memory_gib=budget_gib, recompute_layers=layers)["host_layers"]
 
 
 def resolve_offload(model: Any, cfg: Config, device: Any) -> None:
@@ -321,18 +391,24 @@ def apply_memory_plan(model: Any, cfg: Config, device: Any) -> Optional[dict]:
     model setup after gradient checkpointing is on. Returns set_recompute's summary, or None."""
     budget = cfg.adapter.recompute_budget_gib
     gc = cfg.adapter.use_gradient_checkpointing
-    if budget is None or gc in (False, "false"):
+    if gc in (False, "false"):
+        return None
+    from cpt.kernels import set_recompute
+    host = cfg.adapter.host_activations
+    cuda = getattr(device, "type", str(device)) == "cuda"
+    if budget is None or (budget == "auto" and not cuda):
+        if isinstance(host, int) and not isinstance(host, bool) and host > 0 and cuda:
+            # A fixed number of host layers without a cap: every layer recomputes, those among them.
+            n = plan(cfg, model.config, recompute_layers=None)["host_layers"]
+            return set_recompute(model, None, offload=gc == "offload", host_layers=n)
         return None
     if budget == "auto":
         import torch
-        if getattr(device, "type", str(device)) != "cuda":
-            return None
         budget = FIT_MARGIN * torch.cuda.get_device_properties(device).total_memory / GIB
     elif isinstance(budget, str):
         raise ConfigError(f"adapter.recompute_budget_gib: {budget!r} is not a number of GiB or 'auto'")
-    from cpt.kernels import set_recompute
-    k = recompute_layers_for_budget(cfg, model.config, float(budget))
-    est = plan(cfg, model.config, gpu_memory_gib=float(budget), recompute_layers=k)["peak_gib"]
+    k, host_n = memory_plan(cfg, model.config, float(budget))
+    est = plan(cfg, model.config, gpu_memory_gib=float(budget), recompute_layers=k, host_layers=host_n)["peak_gib"]
     if est > float(budget):
         import logging
 
@@ -340,18 +416,21 @@ def apply_memory_plan(model: Any, cfg: Config, device: Any) -> Optional[dict]:
             "adapter.recompute_budget_gib=%.2f: even with every decoder layer recomputing, cpt plan estimates a %.2f GiB "
             "peak; lower per_device_train_batch_size or model.max_seq_length, or use train.offload_embedding_state / "
             "use_gradient_checkpointing=offload / model.load_in_4bit to fit under it", float(budget), est)
-    return set_recompute(model, k, offload=gc == "offload")
+    return set_recompute(model, k, offload=gc == "offload", host_layers=host_n if cuda else 0)
 
 
 def format_plan(p: dict) -> str:
     lines = [f"cpt plan: {p['model']} ({p['system']}, {p['mode']}) on {p['gpu']} ({p['gpu_memory_gib']:.0f} GiB)",
              f"  micro-batch tokens {p['tokens_per_micro_batch']}, recomputing layers {p['recompute_layers']}"
-             f"{' (inputs offloaded to host)' if p['offload'] else ''}"]
+             f"{' (inputs offloaded to host)' if p['offload'] else ''}"
+             f"{f', of them {h} with MLP activations in host memory' if (h := p.get('host_layers')) else ''}"]
     for k, v in p["memory_gib"].items():
         lines.append(f"  {k:<42} {v:8.2f} GiB")
     lines.append(f"  {'gradients':<42} {p['gradients_gib']:8.2f} GiB")
     if p.get("host_memory_gib"):
-        lines.append(f"  {'(in pinned host memory: embedding states)':<42} {p['host_memory_gib']:8.2f} GiB")
+        what = ", ".join(x for x, on in (("embedding states", p.get("offload_embedding_state")),
+                                         ("layer activations", p.get("host_layers"))) if on)
+        lines.append(f"  {f'(in pinned host memory: {what})':<42} {p['host_memory_gib']:8.2f} GiB")
     for k, v in p["activations_gib"].items():
         lines.append(f"  {k:<42} {v:8.2f} GiB")
     lines.append(f"  peak (at the {p['peak_at']})".ljust(45) + f"{p['peak_gib']:8.2f} GiB  {'fits' if p['fits'] else 'DOES NOT FIT'}")

@@ -162,6 +162,7 @@ def _patch_liger_elementwise(causal_lm: torch.nn.Module) -> bool:
 
     _apply_liger_kernel_to_instance(model=causal_lm, rope=True, rms_norm=True, swiglu=True,
                                     cross_entropy=False, fused_linear_cross_entropy=False)
+    causal_lm._cpt_liger_elementwise = True  # it stays: host layers (adapter.host_activations) are then off
     return True
 
 
@@ -306,9 +307,14 @@ def apply_kernels(model: torch.nn.Module, mode: str, device: torch.device, compi
             applied.append("frozen embedding originals in host memory")
     if compile:
         graphs = cuda_graphs and device.type == "cuda"
-        layers = compile_decoder_layers(model, cuda_graphs=graphs)
+        # Host layers need cpt's own projections in the graph; under liger's Triton SwiGLU the
+        # saved gate/up outputs never reached the hooks (CUDA test, session 9).
+        host = device.type == "cuda" and not getattr(causal_lm, "_cpt_liger_elementwise", False)
+        layers = compile_decoder_layers(model, cuda_graphs=graphs, host_layers=host)
         applied.append(f"decoder layers compiled ({layers['compiled']} of {layers['compiled'] + layers['eager']}, "
-                       f"{layers['recompute']} recompute inside the graph{', replayed as CUDA graphs' if graphs else ''})")
+                       f"{layers['recompute']} recompute inside the graph"
+                       + (f", {layers['host']} with MLP activations in host memory" if layers["host"] else "")
+                       + f"{', replayed as CUDA graphs' if graphs else ''})")
     causal_lm._cpt_kernels = applied
     log.info("kernels: %s", ", ".join(applied) or "plain PyTorch")
     return plain_causal_lm_loss

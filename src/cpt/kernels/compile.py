@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from cpt.kernels.host_activations import LEAD, fetch_hook
 from cpt.kernels.recompute import decoder_layers
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,15 @@ log = logging.getLogger(__name__)
 _DROPPED = ("use_cache", "past_key_values", "past_key_value", "cache", "layer_past")
 
 
-def _layer_step(layer: torch.nn.Module, recompute: bool, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+def _layer_step(layer: torch.nn.Module, recompute: Any, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     # The class's own forward: with layer.gradient_checkpointing off it is the plain computation in
     # every transformers version (newer ones wrap `forward` itself in their checkpoint switch).
+    # recompute: False (keep), True (recompute everything), "host" (save the MLP's expanding
+    # projections' outputs, for kernels/host_activations.py to move to host memory).
     forward = type(layer).forward
     if recompute:
-        return checkpoint(forward, layer, hidden, *args, use_reentrant=False, context_fn=_recompute_everything,
-                          **kwargs)
+        policy = _save_expanding_projections if recompute == "host" else _recompute_everything
+        return checkpoint(forward, layer, hidden, *args, use_reentrant=False, context_fn=policy, **kwargs)
     return forward(layer, hidden, *args, **kwargs)
 
 
@@ -61,6 +64,25 @@ def _recompute_everything() -> tuple:
     # it will not recompute, such as bitsandbytes' fused 4-bit GEMM (a custom op): about 9 GiB for an
     # 8B model (bench/NOTES.md). Every op of the layer is recomputed, as in the eager checkpoint.
     return create_selective_checkpoint_contexts(_must_recompute)
+
+
+def _expanding(op: Any, args: tuple) -> bool:
+    """Whether op is one of cpt's LoRA projections with more outputs than inputs (gate, up)."""
+    if op is torch.ops.cpt.lora_linear.default:
+        return args[1].shape[0] > args[0].shape[-1]
+    if op is torch.ops.cpt.lora_linear_4bit.default:
+        return int(args[9]) > args[0].shape[-1]
+    return False
+
+
+def _save_if_expanding(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if _expanding(op, args) else CheckpointPolicy.MUST_RECOMPUTE
+
+
+def _save_expanding_projections() -> tuple:
+    # A host layer (kernels/host_activations.py): the gate and up outputs are saved (and leave the GPU),
+    # everything else is recomputed as in _recompute_everything.
+    return create_selective_checkpoint_contexts(_save_if_expanding)
 
 
 _COMPILED: dict[Any, Callable] = {}
@@ -120,9 +142,11 @@ def own_gradients(params) -> None:
                 p.grad = p.grad.clone()
 
 
-def _compiled_forward(layer: torch.nn.Module, recompute: bool, backend: str, mode: Optional[str] = None) -> Callable:
+def _compiled_forward(layer: torch.nn.Module, recompute: Any, backend: str, mode: Optional[str] = None,
+                      host: Any = None, fetch: Optional[list] = None) -> Callable:
     step = _compiled_step(backend, mode)
     plain = layer.forward
+    hook = fetch_hook(fetch) if fetch else None
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not (self.training and torch.is_grad_enabled()):
@@ -130,7 +154,21 @@ def _compiled_forward(layer: torch.nn.Module, recompute: bool, backend: str, mod
         kwargs = {k: v for k, v in kwargs.items() if k not in _DROPPED}
         if backend not in _FAILED:
             try:
-                return step(self, recompute, hidden_states, *args, **kwargs)
+                if host is None:
+                    out = step(self, recompute, hidden_states, *args, **kwargs)
+                else:
+                    host.begin(self, [hidden_states, *args, *kwargs.values()])
+                    with host.hooks():
+                        out = step(self, recompute, hidden_states, *args, **kwargs)
+                    if host.count == 0 and not host.warned:
+                        host.warned = True
+                        log.warning("adapter.host_activations: decoder layer %d saved nothing to host memory; it keeps its "
+                                    "gate and up outputs on the GPU (set adapter.host_activations: 0)", host.index)
+                if hook is not None:
+                    first = out[0] if isinstance(out, tuple) else out
+                    if first.requires_grad:
+                        first.register_hook(hook)
+                return out
             except torch.cuda.OutOfMemoryError:
                 raise
             except Exception as e:  # the compiler's own failure (no C compiler, Triton, an unsupported op)
@@ -138,33 +176,48 @@ def _compiled_forward(layer: torch.nn.Module, recompute: bool, backend: str, mod
                 log.warning("compiling the decoder layers failed, training goes on with the plain layers "
                             "(model.compile: false skips the attempt): %s", _FAILED[backend])
         # Back to the plain layer for good (its own checkpointing switch restored); this call
-        # recomputes as the compiled one would have.
+        # recomputes as the compiled one would have (a host layer recomputes everything).
         uncompile_layer(self)
-        return _layer_step(self, recompute, hidden_states, *args, **kwargs)
+        return _layer_step(self, bool(recompute), hidden_states, *args, **kwargs)
 
     return types.MethodType(forward, layer)
 
 
-def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor", cuda_graphs: bool = False) -> dict:
+def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor", cuda_graphs: bool = False,
+                           host_layers: bool = True) -> dict:
     """Compile every decoder layer's training forward (and so its backward). Reads each layer's
     recompute choice as model setup left it (set_recompute / gradient checkpointing), so call it
     last. `cuda_graphs`: each layer's forward and backward replay as CUDA graphs (one recording per
     layer and pass, made in the second step), so the host launches one graph instead of ~80 kernels
-    per layer and pass. Returns {"compiled": n, "recompute": n, "eager": n} (eager: offloaded layers)."""
+    per layer and pass. `host_layers`: the layers set_recompute chose as host layers become them
+    (False: they recompute like the others). Returns {"compiled": n, "recompute": n, "eager": n, "host": n} (eager: layers whose inputs
+    are offloaded; host: recomputing layers whose MLP activations wait in host memory, no graphs)."""
     mode = GRAPHS if cuda_graphs and backend == "inductor" else None
-    summary = {"compiled": 0, "recompute": 0, "eager": 0}
-    for layer in decoder_layers(model):
+    summary = {"compiled": 0, "recompute": 0, "eager": 0, "host": 0}
+    layers = list(decoder_layers(model))
+    for layer in layers:
         if getattr(layer, "_cpt_compiled", None) is not None:
             uncompile_layer(layer)
+    # Host layers (set_recompute's choice): whose output starts fetching each one's tensors back.
+    fetch: dict[int, list] = {}
+    for i, layer in enumerate(layers):
+        host = getattr(layer, "_cpt_host_activations", None) if host_layers else None
+        if host is not None and i + LEAD < len(layers):
+            fetch.setdefault(i + LEAD, []).append(host)
+    for i, layer in enumerate(layers):
         if getattr(layer, "_cpt_plain_forward", None) is not None:  # offloaded: its own autograd.Function
             summary["eager"] += 1
             continue
         recompute = bool(getattr(layer, "gradient_checkpointing", False))
+        host = getattr(layer, "_cpt_host_activations", None) if recompute and host_layers else None
         layer._cpt_compiled = {"recompute": recompute, "forward": layer.__dict__.get("forward")}
         layer.gradient_checkpointing = False
-        layer.forward = _compiled_forward(layer, recompute, backend, mode)
+        # A host layer's saved tensors must not live in a CUDA graph's pool (the next replay reuses it).
+        layer.forward = _compiled_forward(layer, "host" if host is not None else recompute, backend,
+                                          None if host is not None else mode, host=host, fetch=fetch.get(i))
         summary["compiled"] += 1
         summary["recompute"] += int(recompute)
+        summary["host"] += int(host is not None)
     return summary
 
 

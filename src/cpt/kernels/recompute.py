@@ -114,25 +114,36 @@ def _offloaded_forward(layer: torch.nn.Module, plain_forward: Callable) -> Calla
     return types.MethodType(forward, layer)
 
 
-def set_recompute(model: torch.nn.Module, recompute_layers: Optional[int] = None, offload: bool = False) -> dict:
+def set_recompute(model: torch.nn.Module, recompute_layers: Optional[int] = None, offload: bool = False,
+                  host_layers: int = 0) -> dict:
     """Set, per decoder layer, keep / recompute / offload. recompute_layers None means all layers.
+    `host_layers` of the recomputing layers (spread evenly, not with offload) keep their MLP
+    activations in host memory once compiled (kernels/host_activations.py; uncompiled they recompute).
 
     The model's gradient checkpointing must already be enabled (transformers'
     `gradient_checkpointing_enable`) when any layer recomputes without offload. Returns a summary
-    {"keep": n, "recompute": n, "offload": n}.
+    {"keep": n, "recompute": n, "offload": n, "host": n} (host layers count as recompute too).
     """
+    from cpt.kernels.host_activations import HostActivations, host_layer_indices
+
     layers = decoder_layers(model)
     n = len(layers)
     k = n if recompute_layers is None else max(0, min(n, int(recompute_layers)))
-    summary = {"keep": 0, "recompute": 0, "offload": 0}
+    summary = {"keep": 0, "recompute": 0, "offload": 0, "host": 0}
     from cpt.kernels.compile import uncompile_layer
 
+    host = set() if offload else set(host_layer_indices(list(range(n - k, n)), n, host_layers))
     for i, layer in enumerate(layers):
         uncompile_layer(layer)  # a compiled layer fixed its recompute choice: back to eager (compile again after)
         plain = getattr(layer, "_cpt_plain_forward", None)
         if plain is not None:  # undo an earlier offload patch
             layer.forward = plain
             del layer._cpt_plain_forward
+        if i in host:
+            layer._cpt_host_activations = HostActivations(i)
+            summary["host"] += 1
+        elif hasattr(layer, "_cpt_host_activations"):
+            del layer._cpt_host_activations
         recompute = i >= n - k
         if recompute and offload:
             # Our checkpoint replaces transformers' for this layer (never both: that would

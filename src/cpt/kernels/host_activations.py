@@ -1,0 +1,187 @@
+"""Recomputing decoder layers whose MLP activations wait in host memory (adapter.host_activations).
+
+A recomputing layer keeps only its input and reruns its forward pass in backward. Two thirds of
+that rerun are the MLP's expanding projections (gate and up: 2 x hidden x intermediate each, the
+down projection's base GEMM is already skipped, kernels/compile.py), and their outputs are what
+the GPU cannot afford to keep: 224 MiB per layer of an 8B model at 4096 tokens, 7 GiB for 32 layers.
+The host link can carry them instead. In a "host" layer the compiled step saves those two outputs
+(a selective-checkpoint policy) and everything else is recomputed as before; every saved tensor
+of the step (the two outputs and the layer input) is copied to pinned host memory on a side
+stream as soon as the forward pass has made it, and its GPU memory is freed when the copy is done.
+In the backward pass the copies come back on another side stream, started when the backward pass
+reaches the layer LEAD layers above (hooks on those layers' outputs), so they are in place when
+the layer's own backward starts.
+
+How many layers can do this is set by the link, not by GPU memory: what the forward pass produces
+faster than the link drains it waits on the GPU (bench/NOTES.md, session 9). `cpt plan` picks the
+count ('auto') from the link's measured speed and the forward pass's estimated length.
+
+Only compiled layers (model.compile) can: the saved tensors are the compiled step's own (eager
+checkpointing keeps its saved tensors out of reach of these hooks), so without compile such
+layers simply recompute. Not with CUDA graphs: the saved tensors of a replayed graph live in the
+graph's memory pool, which the next replay overwrites whatever the copy stream is doing, so host
+layers run their compiled step without graphs and the other layers keep theirs.
+
+    python -m pytest tests/test_kernels.py -q -k host_activations
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+LEAD = 1  # a host layer's tensors start back when the backward pass reaches the layer this many above it
+MIN_BYTES = 1 << 20  # smaller saved tensors stay on the GPU (tests set 0)
+
+_STREAMS: dict = {}  # (device, "out" | "in") -> side stream
+
+
+def _stream(device: torch.device, kind: str) -> torch.cuda.Stream:
+    key = (device, kind)
+    if key not in _STREAMS:
+        _STREAMS[key] = torch.cuda.Stream(device)
+    return _STREAMS[key]
+
+
+class _Stashed:
+    """One saved tensor in host memory: where it is, and (once fetched) its way back."""
+
+    __slots__ = ("host", "device", "copied", "gpu", "fetched")
+
+    def __init__(self, host: torch.Tensor, device: torch.device, copied: Optional[torch.cuda.Event]):
+        self.host, self.device, self.copied = host, device, copied
+        self.gpu: Optional[torch.Tensor] = None
+        self.fetched: Optional[torch.cuda.Event] = None
+
+
+class HostActivations:
+    """The saved-tensor hooks of one host layer, and its pinned buffers (made in the first step,
+    reused by every later forward pass in the same order)."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.buffers: list[torch.Tensor] = []
+        self.stashed: list[_Stashed] = []
+        self.weights: set[int] = set()
+        self.count = 0  # tensors stashed in the last forward pass (tests and logs)
+        self.late = 0  # tensors the backward pass found not yet fetched (should stay 0)
+        self.warned = False
+
+    # ------------------------------------------------------------------ forward: out to host
+
+    def begin(self, layer: torch.nn.Module, inputs: list) -> None:
+        """Before the layer's forward pass: the storages that are the layer's own (weights, their
+        4-bit statistics) or its inputs never move. An input may be the output of a CUDA graph,
+        whose memory the next replay reuses whatever a side stream still reads; it is the one
+        tensor a recomputing layer keeps anyway."""
+        self.stashed, self.count = [], 0
+        ptrs = set()
+        flat = [y for x in inputs for y in (x if isinstance(x, (tuple, list)) else (x,)) if isinstance(y, torch.Tensor)]
+        for t in list(layer.parameters()) + list(layer.buffers()) + flat:
+            ptrs.add(t.untyped_storage().data_ptr())
+            state = getattr(t, "quant_state", None)
+            for s in (state, getattr(state, "state2", None)):
+                for name in ("absmax", "code"):
+                    x = getattr(s, name, None)
+                    if isinstance(x, torch.Tensor):
+                        ptrs.add(x.untyped_storage().data_ptr())
+        self.weights = ptrs
+
+    def pack(self, t: torch.Tensor) -> Any:
+        if (t.numel() * t.element_size() < MIN_BYTES or t.device.type not in ("cuda", "cpu")
+                or t.untyped_storage().data_ptr() in self.weights):
+            return t
+        i = len(self.stashed)
+        host = self.buffers[i] if i < len(self.buffers) else None
+        if host is None or host.shape != t.shape or host.stride() != t.stride() or host.dtype != t.dtype:
+            # Same strides as the saved tensor: the backward graph was compiled for them.
+            host = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu",
+                                       pin_memory=t.device.type == "cuda")
+            if i < len(self.buffers):
+                self.buffers[i] = host
+            else:
+                self.buffers.append(host)
+        copied = None
+        if t.device.type == "cuda":
+            out = _stream(t.device, "out")
+            # Waits for the forward pass that made t; the buffer's previous contents went back to
+            # the GPU in the last backward pass, which the current stream has also waited for.
+            out.wait_stream(torch.cuda.current_stream(t.device))
+            with torch.cuda.stream(out):
+                host.copy_(t, non_blocking=True)
+            t.record_stream(out)  # its memory is reused only after the copy
+            copied = out.record_event()
+        else:
+            host.copy_(t)
+        h = _Stashed(host, t.device, copied)
+        self.stashed.append(h)
+        self.count += 1
+        return h
+
+    # ------------------------------------------------------------------ backward: back to the GPU
+
+    def fetch(self) -> None:
+        """Start bringing every stashed tensor of the last forward pass back (idempotent)."""
+        for h in self.stashed:
+            if h.gpu is not None or h.copied is None:
+                continue
+            device = h.device
+            main = torch.cuda.current_stream(device)
+            back = _stream(device, "in")
+            # Allocated on the current stream, written on the side stream once everything queued so
+            # far (the last user of that memory included) is done.
+            gpu = torch.empty_strided(h.host.shape, h.host.stride(), dtype=h.host.dtype, device=device)
+            back.wait_stream(main)
+            back.wait_event(h.copied)
+            with torch.cuda.stream(back):
+                gpu.copy_(h.host, non_blocking=True)
+            gpu.record_stream(back)
+            h.gpu, h.fetched = gpu, back.record_event()
+
+    def unpack(self, packed: Any) -> torch.Tensor:
+        if not isinstance(packed, _Stashed):
+            return packed
+        h = packed
+        if h.device.type != "cuda":
+            return h.host.clone()
+        if h.gpu is None:  # not fetched ahead (a second read, or no hook ran): fetch now
+            self.late += 1
+            self.fetch_one(h)
+        torch.cuda.current_stream(h.device).wait_event(h.fetched)
+        gpu, h.gpu = h.gpu, None  # the backward graph may free it as soon as it is done with it
+        return gpu
+
+    def fetch_one(self, h: _Stashed) -> None:
+        stashed, self.stashed = self.stashed, [h]
+        try:
+            self.fetch()
+        finally:
+            self.stashed = stashed
+
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+def fetch_hook(targets: list[HostActivations]):
+    """A gradient hook for a layer's output: when the backward pass reaches that layer, start
+    fetching the host layers `targets` (LEAD layers below)."""
+
+    def hook(grad: torch.Tensor) -> None:
+        if grad.is_cuda:
+            for t in targets:
+                t.fetch()
+
+    return hook
+
+
+def host_layer_indices(recomputing: list[int], n_layers: int, count: int) -> list[int]:
+    """Which recomputing layers become host layers: `count` of them, spread evenly so the copies
+    keep pace with the forward pass; none of the top LEAD layers (nothing above them could start
+    their fetch early) and none of the bottom LEAD + 1 (their fetched-ahead tensors would add to the
+    peak at the very end of the backward pass, when every gradient exists)."""
+    candidates = [i for i in recomputing if LEAD < i < n_layers - LEAD]
+    count = max(0, min(count, len(candidates)))
+    if count == 0:
+        return []
+    step = len(candidates) / count
+    return sorted({candidates[int(j * step)] for j in range(count)})
