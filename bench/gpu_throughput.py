@@ -293,6 +293,10 @@ def worker_ours(args) -> dict:
                       offload_embedding_state=args.offload_embedding_state, cuda_graphs=args.cuda_graphs,
                       host_activations=None if args.host_activations is None else
                       (args.host_activations if args.host_activations == "auto" else int(args.host_activations)))
+    if args.host_lead is not None:
+        import cpt.kernels.host_activations
+
+        cpt.kernels.host_activations.LEAD = args.host_lead
     if args.lora_addmm:
         import cpt.kernels.lora
 
@@ -542,6 +546,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--recompute-budget", default=None, help="ours: adapter.recompute_budget_gib (memory-aware row)")
     p.add_argument("--host-activations", default=None, help="ours: adapter.host_activations (auto or a number of layers)")
+    p.add_argument("--host-lead", type=int, default=None, help="ours: how many layers ahead host layers are fetched (experiment)")
     p.add_argument("--checkpointing", default="true", help="ours: adapter.use_gradient_checkpointing")
     p.add_argument("--compile", default="auto", help="ours: model.compile (auto, true, false)")
     p.add_argument("--profile", default=None, help="write a torch profiler table of one step here")
