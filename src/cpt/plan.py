@@ -50,6 +50,8 @@ EARLY_EXPOSED_SHARE = 0.2
 # pass and the loss ~127 ms into a ~380 ms step, bench/NOTES.md call 26): the window in which the
 # host layers' activations go out.
 FORWARD_SHARE = 0.3
+# At most this share of a 4-bit model's layers become host layers under 'auto' (see auto_host_layers).
+HOST_LAYER_SHARE_4BIT = 0.32
 
 
 @dataclass
@@ -330,6 +332,11 @@ def auto_host_layers(cfg: Config, s: Shape, recompute_layers: int, tokens: int, 
         per_pass = step_s / cfg.train.gradient_accumulation_steps
         # 80% of the window: what the link has not carried out by the loss waits on the GPU.
         want = int(0.8 * HOST_LINK_GB_S * 1e9 * FORWARD_SHARE * per_pass // host_activation_bytes(s, tokens))
+        if cfg.model.load_in_4bit:
+            # Host layers replay without CUDA graphs, and 4-bit layers cost the host more to launch:
+            # 21 of 32 made the 8B step host-bound (450-510 ms against 406-414 without host layers),
+            # 10 did not (381-406 ms; bench/NOTES.md, session 9).
+            want = min(want, int(HOST_LAYER_SHARE_4BIT * s.layers))
     return len(host_layer_indices(list(range(s.layers - recompute_layers, s.layers)), s.layers, int(want)))
 
 
