@@ -606,7 +606,7 @@ def drive(args) -> int:
                                "flops_per_token": {"with_recompute": flops_per_token(SEQ, 32),
                                                    "without_recompute": flops_per_token(SEQ, 0),
                                                    "count": "6*N_frozen + 8*N_lora + 6*N_lm_head + 6*L*d*seq (causal attention), "
-                                                            "minus 2*N per layer that keeps its activations (no recompute)"},
+                                                            "minus 2*N per layer that keeps its activations (no recompute) and 2*N of gate and up per host layer"},
                                "peak_tflops": PEAK_TFLOPS, "anchor": ANCHOR, "targets": TARGETS}
     if args.append and (out / "gpu_throughput.json").is_file():
         # Rows of an earlier call on the same kind of machine (one call may run 10 minutes at most):
@@ -781,7 +781,8 @@ def _write(results: dict, out: Path) -> None:
                 label = (f"ours, capped at the memory target (adapter.recompute_budget_gib={s['budget_gib']}): embedding states "
                          f"{'in host memory' if s.get('offload_embedding_state') else 'on the GPU'}, "
                          f"{(s.get('layers') or {}).get('keep', '?')} of 32 layers keep activations"
-                         + (f", {h} keep their MLP activations in host memory" if (h := (s.get('layers') or {}).get('host')) else ""))
+                         + (f", {h} keep their MLP activations in host memory" if (h := (s.get('layers') or {}).get('host')) else "")
+                         + (" (adapter.host_activations=0)" if _base(system) == "ours_budget_nohost" else ""))
             if s and system != "baseline":
                 label += _graphs_label(s)
             if not s:
@@ -824,6 +825,7 @@ def _write(results: dict, out: Path) -> None:
         for key in [k for k in e if k.startswith("ours_")]:
             o = e.get(key) or {}
             what = {"ours_offload": "embedding states in host memory", "ours_budget": "capped at the memory target",
+                    "ours_budget_nohost": "capped at the memory target, no host layers",
                     "ours_eager": "eager"}.get(_base(key), _base(key)) + _graphs_label(o)
             if "target_met" in o:
                 tm = o["target_met"]
