@@ -1073,3 +1073,67 @@ def test_cuda_host_activations_match_plain_bf16():
         assert [b.data_ptr() for h in hosts for b in h.buffers] == ptrs
     finally:
         apply_kernels(model, "none", torch.device("cuda"))
+
+
+def test_host_layer_that_stashes_nothing_warns_once(monkeypatch, caplog):
+    """A host layer whose saved tensors never reach the hooks (all under MIN_BYTES here; under liger's
+    SwiGLU on CUDA) would keep its gate and up outputs on the GPU: it says so, once."""
+    import logging
+
+    import torch._dynamo
+
+    from cpt.kernels import compile_decoder_layers, decoder_layers, host_activations
+    from cpt.kernels.compile import uncompile_layer
+
+    monkeypatch.setattr(host_activations, "MIN_BYTES", 1 << 40)
+    torch._dynamo.reset()
+    model = _tiny_lora_llama(layers=4)
+    loss_fn = apply_kernels(model, "cpt", torch.device("cpu"))
+    assert set_recompute(model, 4, host_layers=1)["host"] == 1
+    caplog.set_level(logging.WARNING, logger="cpt")
+    try:
+        assert compile_decoder_layers(model, backend="aot_eager")["host"] == 1
+        for _ in range(2):
+            _loss_and_grads(model, loss_fn, _batch(97, seed=3), 40)
+        assert caplog.text.count("saved nothing to host memory") == 1
+        # Off (liger's elementwise kernels in the model): the chosen layer just recomputes.
+        assert compile_decoder_layers(model, backend="aot_eager", host_layers=False)["host"] == 0
+    finally:
+        for layer in decoder_layers(model):
+            uncompile_layer(layer)
+        torch._dynamo.reset()
+
+
+def test_host_layer_survives_two_forward_passes_before_backward(monkeypatch):
+    """The loop runs forward then backward; a caller may run two forward passes first (two losses
+    summed). The second must not overwrite the first one's tensors in the host buffers."""
+    import torch._dynamo
+
+    from cpt.kernels import compile_decoder_layers, decoder_layers, host_activations
+    from cpt.kernels.compile import uncompile_layer
+
+    monkeypatch.setattr(host_activations, "MIN_BYTES", 0)
+    torch._dynamo.reset()
+    model = _tiny_lora_llama(layers=4)
+    loss_fn = apply_kernels(model, "cpt", torch.device("cpu"))
+    assert set_recompute(model, 4, host_layers=1)["host"] == 1
+    a, b = _batch(97, seed=4), _batch(97, seed=5)
+
+    def two_losses():
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(model, a, 40) + loss_fn(model, b, 40)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_ref, grads_ref = two_losses()
+    try:
+        compile_decoder_layers(model, backend="aot_eager")
+        for _ in range(2):
+            loss, grads = two_losses()
+            assert abs(loss.item() - loss_ref.item()) < 1e-5 * loss_ref.item()
+            for n in grads_ref:
+                assert _rel(grads[n], grads_ref[n]) < 1e-5, n
+    finally:
+        for layer in decoder_layers(model):
+            uncompile_layer(layer)
+        torch._dynamo.reset()

@@ -237,3 +237,24 @@ def test_host_activations_key_is_checked(value, ok):
             config_from_dict({"adapter": {"host_activations": value}})
     else:
         assert config_from_dict({"adapter": {"host_activations": value}}).adapter.host_activations == ok
+
+
+def test_memory_plan_hands_host_layers_to_set_recompute_on_cuda_only(monkeypatch):
+    """model setup: under a numeric cap the plan's host layers reach set_recompute on a CUDA device
+    (nothing on CPU); a fixed number without a cap applies to all-recomputing layers."""
+    import cpt.kernels
+
+    class M:
+        config = _llama_8b()
+    calls = []
+    monkeypatch.setattr(cpt.kernels, "set_recompute",
+                        lambda model, k, offload=False, host_layers=0: calls.append((k, host_layers)))
+    apply_memory_plan(M(), _cfg(recompute_budget_gib=21.5), "cuda")
+    k, host = calls[-1]
+    assert host > 0 and k is not None and k >= host
+    apply_memory_plan(M(), _cfg(recompute_budget_gib=21.5), "cpu")
+    assert calls[-1][1] == 0
+    apply_memory_plan(M(), _cfg(host_activations=6), "cuda")
+    assert calls[-1] == (None, 6)
+    n = len(calls)
+    assert apply_memory_plan(M(), _cfg(host_activations=6), "cpu") is None and len(calls) == n

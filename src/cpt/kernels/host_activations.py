@@ -46,10 +46,11 @@ def _stream(device: torch.device, kind: str) -> torch.cuda.Stream:
 class _Stashed:
     """One saved tensor in host memory: where it is, and (once fetched) its way back."""
 
-    __slots__ = ("host", "device", "copied", "gpu", "fetched")
+    __slots__ = ("host", "device", "copied", "gpu", "fetched", "used")
 
     def __init__(self, host: torch.Tensor, device: torch.device, copied: Optional[torch.cuda.Event]):
         self.host, self.device, self.copied = host, device, copied
+        self.used = False
         self.gpu: Optional[torch.Tensor] = None
         self.fetched: Optional[torch.cuda.Event] = None
 
@@ -74,6 +75,10 @@ class HostActivations:
         4-bit statistics) or its inputs never move. An input may be the output of a CUDA graph,
         whose memory the next replay reuses whatever a side stream still reads; it is the one
         tensor a recomputing layer keeps anyway."""
+        if any(not h.used for h in self.stashed):
+            # A second forward pass before the first one's backward (not the loop's way, but a
+            # caller's): the first one's tensors still wait in the buffers, so new ones are made.
+            self.buffers = []
         self.stashed, self.count = [], 0
         ptrs = set()
         flat = [y for x in inputs for y in (x if isinstance(x, (tuple, list)) else (x,)) if isinstance(y, torch.Tensor)]
@@ -142,6 +147,7 @@ class HostActivations:
         if not isinstance(packed, _Stashed):
             return packed
         h = packed
+        h.used = True
         if h.device.type != "cuda":
             return h.host.clone()
         if h.gpu is None:  # not fetched ahead (a second read, or no hook ran): fetch now
