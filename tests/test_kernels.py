@@ -668,6 +668,28 @@ def _saved_bytes(model, loss_fn, batch, num_items) -> tuple:
     return loss, grads, total[0]
 
 
+def _graph_keeping_backend() -> tuple:
+    """aot_eager's own setup (min-cut partitioner, graphs run as traced), keeping the forward and
+    backward graphs it compiles for inspection: (backend, {"forward": [...], "backward": [...]})."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {"forward": [], "backward": []}
+
+    def keep(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    return aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"),
+                        partition_fn=min_cut_rematerialization_partition), graphs
+
+
+def _calls(gm, op) -> list:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
+
+
 def _dynamo_counts() -> dict:
     from torch._dynamo.utils import counters
     return {"graphs": counters["stats"]["unique_graphs"], "breaks": sum(counters["graph_break"].values())}
@@ -738,26 +760,12 @@ def test_compiled_recompute_reruns_lora_ops_only_where_backward_needs_them(autoc
     op saved its rank-r middle `x @ A.T`, that output would be needed and down_proj's base GEMM
     would be recomputed too. Under CPU autocast too (its casts trace without graph breaks)."""
     import torch._dynamo
-    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
-    from torch._dynamo.backends.common import aot_autograd
 
     from cpt.kernels import compile_decoder_layers, decoder_layers
     from cpt.kernels.compile import uncompile_layer
 
-    graphs = {"forward": [], "backward": []}
-
-    def keep(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind].append(gm)
-            return make_boxed_func(gm.forward)
-        return compiler
-
-    # aot_eager's own setup (min-cut partitioner, graphs run as traced), keeping the graphs.
-    backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"),
-                           partition_fn=min_cut_rematerialization_partition)
-
-    def calls(gm, op):
-        return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
+    backend, graphs = _graph_keeping_backend()
+    calls = _calls
 
     torch._dynamo.reset()
     model = _tiny_lora_llama()
@@ -934,26 +942,13 @@ def test_host_activations_layer_saves_gate_and_up_in_host_memory(monkeypatch, au
     gradients stay eager's. Counted in the compiled graphs: the host layer's backward reruns 4 of
     its 7 projections (q, k, v, o), a plain recomputing layer 6, a keeping layer none."""
     import torch._dynamo
-    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
-    from torch._dynamo.backends.common import aot_autograd
 
     from cpt.kernels import compile_decoder_layers, decoder_layers, host_activations
     from cpt.kernels.compile import uncompile_layer
 
     monkeypatch.setattr(host_activations, "MIN_BYTES", 0)  # toy tensors count
-    graphs = {"forward": [], "backward": []}
-
-    def keep(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind].append(gm)
-            return make_boxed_func(gm.forward)
-        return compiler
-
-    backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"),
-                           partition_fn=min_cut_rematerialization_partition)
-
-    def calls(gm, op):
-        return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
+    backend, graphs = _graph_keeping_backend()
+    calls = _calls
 
     torch._dynamo.reset()
     model = _tiny_lora_llama(layers=6)
