@@ -268,7 +268,7 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
     eff = EFFICIENCY[("ours, compiled" if compiled else "ours" if ours else "baseline", mode)]
     n_targets = len([x for x in a.target_modules if x in LORA_SHAPES]) or 7
 
-    def speed(host_n: int) -> float:
+    def speed(host_n: int) -> tuple[float, float]:  # (FLOPs per token, tokens/s)
         flops = model_flops_per_token(s.hidden, s.layers, s.heads, s.kv_heads, s.intermediate, s.vocab, a.r,
                                       n_lora_targets=n_targets, seq=m.max_seq_length,
                                       recompute_layers=recompute_layers, host_layers=host_n)
@@ -328,8 +328,7 @@ def auto_host_layers(cfg: Config, s: Shape, recompute_layers: int, tokens: int, 
     if want == "auto":
         if not isinstance(budget, (int, float)) or isinstance(budget, bool):
             return 0
-        step_s = tokens * cfg.train.gradient_accumulation_steps / tokens_per_s
-        per_pass = step_s / cfg.train.gradient_accumulation_steps
+        per_pass = tokens / tokens_per_s  # one micro-batch's forward and backward
         # 80% of the window: what the link has not carried out by the loss waits on the GPU.
         want = int(0.8 * HOST_LINK_GB_S * 1e9 * FORWARD_SHARE * per_pass // host_activation_bytes(s, tokens))
         if cfg.model.load_in_4bit:

@@ -5,9 +5,10 @@ that rerun are the MLP's expanding projections (gate and up: 2 x hidden x interm
 down projection's base GEMM is already skipped, kernels/compile.py), and their outputs are what
 the GPU cannot afford to keep: 224 MiB per layer of an 8B model at 4096 tokens, 7 GiB for 32 layers.
 The host link can carry them instead. In a "host" layer the compiled step saves those two outputs
-(a selective-checkpoint policy) and everything else is recomputed as before; every saved tensor
-of the step (the two outputs and the layer input) is copied to pinned host memory on a side
-stream as soon as the forward pass has made it, and its GPU memory is freed when the copy is done.
+(a selective-checkpoint policy) and everything else is recomputed as before; the saved tensors of
+the step (the two outputs; not the layer's input, which a recomputing layer keeps anyway) are
+copied to pinned host memory on a side stream as soon as the forward pass has made them, and their
+GPU memory is freed when the copy is done.
 In the backward pass the copies come back on another side stream, started when the backward pass
 reaches the layer LEAD layers above (hooks on those layers' outputs), so they are in place when
 the layer's own backward starts.
@@ -33,11 +34,12 @@ import torch
 LEAD = 1  # a host layer's tensors start back when the backward pass reaches the layer this many above it
 MIN_BYTES = 1 << 20  # smaller saved tensors stay on the GPU (tests set 0)
 
-_STREAMS: dict = {}  # (device, "out" | "in") -> side stream
+_STREAMS: dict = {}  # (device, purpose) -> side stream
 
 
-def _stream(device: torch.device, kind: str) -> torch.cuda.Stream:
-    key = (device, kind)
+def side_stream(device: torch.device, purpose: str) -> torch.cuda.Stream:
+    """One side stream per device and purpose ("out", "in" here; kernels/recompute.py's offload)."""
+    key = (device, purpose)
     if key not in _STREAMS:
         _STREAMS[key] = torch.cuda.Stream(device)
     return _STREAMS[key]
@@ -108,7 +110,7 @@ class HostActivations:
                 self.buffers.append(host)
         copied = None
         if t.device.type == "cuda":
-            out = _stream(t.device, "out")
+            out = side_stream(t.device, "out")
             # Waits for the forward pass that made t; the buffer's previous contents went back to
             # the GPU in the last backward pass, which the current stream has also waited for.
             out.wait_stream(torch.cuda.current_stream(t.device))
@@ -132,7 +134,7 @@ class HostActivations:
                 continue
             device = h.device
             main = torch.cuda.current_stream(device)
-            back = _stream(device, "in")
+            back = side_stream(device, "in")
             # Allocated on the current stream, written on the side stream once everything queued so
             # far (the last user of that memory included) is done.
             gpu = torch.empty_strided(h.host.shape, h.host.stride(), dtype=h.host.dtype, device=device)

@@ -88,13 +88,10 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         return None, hidden.grad, None
 
 
-_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    if device not in _STREAMS:
-        _STREAMS[device] = torch.cuda.Stream(device)
-    return _STREAMS[device]
+    from cpt.kernels.host_activations import side_stream
+
+    return side_stream(device, "offload")
 
 
 def _offloaded_forward(layer: torch.nn.Module, plain_forward: Callable) -> Callable:
