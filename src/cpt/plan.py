@@ -435,8 +435,8 @@ def format_plan(p: dict) -> str:
     lines.append(f"  {'gradients':<42} {p['gradients_gib']:8.2f} GiB")
     if p.get("host_memory_gib"):
         what = ", ".join(x for x, on in (("embedding states", p.get("offload_embedding_state")),
-                                         ("layer activations", p.get("host_layers"))) if on)
-        lines.append(f"  {f'(in pinned host memory: {what})':<42} {p['host_memory_gib']:8.2f} GiB")
+                                         ("MLP activations of host layers", p.get("host_layers"))) if on)
+        lines.append(f"  {'(in pinned host memory)':<42} {p['host_memory_gib']:8.2f} GiB  {what}")
     for k, v in p["activations_gib"].items():
         lines.append(f"  {k:<42} {v:8.2f} GiB")
     lines.append(f"  peak (at the {p['peak_at']})".ljust(45) + f"{p['peak_gib']:8.2f} GiB  {'fits' if p['fits'] else 'DOES NOT FIT'}")
