@@ -218,6 +218,26 @@ def test_set_recompute_needs_checkpointing_enabled(tiny_model_dir):
         set_recompute(model, None, offload=False)
 
 
+def _cuda_lora_llama(layers: int = 2, intermediate: int = 704, seq: int = 256, checkpointing: bool = True) -> tuple:
+    """A random Llama (hidden 256, 32k vocabulary) on the GPU with LoRA r=16 on all 7 projections
+    and trained embeddings / head, in training mode; and one batch of 2 x seq random tokens."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(512, seq))
+    model = LlamaForCausalLM(cfg).to("cuda")
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, use_rslora=True, init_lora_weights=False,
+                                             target_modules=_PROJECTIONS, modules_to_save=["embed_tokens", "lm_head"]))
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 32000, (2, seq), generator=g).cuda()
+    return model, {"input_ids": ids, "labels": ids, "position_ids": torch.arange(seq, device="cuda").repeat(2, 1)}
+
+
 def _assert_bf16_close(loss, grads, loss_ref, grads_ref, grads_32) -> None:
     """A bf16 path's loss and float32 gradients against the plain bf16 path's (`*_ref`): about as far
     from the float32 result (`grads_32`) as the plain path is (deep gradients of a random model
@@ -236,22 +256,9 @@ def test_cuda_fused_paths_match_plain_bf16(mode):
     """On the GPU: in float32 the fused paths (our loss and LoRA epilogue, or liger's loss; liger's
     RMSNorm/SwiGLU/RoPE) give the plain path's loss and gradients to rounding; in bf16 with float32
     trained copies they stay within bf16 tolerance of the float32 result."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     if mode == "liger":
         pytest.importorskip("liger_kernel")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    model = LlamaForCausalLM(cfg).to("cuda")
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, use_rslora=True, init_lora_weights=False,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                                             modules_to_save=["embed_tokens", "lm_head"]))
-    model.train()
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 32000, (2, 256), generator=g).cuda()
-    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(256, device="cuda").repeat(2, 1)}
+    model, batch = _cuda_lora_llama(checkpointing=False)
     loss_32, grads_32 = _loss_and_grads(model, apply_kernels(model, "none", torch.device("cuda")), batch, 2 * 255)
     # All float32: the fused paths compute the same function as the plain one, to rounding.
     loss_f32, grads_f32 = _loss_and_grads(model, apply_kernels(model, mode, torch.device("cuda")), batch, 2 * 255)
@@ -275,7 +282,7 @@ def test_cuda_fused_paths_match_plain_bf16(mode):
     head = model.get_base_model().lm_head
     assert head.original_module.weight.device.type == "cpu"
     with torch.no_grad(), model.disable_adapter(), torch.autocast("cuda", dtype=torch.bfloat16):
-        assert model(input_ids=ids).logits.shape == (2, 256, 32000)
+        assert model(input_ids=batch["input_ids"]).logits.shape == (2, 256, 32000)
     assert head.original_module.weight.device.type == "cpu"
 
 
@@ -862,22 +869,8 @@ def test_cuda_compiled_layers_match_eager_bf16():
     """On the GPU, with inductor: compiled layers (recompute inside the graph, norms/RoPE/SwiGLU
     generated instead of liger's) give the eager path's loss and gradients within bf16 tolerance,
     against the same float32 reference."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    model = LlamaForCausalLM(cfg).to("cuda")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, use_rslora=True, init_lora_weights=False,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                                             modules_to_save=["embed_tokens", "lm_head"]))
-    model.train()
+    model, batch = _cuda_lora_llama()
     set_recompute(model, 1)  # one layer keeps, one recomputes
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 32000, (2, 256), generator=g).cuda()
-    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(256, device="cuda").repeat(2, 1)}
     _, grads_32 = _loss_and_grads(model, apply_kernels(model, "none", torch.device("cuda")), batch, 2 * 255)
     for p in model.parameters():
         if not p.requires_grad:
@@ -1010,30 +1003,18 @@ def test_host_layer_indices_spread_and_skip_the_top():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
 def test_cuda_host_activations_match_plain_bf16():
     """On the GPU, with inductor and CUDA graphs for the other layers: host layers (gate/up outputs
-    copied to pinned memory on a side stream, fetched back two layers ahead) give the eager path's
-    loss and gradients within bf16 tolerance over three steps (graphs record in the second), every
+    copied to pinned memory on a side stream, fetched back one layer ahead) give the loss and
+    gradients of the same compiled layers without host layers, within bf16 tolerance of the float32
+    result, over three steps (graphs record in the second), every
     saved tensor comes back through the fetch ahead, and the buffers are pinned and reused."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from cpt.kernels import decoder_layers
     from cpt.kernels.compile import mark_step
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=1408, num_hidden_layers=8,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    model = LlamaForCausalLM(cfg).to("cuda")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, use_rslora=True, init_lora_weights=False,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                                             modules_to_save=["embed_tokens", "lm_head"]))
-    model.train()
+    # 2 x 1024 tokens: gate/up outputs of 5.8 MB each, over MIN_BYTES.
+    model, batch = _cuda_lora_llama(layers=8, intermediate=1408, seq=1024)
     assert set_recompute(model, 7, host_layers=3)["host"] == 3  # layer 0 keeps, 1-7 recompute, 3 of them host layers
     layers = decoder_layers(model)
     hosts = [l._cpt_host_activations for l in layers if hasattr(l, "_cpt_host_activations")]
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 32000, (2, 1024), generator=g).cuda()  # gate/up outputs: 5.8 MB each, over MIN_BYTES
-    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(1024, device="cuda").repeat(2, 1)}
     n = 2 * 1023
     _, grads_32 = _loss_and_grads(model, apply_kernels(model, "none", torch.device("cuda")), batch, n)
     for p in model.parameters():
