@@ -10,7 +10,9 @@ peak is the larger of two moments: the loss (every kept activation alive, the he
 just made) and the end of the backward pass (every gradient alive).
 
 Speed is FLOPs per token (the count bench/gpu_throughput.py reports MFU with) over the GPU's
-dense bf16 rate times an efficiency measured for each path on an H200 (bench/NOTES.md).
+dense bf16 rate times an efficiency measured for each path on an H200 (bench/NOTES.md); for compiled
+layers, a matmul time for the FLOPs done plus the rest of a step that recomputes every layer
+(`COMPILED_STEP`), so that layers which skip recompute save matmuls and nothing else.
 
     cpt plan examples/seed.yaml
     python -m pytest tests/test_plan.py -q
@@ -33,9 +35,16 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10"
 # "ours" is the first H200 run of bench/gpu_throughput.py (before the LoRA-input change).
 # "ours, compiled" (model.compile), the code of calls 16-25 in bench/NOTES.md: bf16 reached 0.522 of the
 # peak with every layer recomputing (10,466 tokens/s, mean of four calls) and 0.481 with none (13,700,
-# two calls), counting only the FLOPs done; 0.50 sits between. nf4 0.487 (9,771, three calls).
+# two calls), counting only the FLOPs done; 0.50 sits between. nf4 0.487 (9,771, three calls). Compiled
+# layers now use COMPILED_STEP below; "ours, compiled" remains for layers whose inputs are offloaded.
 EFFICIENCY = {("baseline", "bf16"): 0.337, ("baseline", "nf4"): 0.298, ("ours", "bf16"): 0.358, ("ours", "nf4"): 0.357,
               ("ours, compiled", "bf16"): 0.50, ("ours, compiled", "nf4"): 0.487}
+# Compiled layers, the current code (session 9, H200, 8B, 2 x 2048): a step costs `gemm` seconds per
+# FLOP done plus `rest` seconds per FLOP of the same step with every layer recomputing. Fitted to bf16
+# with every layer recomputing (10,854 tokens/s, CUDA graphs) and with none (13,957, the memory-aware
+# row): skipping recompute saves matmuls at 714 TFLOP/s and nothing else; nf4 (10,287 tokens/s, all
+# recomputing) has the same matmul rate and more of the rest (its dequantization and bitsandbytes ops).
+COMPILED_STEP = {"bf16": (1 / 714e12, 0.4678e-15), "nf4": (1 / 714e12, 0.5706e-15)}
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + float32 per 256 absmax
 WORKSPACE_GIB = 0.6  # cuBLAS workspaces, SDPA scratch, allocator rounding
 FIT_MARGIN = 0.92  # share of the GPU a plan may fill and still be called a fit
@@ -268,11 +277,21 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
     eff = EFFICIENCY[("ours, compiled" if compiled else "ours" if ours else "baseline", mode)]
     n_targets = len([x for x in a.target_modules if x in LORA_SHAPES]) or 7
 
+    def flops_at(k: int, host_n: int) -> float:
+        return model_flops_per_token(s.hidden, s.layers, s.heads, s.kv_heads, s.intermediate, s.vocab, a.r,
+                                     n_lora_targets=n_targets, seq=m.max_seq_length, recompute_layers=k,
+                                     host_layers=host_n)
+
     def speed(host_n: int) -> tuple[float, float]:  # (FLOPs per token, tokens/s)
-        flops = model_flops_per_token(s.hidden, s.layers, s.heads, s.kv_heads, s.intermediate, s.vocab, a.r,
-                                      n_lora_targets=n_targets, seq=m.max_seq_length,
-                                      recompute_layers=recompute_layers, host_layers=host_n)
-        tps = eff * tflops * 1e12 / flops
+        flops = flops_at(recompute_layers, host_n)
+        if compiled and not offload:
+            # Recompute skipped (kept or host layers) saves matmul time only; the rest of the step
+            # (norms, attention, optimizer, copies) scales with the whole model's work.
+            gemm_s, rest_s = COMPILED_STEP[mode]
+            scale = PEAK_TFLOPS["H200"] / tflops
+            tps = 1 / (scale * (flops * gemm_s + flops_at(s.layers, 0) * rest_s))
+        else:
+            tps = eff * tflops * 1e12 / flops
         if exposed_bytes:  # copies to and from host memory that the step waits for
             step_s = tokens * t.gradient_accumulation_steps / tps + exposed_bytes / (HOST_LINK_GB_S * 1e9)
             tps = tokens * t.gradient_accumulation_steps / step_s
@@ -305,7 +324,8 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
                             "one layer's activations": layer_act / GIB},
         "gradients_gib": grads / GIB, "host_memory_gib": (host + host_act) / GIB, "offload_embedding_state": bool(host),
         "peak_gib": peak / GIB, "peak_at": "loss" if at_loss >= at_end else "end of backward",
-        "flops_per_token": flops, "assumed_efficiency": eff, "peak_tflops": tflops, "tokens_per_s": tps,
+        "flops_per_token": flops, "assumed_efficiency": flops * tps / (tflops * 1e12), "peak_tflops": tflops,
+        "tokens_per_s": tps,
         # 8% headroom: allocator fragmentation and reserved-but-free blocks (the baseline's 64k step,
         # estimated at 131 of 140 GiB, ran out of memory on the H200).
         "fits": peak / GIB <= FIT_MARGIN * gpu_total,
