@@ -119,11 +119,13 @@ def _changed_fraction(before: dict, after: dict, seen_rows) -> dict:
     return out
 
 
-def _profile_step(step_fn, path: Path) -> None:
+def _profile_step(step_fn, path: Path, gpu_only: bool = False) -> None:
+    """gpu_only: the GPU's timeline without the host's operators, whose recording slows the host enough
+    to make a step that is not host-bound look so."""
     from torch.profiler import ProfilerActivity, profile
 
     _sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA] if gpu_only else [ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step_fn()
         _sync()
     path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
@@ -390,7 +392,8 @@ def _phase_timings(args, trainer, bundle) -> dict:
         cpu["backward"] = time.perf_counter() - t0
         ev["backward"].record()
         if host:
-            from cpt.host_state import streams
+            from cpt.host_state import drain, streams
+            drain(ids.device)  # the early passes are queued (by the Feeder's thread) before the event
             ev["side"].record(streams(ids.device)[2])
         opt.step()
         cpu["step"] = time.perf_counter() - t0
@@ -410,7 +413,7 @@ def _phase_timings(args, trainer, bundle) -> dict:
         out["phases"] = [read(*x) for x in done]
         done.clear()
     if args.profile:
-        _profile_step(step, Path(args.profile))
+        _profile_step(step, Path(args.profile), args.profile_gpu_only)
         out["phases_ms"] = read(*done[-1])["gpu_ms"]  # profiler on: the host side is slowed down, unevenly
         Path(args.profile).with_suffix(".phases.json").write_text(json.dumps(out, indent=1))
     return out
@@ -550,6 +553,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--checkpointing", default="true", help="ours: adapter.use_gradient_checkpointing")
     p.add_argument("--compile", default="auto", help="ours: model.compile (auto, true, false)")
     p.add_argument("--profile", default=None, help="write a torch profiler table of one step here")
+    p.add_argument("--profile-gpu-only", action="store_true", help="--profile records the GPU's timeline only (no host operators)")
     p.add_argument("--phase-steps", type=int, default=0, help="ours: this many more steps with CUDA-event and host phase times (no profiler; 5 with --profile-rows)")
     p.add_argument("--memory-trace", default=None, help="ours: write what is allocated at the peak (bench/memory_peak.py) here")
     p.add_argument("--offload-embedding-state", nargs="?", const=True, default=False, type=lambda v: v if v == "auto" else v == "true",

@@ -254,7 +254,7 @@ def _assert_bf16_close(loss, grads, loss_ref, grads_ref, grads_32) -> None:
 @pytest.mark.parametrize("mode", ["cpt", "liger"])
 def test_cuda_fused_paths_match_plain_bf16(mode):
     """On the GPU: in float32 the fused paths (our loss and LoRA epilogue, or liger's loss; liger's
-    RMSNorm/SwiGLU/RoPE) give the plain path's loss and gradients to rounding; in bf16 with float32
+    RMSNorm/SwiGLU) give the plain path's loss and gradients to rounding; in bf16 with float32
     trained copies they stay within bf16 tolerance of the float32 result."""
     if mode == "liger":
         pytest.importorskip("liger_kernel")
@@ -1007,9 +1007,14 @@ def test_cuda_host_activations_match_plain_bf16():
     gradients of the same compiled layers without host layers, within bf16 tolerance of the float32
     result, over three steps (graphs record in the second), every
     saved tensor comes back through the fetch ahead, and the buffers are pinned and reused."""
+    import torch._dynamo
+
     from cpt.kernels import decoder_layers
     from cpt.kernels.compile import mark_step
 
+    # Earlier compiled tests of the same process may have used up dynamo's recompilations of the
+    # layer step (it then runs eagerly: nothing stashed, call 3 of session 10).
+    torch._dynamo.reset()
     # 2 x 1024 tokens: gate/up outputs of 5.8 MB each, over MIN_BYTES.
     model, batch = _cuda_lora_llama(layers=8, intermediate=1408, seq=1024)
     assert set_recompute(model, 7, host_layers=3)["host"] == 3  # layer 0 keeps, 1-7 recompute, 3 of them host layers
@@ -1113,3 +1118,42 @@ def test_host_layer_survives_two_forward_passes_before_backward(monkeypatch):
         for layer in decoder_layers(model):
             uncompile_layer(layer)
         torch._dynamo.reset()
+
+
+def test_liger_elementwise_stays_on_its_own_model(monkeypatch):
+    """liger patches classes and the RoPE function in transformers' modeling module; cpt keeps only what
+    it did to the given model's modules and puts the module's names back, so a later model of the same
+    process (a CPU one, say) is plain transformers. Run with a stand-in for liger (not installed here)."""
+    import sys
+    import types
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    from cpt.kernels import _patch_liger_elementwise
+
+    calls = []
+
+    def fake_apply(model, **kw):  # what liger's apply_liger_kernel_to_llama does, in miniature
+        calls.append(kw)
+        modeling_llama.LlamaRMSNorm = type("LigerRMSNorm", (torch.nn.Module,), {})
+        modeling_llama.apply_rotary_pos_emb = lambda *a, **k: None
+        for layer in model.model.layers:
+            layer.input_layernorm.forward = lambda x: x * 2  # patched on the instance
+
+    fake = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    fake._apply_liger_kernel_to_instance = fake_apply
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", fake)
+    plain_norm, plain_rope = modeling_llama.LlamaRMSNorm, modeling_llama.apply_rotary_pos_emb
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    first = LlamaForCausalLM(cfg)
+    assert _patch_liger_elementwise(first) and first._cpt_liger_elementwise
+    assert calls == [{"rope": False, "rms_norm": True, "swiglu": True, "cross_entropy": False, "fused_linear_cross_entropy": False}]
+    assert modeling_llama.LlamaRMSNorm is plain_norm and modeling_llama.apply_rotary_pos_emb is plain_rope
+    x = torch.ones(3)
+    assert torch.equal(first.model.layers[0].input_layernorm(x), 2 * x)  # the model keeps its own patch
+    second = LlamaForCausalLM(cfg)
+    assert type(second.model.layers[0].input_layernorm) is plain_norm

@@ -450,17 +450,22 @@ def _forward(emb, head, ids):
     return torch.logsumexp(h @ head.float().T, -1).mean()
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("device", ["cpu", "cpu_thread", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="side streams, pinned memory and the Triton scatter need CUDA"))])
 def test_early_passes_give_the_step_bit_for_bit_and_a_skipped_step_leaves_everything(monkeypatch, device):
     """cpt.host_state.EarlyStep on the CPU (the same code the GPU runs on side streams): embed_tokens'
     rows outside the batch updated before the backward pass, lm_head's update as soon as its gradient
     is complete (no clipping) or at the step (clipping), the batch's rows at the step; a skipped step
     undone; a gradient row the ids did not name done at the step. Weights and states equal, bit for bit,
-    those of the same optimizer updating in place."""
+    those of the same optimizer updating in place. cpu_thread: the early passes run in the Feeder's
+    thread, as they are queued on a GPU, beside the backward pass."""
     from cpt import host_state
 
     monkeypatch.setattr(host_state, "CHUNK_ELEMENTS", 256 * 7)  # several chunks, buffers reused
+    if device == "cpu_thread":
+        monkeypatch.setattr(host_state, "THREAD_ON_CPU", True)
+        monkeypatch.setattr(host_state, "_FEEDERS", {})
+        device = "cpu"
     ref_emb, ref_head, ref = _early_case(False, device=device)
     emb, head, opt = _early_case(True, device=device)
     gen = torch.Generator().manual_seed(5)
@@ -476,6 +481,7 @@ def test_early_passes_give_the_step_bit_for_bit_and_a_skipped_step_leaves_everyt
         for loss in losses:
             loss.backward()
         if skipped:
+            host_state.wait(emb.device)
             assert not torch.equal(emb, before[0])  # the early pass did move the weights
             opt.abandon_early()
             assert torch.equal(emb, before[0]) and torch.equal(head, before[1])
@@ -495,14 +501,71 @@ def test_early_passes_give_the_step_bit_for_bit_and_a_skipped_step_leaves_everyt
                 assert opt.state[b]["lo"].is_pinned() and opt.state[b]["absmax1"].is_cuda
             assert ref.state[a]["step"] == opt.state[b]["step"]
     assert opt._early is not None and not opt._early.pending
+    assert (host_state._feeder(emb.device, make=False) is not None) == (host_state.THREAD_ON_CPU or device == "cuda")
 
 
-def test_8bit_loop_with_host_resident_states_matches_the_plain_loop(tiny_wide_model_dir, corpus_dir, tmp_path, monkeypatch):
+def test_feeder_keeps_order_and_hands_a_failure_to_the_loop(monkeypatch):
+    """host_state.Feeder: passes run in the order handed over, drain waits for them, and an error in
+    the thread comes back to the loop's thread (once), naming the device; later passes run again."""
+    from cpt import host_state
+
+    f = host_state.Feeder(torch.device("cpu"))
+    seen = []
+    gate = __import__("threading").Event()
+    f.submit(lambda: (gate.wait(5), seen.append(1)))
+    f.submit(lambda: seen.append(2))
+    assert seen == []  # the first waits for the gate: nothing ran ahead of it
+    gate.set()
+    f.drain()
+    assert seen == [1, 2]
+
+    def boom():
+        raise ValueError("staging buffer")
+    f.submit(boom)
+    f.submit(lambda: seen.append(3))  # after a failure nothing more runs until drain reports it
+    with pytest.raises(RuntimeError, match="host-resident embedding states failed on cpu: ValueError: staging buffer"):
+        f.drain()
+    assert seen == [1, 2]
+    f.submit(lambda: seen.append(4))
+    f.drain()
+    assert seen == [1, 2, 4]
+
+    # A pass and what it holds (a step's gradient) are let go of once it has run, not when the next
+    # pass arrives.
+    import gc
+    import weakref
+
+    class Grad:
+        pass
+
+    g = Grad()
+    gone = weakref.ref(g)
+    f.submit(lambda g=g: seen.append(g))
+    f.drain()
+    seen.pop()
+    del g
+    gc.collect()
+    assert gone() is None
+
+
+@pytest.mark.parametrize("thread", [False, True], ids=["inline", "feeder_thread"])
+def test_8bit_loop_with_host_resident_states_matches_the_plain_loop(tiny_wide_model_dir, corpus_dir, tmp_path, monkeypatch, thread, request):
     """The loop's side of train.offload_embedding_state (start the early passes before the last
     micro-batch's backward, commit at the step, resume from optimizer.pt), run on the CPU by letting
     the optimizer treat host memory as 'off the device': losses and adapter bit for bit those of the
-    plain run, a stopped-and-resumed run included."""
+    plain run, a stopped-and-resumed run included; with the early passes in the Feeder's thread too."""
     pytest.importorskip("bitsandbytes")
+    from cpt import host_state
+
+    monkeypatch.setattr(host_state, "THREAD_ON_CPU", thread)
+    monkeypatch.setattr(host_state, "_FEEDERS", {})
+    if thread:
+        # On the CPU the Feeder's passes really run beside the backward pass, and two threads in
+        # ATen at once can split a reduction differently (the last bits of a loss): one intra-op
+        # thread keeps both runs' arithmetic the same. (On a GPU the Feeder only queues work.)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        request.addfinalizer(lambda: torch.set_num_threads(threads))
     import json
 
     from safetensors.torch import load_file
@@ -555,3 +618,4 @@ def test_8bit_loop_with_host_resident_states_matches_the_plain_loop(tiny_wide_mo
         started.clear()
         wa, wb = load_file(str(plain / "adapter_model.safetensors")), load_file(str(host / "adapter_model.safetensors"))
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+        assert bool(host_state._FEEDERS) == (thread or torch.cuda.is_available())  # the loop runs on a GPU where there is one

@@ -20,12 +20,21 @@ Nothing done early is final: the new states go to a second set of host buffers a
 old values to a host backup, so a step the loop skips (a non-finite loss or gradient) is undone
 (`EarlyStep.abandon`) and a finite one is committed (`EarlyStep.commit`) by swapping buffers.
 
+On a GPU the early passes are queued by a helper thread (`Feeder`), a few chunks ahead of the copies
+in flight. Queued from the loop's own thread they took it tens of milliseconds (hundreds of copies)
+just when it should launch the backward pass, and their gigabytes of copies, queued all at once, sat
+in the host link's queue ahead of anything else that had to cross it soon (host layers' activations
+on their way back: kernels/host_activations.py).
+
     python -m pytest tests/test_split_master.py -q -k host
 """
 from __future__ import annotations
 
+import collections
+import queue
+import threading
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -33,6 +42,10 @@ from cpt.optim import BLOCK, HOST_KEYS, SKIP, QuantMaps, _chunk_rows, _grad_tabl
 
 DEVICE_KEYS = ("absmax1", "absmax2")
 CHUNK_ELEMENTS = 1 << 23  # 32 MiB of staged state per chunk (plus 16 MiB of weights when backing up), three in flight
+# A paced pass (the Feeder's) queues a chunk's copies in only when at most this many chunks' copies in
+# are still waiting or running: about a millisecond of the host link each.
+AHEAD = 2
+THREAD_ON_CPU = False  # tests: run the Feeder's thread on the CPU too (there the work itself runs in it)
 _STAGING: dict = {}  # device -> (elements, buffers): kept for the run, reused every step
 _STREAMS: dict = {}
 
@@ -102,23 +115,100 @@ def streams(device: torch.device) -> Optional[tuple]:
     return _STREAMS[device]
 
 
-def launch(jobs: list, maps: QuantMaps) -> None:
+class Feeder:
+    """A thread that queues passes on a device's side streams for the loop's thread (see the module
+    docstring), in the order given. `drain` waits until everything handed over is queued, and raises
+    what went wrong in the thread."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.jobs: queue.Queue = queue.Queue()
+        self.busy = 0
+        self.error: Optional[BaseException] = None
+        self.done = threading.Condition()
+        threading.Thread(target=self._loop, name=f"cpt-host-state-{device}", daemon=True).start()
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        with self.done:
+            self.busy += 1
+        self.jobs.put(fn)
+
+    def _loop(self) -> None:
+        while True:
+            fn = self.jobs.get()
+            try:
+                if self.error is None:  # after a failure, nothing more runs until drain reports it
+                    if self.device.type == "cuda":
+                        with torch.cuda.device(self.device):
+                            fn()
+                    else:
+                        fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the loop's thread by drain
+                self.error = e
+            finally:
+                # Let go of the pass (and the gradient it read) now: held until the next pass arrived,
+                # lm_head's 1 GiB gradient of an 8B model outlived its step into the next one's loss.
+                fn = None
+                with self.done:
+                    self.busy -= 1
+                    self.done.notify_all()
+
+    def drain(self) -> None:
+        with self.done:
+            self.done.wait_for(lambda: self.busy == 0)
+            error, self.error = self.error, None
+        if error is not None:
+            raise RuntimeError(f"the early update of the host-resident embedding states failed on {self.device}: "
+                               f"{type(error).__name__}: {error}") from error
+
+
+_FEEDERS: dict = {}
+
+
+def _feeder(device: torch.device, make: bool = True) -> Optional[Feeder]:
+    if device not in _FEEDERS and make and (device.type == "cuda" or THREAD_ON_CPU):
+        _FEEDERS[device] = Feeder(device)
+    return _FEEDERS.get(device)
+
+
+def drain(device: torch.device) -> None:
+    """Wait until every pass handed to the device's Feeder is queued (on the CPU: done)."""
+    f = _feeder(device, make=False)
+    if f is not None:
+        f.drain()
+
+
+def launch(jobs: list, maps: QuantMaps, paced: bool = False) -> None:
     """Run the jobs' passes. On CUDA they go on side streams that first wait for the current stream
-    (the gradients, the weights); the caller makes its stream wait for `work` before using the weights."""
+    (the gradients, the weights); the caller makes its stream wait for `work` before using the weights
+    (`wait`). paced: a Feeder queues them, a few chunks ahead of the copies (early passes)."""
     if not jobs:
         return
     device = jobs[0].p.device
+    feeder = _feeder(device) if paced else None
+    if feeder is None:
+        drain(device)  # the staging buffers and streams are shared: the Feeder's passes are queued first
     s = streams(device)
     if s is None:
-        _run(jobs, maps, device, None)
+        if feeder is not None:
+            feeder.submit(lambda: _run(jobs, maps, device, None))
+        else:
+            _run(jobs, maps, device, None)
         return
     cin, work, cout = s
     caller = torch.cuda.current_stream(device)
-    work.wait_stream(caller)
+    work.wait_stream(caller)  # here, in the caller's order: what the passes read is ready
     for j in jobs:  # read on `work` after the caller may have let go of them
         _used_on(work, j.g, j.slot)
-    with torch.cuda.stream(work):
-        _run(jobs, maps, device, s)
+
+    def run() -> None:
+        with torch.cuda.stream(work):
+            _run(jobs, maps, device, s, paced=feeder is not None)
+
+    if feeder is not None:
+        feeder.submit(run)
+    else:
+        run()
 
 
 def _used_on(stream, *tensors) -> None:
@@ -132,14 +222,16 @@ def _used_on(stream, *tensors) -> None:
 
 def wait(device: torch.device) -> None:
     """Make the current stream wait for everything launched on the side streams (updates and copies)."""
+    drain(device)
     s = streams(device)
     if s is not None:
         for x in s:
             torch.cuda.current_stream(device).wait_stream(x)
 
 
-def _run(jobs: list, maps: QuantMaps, device: torch.device, s: Optional[tuple]) -> None:
+def _run(jobs: list, maps: QuantMaps, device: torch.device, s: Optional[tuple], paced: bool = False) -> None:
     cuda = s is not None
+    arrived: collections.deque = collections.deque()  # paced: one event per chunk whose copies in are queued
     steps = [_chunk_rows(j.p.shape[1], CHUNK_ELEMENTS) for j in jobs]
     bufs = _staging(device, max(r * j.p.shape[1] for r, j in zip(steps, jobs)))
     if cuda:
@@ -162,11 +254,16 @@ def _run(jobs: list, maps: QuantMaps, device: torch.device, s: Optional[tuple]) 
             staged = [b["lo"][:(r1 - r0) * width], b["s1"][:e1 - e0], b["s2"][:e1 - e0]]
             spans = [(0, r1 * width - e0), (0, e1 - e0), (0, e1 - e0)]
             if cuda:
+                if paced:
+                    while len(arrived) >= AHEAD:  # the link's queue holds a few chunks, not gigabytes
+                        arrived.popleft().synchronize()
                 with torch.cuda.stream(cin):
                     if freed[i % len(bufs)] is not None:
                         cin.wait_event(freed[i % len(bufs)])  # this buffer's previous chunk is back home
                     for d, h, (a, z) in zip(staged, src, spans):
                         d.copy_(h[e0 + a:e0 + z], non_blocking=True)
+                    if paced:
+                        arrived.append(cin.record_event())
                 work.wait_stream(cin)
             else:
                 for d, h, (a, z) in zip(staged, src, spans):
@@ -288,7 +385,7 @@ class EarlyStep:
             keep = KeptRows(slot)
         dst = {k: spare[k] for k in (*HOST_KEYS, *DEVICE_KEYS)}
         job = Job(p, state, dst, hp, g, slot, backup=spare["backup"], keep=keep)
-        launch([job], self.maps)
+        launch([job], self.maps, paced=True)
         self.pending[id(p)] = (p, group, job)
 
     def has(self, p: torch.Tensor) -> bool:
@@ -313,6 +410,7 @@ class EarlyStep:
         states the live ones."""
         job = self.pending.pop(id(p))[2]
         state = self.opt.state[p]
+        drain(p.device)  # the pass is queued whole before anything is queued after it
         if job.keep is not None:
             grad = p.grad if p.grad is not None else torch.sparse_coo_tensor(
                 torch.zeros(1, 0, dtype=torch.int64, device=p.device), torch.zeros(0, p.shape[1], dtype=p.dtype, device=p.device), p.shape)
@@ -340,6 +438,7 @@ class EarlyStep:
 
     @staticmethod
     def _undo(p: torch.Tensor, job: Job) -> None:
+        drain(p.device)
         s = streams(p.device)
         if s is not None:
             _, work, cout = s

@@ -113,8 +113,13 @@ def _adamw_8bit_without_syncs() -> type:
                             self.state[p][k] = v.to(p.device)
 
         def state_dict(self):
-            if self.host_split_state and torch.cuda.is_available():
-                torch.cuda.synchronize()  # host-resident states: the last update's copies back must be done
+            if self.host_split_state:
+                from cpt import host_state
+
+                for device in {p.device for g in self.param_groups for p in g["params"]}:
+                    host_state.drain(device)  # every pass queued (a Feeder may still be queuing one)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()  # host-resident states: the last update's copies back must be done
             return super().state_dict()
 
         @torch.no_grad()
@@ -586,6 +591,9 @@ def master_weight(p: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Te
     if getattr(p, SPLIT_MASTER, False) and "lo" in state:
         lo = state["lo"]
         if lo.device != p.device:  # host-resident: the last update's copy back must have landed
+            from cpt.host_state import drain
+
+            drain(p.device)
             torch.cuda.synchronize(p.device)
             lo = lo.to(p.device)
         return join_float32(p.detach(), lo)

@@ -6,14 +6,14 @@ loss function the loop calls. Every fused path has a plain fallback here and an 
 Modes (config `model.kernels`):
 - none:  plain transformers forward; the loss is computed from the full logits.
 - cpt:   our chunked linear + cross-entropy for the output head (any device; the logits never
-         exist in full) and the LoRA update added inside the projection's GEMM; on CUDA also liger-kernel's RMSNorm, SwiGLU and RoPE when it is installed,
+         exist in full) and the LoRA update added inside the projection's GEMM; on CUDA also liger-kernel's RMSNorm and SwiGLU when it is installed,
          the frozen originals peft keeps of trained embeddings move to host memory, and peft's
          float32 upcast of every LoRA input is skipped while autocast is on.
 - liger: liger-kernel for all of these, its own fused linear cross-entropy included (CUDA only).
 - auto:  cpt on CUDA, none elsewhere (on CPU the plain path is as fast and bit-for-bit familiar).
 
 Config `model.compile` adds regional torch.compile of the decoder layers on top of any mode
-(kernels/compile.py); with it, cpt mode leaves RMSNorm/SwiGLU/RoPE to the compiler instead of liger.
+(kernels/compile.py); with it, cpt mode leaves RMSNorm/SwiGLU to the compiler instead of liger.
 
     python -m pytest tests/test_kernels.py -q
 """
@@ -158,10 +158,23 @@ def _patch_loss(causal_lm: torch.nn.Module, use_liger_loss: bool) -> bool:
 
 
 def _patch_liger_elementwise(causal_lm: torch.nn.Module) -> bool:
+    """liger's RMSNorm and SwiGLU on this model's modules only. liger also replaces the classes and the
+    RoPE function in transformers' modeling module, which every later model of the process would then
+    use (a CPU model included, where its Triton kernels cannot run): those names are put back, and RoPE,
+    which has no per-module form, stays transformers' own."""
+    import sys
+
     from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
-    _apply_liger_kernel_to_instance(model=causal_lm, rope=True, rms_norm=True, swiglu=True,
-                                    cross_entropy=False, fused_linear_cross_entropy=False)
+    modeling = sys.modules.get(type(getattr(causal_lm, "model", causal_lm)).__module__)
+    before = dict(vars(modeling)) if modeling is not None else {}
+    try:
+        _apply_liger_kernel_to_instance(model=causal_lm, rope=False, rms_norm=True, swiglu=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)
+    finally:
+        for name, value in before.items():
+            if vars(modeling).get(name) is not value:
+                setattr(modeling, name, value)
     causal_lm._cpt_liger_elementwise = True  # it stays: host layers (adapter.host_activations) are then off
     return True
 
@@ -262,7 +275,7 @@ def apply_kernels(model: torch.nn.Module, mode: str, device: torch.device, compi
                   cuda_graphs: bool = False) -> LossFn:
     """Patch `model` (a transformers causal LM, possibly peft-wrapped) for `mode` on `device` and
     return the loss function the loop calls. Calling it again re-chooses the loss path (`mode="none"`
-    restores the plain loss; liger's RMSNorm/SwiGLU/RoPE, once applied on CUDA, stay).
+    restores the plain loss; liger's RMSNorm/SwiGLU, once applied to a model on CUDA, stay on its modules).
 
     `compile` compiles every decoder layer last, reading the recompute choice each layer has
     then (so model setup sets the memory plan first); with `cuda_graphs` (CUDA only) they replay as
@@ -300,7 +313,7 @@ def apply_kernels(model: torch.nn.Module, mode: str, device: torch.device, compi
         if (device.type == "cuda" and liger_available() and _model_type(causal_lm) in FUSABLE_MODEL_TYPES
                 and (mode == "liger" or not compile)):
             if _patch_liger_elementwise(causal_lm):
-                applied.append("liger RMSNorm/SwiGLU/RoPE")
+                applied.append("liger RMSNorm/SwiGLU")
         if device.type == "cuda" and skip_lora_input_upcast(model):
             applied.append("LoRA inputs stay bf16 under autocast")
         if device.type == "cuda" and offload_frozen_originals(model):

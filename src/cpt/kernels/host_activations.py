@@ -77,6 +77,10 @@ class HostActivations:
         4-bit statistics) or its inputs never move. An input may be the output of a CUDA graph,
         whose memory the next replay reuses whatever a side stream still reads; it is the one
         tensor a recomputing layer keeps anyway."""
+        for h in self.stashed:  # fetched and never read (a backward pass that did not run): the
+            if h.gpu is not None:  # memory goes back to the current stream once the copy into it is done
+                torch.cuda.current_stream(h.device).wait_event(h.fetched)
+                h.gpu = None
         if any(not h.used for h in self.stashed):
             # A second forward pass before the first one's backward (not the loop's way, but a
             # caller's): the first one's tensors still wait in the buffers, so new ones are made.
@@ -136,13 +140,16 @@ class HostActivations:
             main = torch.cuda.current_stream(device)
             back = side_stream(device, "in")
             # Allocated on the current stream, written on the side stream once everything queued so
-            # far (the last user of that memory included) is done.
+            # far (the last user of that memory included) is done. It stays the current stream's: that
+            # stream waits for the copy before its first use (unpack), so when the backward pass lets go
+            # of it the memory is free for the current stream at once. (Marked as used on the side
+            # stream too, it would count as allocated until the side stream had done every fetch queued
+            # by then, which is layers ahead of the GPU when the host runs ahead.)
             gpu = torch.empty_strided(h.host.shape, h.host.stride(), dtype=h.host.dtype, device=device)
             back.wait_stream(main)
             back.wait_event(h.copied)
             with torch.cuda.stream(back):
                 gpu.copy_(h.host, non_blocking=True)
-            gpu.record_stream(back)
             h.gpu, h.fetched = gpu, back.record_event()
 
     def unpack(self, packed: Any) -> torch.Tensor:
