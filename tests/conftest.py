@@ -103,3 +103,12 @@ def corpus_dir(tmp_path, corpus) -> Path:
     for i, doc in enumerate(corpus):
         (d / f"doc{i:03d}.txt").write_text(doc)
     return d
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_math_settled():
+    """Tests compare runs bit for bit, some with models built without cpt.model.build_model: settle MKL's
+    kernel choice once for the whole process (see settle_cpu_math)."""
+    from cpt.model import settle_cpu_math
+
+    settle_cpu_math()

@@ -167,3 +167,17 @@ def test_prepare_leaves_the_frozen_originals_where_the_kernels_put_them(tiny_mod
     model, _ = par.prepare(b.model, opt)
     assert all(p.device.type == "meta" for o in originals for p in o.parameters())
     assert all(p.device == b.device for p in model.parameters() if p.requires_grad)
+
+
+def test_building_a_model_settles_cpu_math_first(tiny_model_dir, monkeypatch):
+    """MKL picks a vector-math kernel on a function's first call, and a first call split across threads
+    gave one process in ten a rotary cos a few ulps off: build_model makes one-element calls of each
+    function on this thread before the model can run."""
+    import cpt.model as m
+
+    monkeypatch.setattr(m, "_vml_settled", False)
+    sizes = []
+    real_cos = torch.cos
+    monkeypatch.setattr(torch, "cos", lambda x, *a, **k: (sizes.append(x.numel()), real_cos(x, *a, **k))[1])
+    build_model(_cfg(tiny_model_dir))
+    assert sizes[:2] == [1, 1] and m._vml_settled

@@ -40,6 +40,30 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+# Unary ops that torch's CPU wheels hand to MKL's vector math library (VML) for contiguous float32/64.
+_VML_OPS = ("acos", "asin", "atan", "cos", "erf", "erfc", "erfinv", "exp", "log", "log10", "log2", "sin",
+            "sqrt", "tan", "tanh", "trunc")
+_vml_settled = False
+
+
+def settle_cpu_math() -> None:
+    """Call each VML function once on one element, on this thread, before any model runs on the CPU.
+
+    VML picks a function's kernel on its first call. When that first call is split across intra-op
+    threads, one thread's chunk can come out of a lower-accuracy kernel: the first run of a process then
+    got rotary `cos` values a few bf16 ulps off, and a run and its resume (or two runs meant to be
+    identical) differed from the first step on, about one process in ten. A one-element call never
+    splits, so after it every call is the same."""
+    global _vml_settled
+    if _vml_settled:
+        return
+    for dtype in (torch.float32, torch.float64):
+        x = torch.full((1,), 0.5, dtype=dtype)
+        for name in _VML_OPS:
+            getattr(torch, name)(x)
+    _vml_settled = True
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """auto: bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU."""
     if dtype != "auto":
@@ -316,6 +340,7 @@ def build_model(cfg: Config, device: torch.device | None = None, model: nn.Modul
 
     device = device or default_device()
     check_device(cfg, device)
+    settle_cpu_math()
     dtype = resolve_dtype(cfg.model.dtype, device)
     if model is None:
         check_against_model(cfg, load_model_config(cfg.model))
@@ -393,6 +418,7 @@ def load_for_inference(path_or_name: str, gguf_file: str | None = None, device: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(device) if device is not None else default_device()
+    settle_cpu_math()
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype, device)
     dtype = dtype or resolve_dtype("auto", device)
