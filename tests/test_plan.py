@@ -290,4 +290,4 @@ def test_estimates_stand_beside_the_committed_h200_measurements():
             assert abs(est["tokens_per_s"] / row["tokens_per_s"] - 1) < 0.10, (mode, system, est["tokens_per_s"])
             assert abs(est["peak_gib"] / row["peak_gib"] - 1) < 0.05, (mode, system, est["peak_gib"])
             checked += 1
-    assert checked >= 6
+    assert checked >= 4  # ours and the capped row, in both modes
