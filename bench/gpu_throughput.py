@@ -375,10 +375,14 @@ def _phase_timings(args, trainer, bundle) -> dict:
     inner = getattr(opt, "optimizer", opt)
     host = getattr(inner, "host_split_state", False)
     done: list = []
+    marks: list = []  # (what, layer, host seconds, CUDA event): --layer-times
+    if args.layer_times:
+        _time_layers(bundle.model, marks)
 
     def step():
         ev = {k: torch.cuda.Event(enable_timing=True) for k in ("start", "forward", "backward", "side", "step")}
         cpu = {}
+        marks.clear()
         t0 = time.perf_counter()
         mark_step()
         ev["start"].record()
@@ -399,11 +403,14 @@ def _phase_timings(args, trainer, bundle) -> dict:
         cpu["step"] = time.perf_counter() - t0
         ev["step"].record()
         opt.zero_grad(set_to_none=True)
-        done.append((ev, cpu))
+        done.append((ev, cpu, [(w, i, 1000 * (t - t0), e) for w, i, t, e in marks]))
 
-    def read(ev, cpu) -> dict:
+    def read(ev, cpu, lm=()) -> dict:
         gpu = {k: ev["start"].elapsed_time(e) for k, e in ev.items() if k != "start" and (host or k != "side")}
-        return {"gpu_ms": gpu, "host_ms": {k: 1000 * v for k, v in cpu.items()}}
+        out = {"gpu_ms": gpu, "host_ms": {k: 1000 * v for k, v in cpu.items()}}
+        if lm:  # when the host queued each layer's start (forward) / reached its output's gradient (backward), and when the GPU got there
+            out["layers"] = [[w, i, round(h, 2), round(ev["start"].elapsed_time(e), 2)] for w, i, h, e in lm]
+        return out
 
     out: dict = {}
     if args.phase_steps:
@@ -420,6 +427,33 @@ def _phase_timings(args, trainer, bundle) -> dict:
 
 
 # ---------------------------------------------------------------------------- longest sequence at micro-batch 1
+
+
+def _time_layers(model, marks: list) -> None:
+    """Wrap each decoder layer's forward: note (host time, CUDA event) when its forward is queued and
+    when the backward pass reaches its output (a gradient hook, on autograd's thread)."""
+    import torch
+
+    from cpt.kernels import decoder_layers
+
+    for i, layer in enumerate(decoder_layers(model)):
+        inner = layer.forward
+
+        def forward(*a, _inner=inner, _i=i, **k):
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            marks.append(("forward", _i, time.perf_counter(), e))
+            out = _inner(*a, **k)
+            first = out[0] if isinstance(out, tuple) else out
+            if first.requires_grad:
+                def hook(g, _i=_i):
+                    e = torch.cuda.Event(enable_timing=True)
+                    e.record()
+                    marks.append(("backward", _i, time.perf_counter(), e))
+                first.register_hook(hook)
+            return out
+
+        layer.forward = forward
 
 
 def worker_long(args) -> dict:
@@ -555,6 +589,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--profile", default=None, help="write a torch profiler table of one step here")
     p.add_argument("--profile-gpu-only", action="store_true", help="--profile records the GPU's timeline only (no host operators)")
     p.add_argument("--phase-steps", type=int, default=0, help="ours: this many more steps with CUDA-event and host phase times (no profiler; 5 with --profile-rows)")
+    p.add_argument("--layer-times", action="store_true", help="ours: the phase steps also time each decoder layer's forward and backward, on the host and the GPU")
     p.add_argument("--memory-trace", default=None, help="ours: write what is allocated at the peak (bench/memory_peak.py) here")
     p.add_argument("--offload-embedding-state", nargs="?", const=True, default=False, type=lambda v: v if v == "auto" else v == "true",
                    help="ours: train.offload_embedding_state (the flag alone: true; or auto)")

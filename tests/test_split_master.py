@@ -242,7 +242,8 @@ def test_triton_kernel_gives_the_pytorch_update():
     cuda = torch.device("cuda")
     maps = QuantMaps(SIGNED, UNSIGNED, cuda)
     g = torch.Generator().manual_seed(7)
-    for shape in [(640, 96), (37, 24), (1000, 64)]:
+    # (300, 512): rows of whole blocks (the kernel reads one slot per block), as for an 8B model's embed_tokens
+    for shape in [(640, 96), (37, 24), (1000, 64), (300, 512)]:
         start = (torch.randn(shape, generator=g) * 0.02).bfloat16().cuda()
         ref_p, p = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
         ref_s, s = ({k: v.cuda() for k, v in _fresh_state(shape).items()} for _ in range(2))
@@ -281,6 +282,31 @@ def test_triton_kernel_gives_the_pytorch_update():
         adamw8bit_update(b, None, gr, None, *sb, maps, hp)
         assert ((a - b).abs() <= 1e-7).float().mean() > 0.99 and (sa[0] == sb[0]).float().mean() > 0.999
         assert not a[n:].any() and not b[n:].any()  # padding starts at the code of 0 and stays 0
+
+
+def _dynamic_maps():
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    return bnb.create_dynamic_map(signed=True).float().sort()[0], bnb.create_dynamic_map(signed=False).float().sort()[0]
+
+
+@pytest.mark.parametrize("which", ["linear", "dynamic"])
+def test_bucket_table_rounds_exactly_as_bucketize(which):
+    """The GPU kernel rounds a moment to its 8-bit code with cpt.optim.BucketTable (a lookup keyed by the
+    value's leading bits, then a compare or two) instead of a binary search: the same arithmetic in
+    PyTorch gives torch.bucketize's answer for every midpoint, its neighbouring floats, both zeros,
+    +-1, subnormals, values beyond the map, and a spread of magnitudes down to 1e-35."""
+    from cpt.optim import BucketTable
+
+    signed, unsigned = (SIGNED, UNSIGNED) if which == "linear" else _dynamic_maps()
+    maps = QuantMaps(signed, unsigned, torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    for table, mid in ((maps.table1, maps.mid1), (maps.table2, maps.mid2)):
+        assert table.steps is not None and table.steps <= 2 and 2 * table.keys <= BucketTable.MAX_ENTRIES
+        x = torch.cat([mid, -mid, torch.nextafter(mid, torch.tensor(2.0)), torch.nextafter(mid, torch.tensor(-2.0)),
+                       torch.rand(50000, generator=g) * 2 - 1,
+                       torch.exp(-80 * torch.rand(50000, generator=g)) * torch.randn(50000, generator=g).sign(),
+                       torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45, 1e-38, 3.0, -3.0, float("inf"), float("-inf")])])
+        assert torch.equal(table.bucketize(x, mid), torch.bucketize(x, mid))
 
 
 def test_8bit_loop_with_split_masters_learns_and_resumes_exactly(tiny_model_dir, corpus_dir, tmp_path):

@@ -295,10 +295,13 @@ def finish_kept(p: torch.Tensor, grad: torch.Tensor, keep: KeptRows, dst: dict, 
     """The step's update of the kept rows (with their gradient), written where the early pass wrote the
     rest. The pass left them as they were: their weight is read from p, their states from dst."""
     rows, width = p.shape
+    # Both host syncs first (the kept rows' count, the gradient's rows), while nothing is queued behind
+    # them: everything after them is queued at once, and the GPU meanwhile updates the adapters.
     index = keep.index()
     k = index.numel()
     if not k:
         return
+    values, slot = _grad_table(p, grad)
     per = width // BLOCK
     kp = p.data.index_select(0, index)
     lo = _gather_from_host(dst["lo"].view(rows, width), index)
@@ -306,7 +309,6 @@ def finish_kept(p: torch.Tensor, grad: torch.Tensor, keep: KeptRows, dst: dict, 
     s2 = _gather_from_host(dst["state2"].view(-1)[:rows * width].view(rows, width), index).view(-1)
     a1 = dst["absmax1"].view(-1)[:rows * per].view(rows, per).index_select(0, index).view(-1)
     a2 = dst["absmax2"].view(-1)[:rows * per].view(rows, per).index_select(0, index).view(-1)
-    values, slot = _grad_table(p, grad)
     if slot is None:  # a dense gradient: the kept rows' own rows of it
         values, kslot = values.index_select(0, index), torch.arange(k, device=p.device)
     else:

@@ -343,6 +343,70 @@ class QuantMaps:
         # Where a fresh state starts: the codes of 0. Elements that only pad a block to 256 then stay at
         # exactly 0 and never widen their block's maximum (code 0 of the signed map means -max).
         self.zero1, self.zero2 = int(self.q1.abs().argmin()), int(self.q2.abs().argmin())
+        # For the GPU kernel: a table that narrows each rounding down to a step or two (BucketTable).
+        self.table1, self.table2 = BucketTable(self.mid1), BucketTable(self.mid2)
+
+
+class BucketTable:
+    """bucketize(x, mid) (the number of midpoints below x) as one table lookup and `steps` compares.
+
+    A float's bit pattern orders its magnitude, so the pattern's top bits (exponent and the leading
+    mantissa bits, `shift` bits dropped) name a small interval of values; `start[key]` counts the
+    midpoints below the interval, and at most `steps` midpoints lie inside any interval. Magnitudes
+    below 2**-e (smaller than every nonzero midpoint) share the first interval and those above 1 the
+    last. The kernel's binary search made 8 dependent lookups in the 255 midpoints per element and
+    moment; with bitsandbytes' dynamic maps this makes 2 (steps = 1). `steps` None: no table this
+    small exists for the map (the kernel keeps its binary search)."""
+
+    MAX_ENTRIES = 8192
+
+    def __init__(self, mid: torch.Tensor):
+        mid = mid.detach().float().cpu()
+        nonzero = mid[mid != 0].abs()
+        e = 126 if nonzero.numel() == 0 else min(126, int(math.ceil(-math.log2(float(nonzero.min())))) + 1)
+        self.base = int(torch.tensor(2.0 ** -e).view(torch.int32))
+        one = int(torch.tensor(1.0).view(torch.int32))
+        self.shift, self.keys, self.steps, self.start = 0, 0, None, None
+        for shift in range(23, 9, -1):  # the coarsest table with the fewest steps, among small enough ones
+            keys = ((one - self.base) >> shift) + 1
+            if 2 * keys > self.MAX_ENTRIES:
+                break
+            lo, hi = self._bounds(shift, keys)
+            start = torch.searchsorted(mid, lo)
+            steps = int((torch.searchsorted(mid, hi) - start).max())
+            if self.steps is None or steps < self.steps:
+                self.shift, self.keys, self.steps, self.start = shift, keys, steps, start.to(torch.uint8)
+            if steps <= 1:
+                break
+
+    def _bounds(self, shift: int, keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The smallest and largest value of each key's interval, keys in increasing order of x."""
+        j = torch.arange(keys, dtype=torch.int64)
+        low = (self.base + (j << shift)).clamp(max=0x7F7FFFFF)
+        high = (self.base + ((j + 1) << shift) - 1).clamp(max=0x7F7FFFFF)
+        low[0] = 0  # everything smaller shares the first interval
+        as_float = lambda bits: bits.to(torch.int32).view(torch.float32)  # noqa: E731
+        mag_lo, mag_hi = as_float(low), as_float(high)
+        mag_hi[-1] = float("inf")  # and everything larger the last
+        # key = keys - 1 - j for -x (the negative side, mirrored), keys + j for +x
+        lo = torch.cat([-mag_hi.flip(0), mag_lo])
+        hi = torch.cat([-mag_lo.flip(0), mag_hi])
+        return lo, hi
+
+    def key(self, x: torch.Tensor) -> torch.Tensor:
+        """Each float32 x's interval (the kernel computes the same from the bits)."""
+        bits = x.contiguous().view(torch.int32)
+        j = ((bits & 0x7FFFFFFF) - self.base) >> self.shift
+        j = j.clamp(0, self.keys - 1)
+        return torch.where(bits < 0, self.keys - 1 - j, self.keys + j)
+
+    def bucketize(self, x: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
+        """What the kernel computes, in PyTorch: equal to torch.bucketize(x, mid) (tests hold it to that)."""
+        i = self.start.to(x.device)[self.key(x).long()].long()
+        for _ in range(self.steps):
+            nxt = mid[i.clamp(max=mid.numel() - 1)]
+            i = torch.where((i < mid.numel()) & (nxt < x), i + 1, i)
+        return i
 
 
 def _adamw8bit_blocks(master, g, s1, s2, a1, a2, q1, q2, mid1, mid2, hp):

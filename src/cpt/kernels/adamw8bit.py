@@ -2,8 +2,10 @@
 
 Each program takes NB quantisation blocks of 256 elements: it dequantises both moments through the
 256-entry maps, adds the gradient, updates the float32 master (plain, or held split as bf16 weight +
-int16 low half), takes each block's new maximum, and rounds the moments back to the nearest map value
-with an 8-step binary search over the 255 midpoints. A row-sparse gradient (an embedding's) is read
+int16 low half), takes each block's new maximum, and rounds the moments back to the nearest map value:
+a lookup in a table keyed by the value's leading bits and one compare with bitsandbytes' maps
+(cpt.optim.BucketTable), where an 8-step binary search over the 255 midpoints made 8 dependent
+lookups. A row-sparse gradient (an embedding's) is read
 through a row -> slot table, so the rows the batch did not use are updated with a zero gradient
 without ever being made dense; a row whose slot is -2 is left untouched (set aside for later). About 14 bytes of traffic per element, against ~100 for the same
 update written as separate PyTorch operations.
@@ -21,11 +23,36 @@ import triton.language as tl
 
 BLOCK = 256
 BLOCKS_PER_PROGRAM = 4
+# The two shortcuts below can be turned off to time the kernel without them (bench/optim_step.py).
+TABLES = True  # round moments through cpt.optim.BucketTable (False: binary search over the midpoints)
+ROW_BLOCKS = True  # a row-sparse gradient whose rows are whole blocks: one slot lookup per block
+
+
+@triton.jit
+def _bucketize(x, mid_ptr, t_ptr, NB: tl.constexpr, BASE: tl.constexpr, SHIFT: tl.constexpr, KEYS: tl.constexpr,
+               STEPS: tl.constexpr):
+    if STEPS >= 0:  # cpt.optim.BucketTable: the interval's count from the table, then STEPS compares
+        bits = x.to(tl.int32, bitcast=True)
+        j = ((bits & 0x7FFFFFFF) - BASE) >> SHIFT
+        j = tl.minimum(tl.maximum(j, 0), KEYS - 1)
+        i = tl.load(t_ptr + tl.where(bits < 0, KEYS - 1 - j, KEYS + j)).to(tl.int32)
+        for _ in tl.static_range(STEPS):
+            nxt = tl.load(mid_ptr + tl.minimum(i, 254))
+            i = tl.where((i < 255) & (nxt < x), i + 1, i)
+    else:  # branch-free binary search over the 255 sorted midpoints
+        i = tl.zeros([NB, 256], dtype=tl.int32)
+        for k in tl.static_range(8):
+            half = 128 >> k
+            i = tl.where(tl.load(mid_ptr + i + (half - 1)) < x, i + half, i)
+    return i
 
 
 @triton.jit
 def _adamw8bit_kernel(p_ptr, lo_ptr, g_ptr, slot_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, q1_ptr, q2_ptr, mid1_ptr, mid2_ptr,
-                      hp_ptr, n, width, SPLIT: tl.constexpr, SPARSE: tl.constexpr, NB: tl.constexpr):
+                      t1_ptr, t2_ptr, hp_ptr, n, width, SPLIT: tl.constexpr, SPARSE: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+                      NB: tl.constexpr, T1_BASE: tl.constexpr, T1_SHIFT: tl.constexpr, T1_KEYS: tl.constexpr,
+                      T1_STEPS: tl.constexpr, T2_BASE: tl.constexpr, T2_SHIFT: tl.constexpr, T2_KEYS: tl.constexpr,
+                      T2_STEPS: tl.constexpr):
     blk = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
     offs = blk[:, None] * 256 + tl.arange(0, 256)[None, :]
     mask = offs < n
@@ -35,8 +62,14 @@ def _adamw8bit_kernel(p_ptr, lo_ptr, g_ptr, slot_ptr, s1_ptr, s2_ptr, a1_ptr, a2
     eps = tl.load(hp_ptr + 3)
     decay = tl.load(hp_ptr + 4)
     if SPARSE:
-        row = offs // width
-        slot = tl.load(slot_ptr + row, mask=mask, other=-1)
+        if ROW_BLOCKS:  # rows are whole blocks: one row (and slot) per block, no division per element
+            row_b = (blk * 256) // width
+            slot_b = tl.load(slot_ptr + row_b, mask=blk * 256 < n, other=-1)
+            row = row_b[:, None]
+            slot = slot_b[:, None]
+        else:
+            row = offs // width
+            slot = tl.load(slot_ptr + row, mask=mask, other=-1)
         g = tl.load(g_ptr + slot * width + (offs - row * width), mask=mask & (slot >= 0), other=0.0).to(tl.float32)
         # slot -2 (cpt.optim.SKIP): a row set aside for later, left exactly as it is (blocks lie within rows)
         live = mask & (slot != -2)
@@ -63,13 +96,9 @@ def _adamw8bit_kernel(p_ptr, lo_ptr, g_ptr, slot_ptr, s1_ptr, s2_ptr, a1_ptr, a2
     n2 = tl.max(v, axis=1)
     x1 = m / tl.maximum(n1, 1e-30)[:, None]
     x2 = v / tl.maximum(n2, 1e-30)[:, None]
-    # index = number of midpoints below x (bucketize's convention): branch-free search over 255 sorted values
-    i1 = tl.zeros([NB, 256], dtype=tl.int32)
-    i2 = tl.zeros([NB, 256], dtype=tl.int32)
-    for k in tl.static_range(8):
-        half = 128 >> k
-        i1 = tl.where(tl.load(mid1_ptr + i1 + (half - 1)) < x1, i1 + half, i1)
-        i2 = tl.where(tl.load(mid2_ptr + i2 + (half - 1)) < x2, i2 + half, i2)
+    # index = number of midpoints below x (bucketize's convention)
+    i1 = _bucketize(x1, mid1_ptr, t1_ptr, NB, T1_BASE, T1_SHIFT, T1_KEYS, T1_STEPS)
+    i2 = _bucketize(x2, mid2_ptr, t2_ptr, NB, T2_BASE, T2_SHIFT, T2_KEYS, T2_STEPS)
     blk_live = in_range & (tl.max(live.to(tl.int32), axis=1) > 0)
     tl.store(s1_ptr + offs, i1.to(tl.uint8), mask=live)
     tl.store(s2_ptr + offs, i2.to(tl.uint8), mask=live)
@@ -93,9 +122,24 @@ def adamw8bit_update(p: torch.Tensor, lo, g: torch.Tensor, slot, s1, s2, a1, a2,
     target = p.view(torch.int16) if split else p
     blocks = triton.cdiv(n, BLOCK)
     grid = (triton.cdiv(blocks, BLOCKS_PER_PROGRAM),)
+    t1, t2 = maps.table1, maps.table2
     _adamw8bit_kernel[grid](target, lo if split else target, g, slot if sparse else s1, s1, s2, a1, a2,
-                            maps.q1, maps.q2, maps.mid1, maps.mid2, hp, n, width,
-                            SPLIT=split, SPARSE=sparse, NB=BLOCKS_PER_PROGRAM, num_warps=4)
+                            maps.q1, maps.q2, maps.mid1, maps.mid2, _table(t1, p.device), _table(t2, p.device), hp, n, width,
+                            SPLIT=split, SPARSE=sparse, ROW_BLOCKS=ROW_BLOCKS and sparse and width % BLOCK == 0, NB=BLOCKS_PER_PROGRAM,
+                            T1_BASE=t1.base, T1_SHIFT=t1.shift, T1_KEYS=max(t1.keys, 1), T1_STEPS=_steps(t1),
+                            T2_BASE=t2.base, T2_SHIFT=t2.shift, T2_KEYS=max(t2.keys, 1), T2_STEPS=_steps(t2), num_warps=4)
+
+
+def _steps(table) -> int:
+    return -1 if not TABLES or table.steps is None or table.steps > 4 else table.steps  # -1: binary search
+
+
+def _table(table, device: torch.device) -> torch.Tensor:
+    """The table's counts on the device (made once per device)."""
+    cache = table.__dict__.setdefault("_on", {})
+    if device not in cache:
+        cache[device] = (table.start if table.start is not None else torch.zeros(1, dtype=torch.uint8)).to(device)
+    return cache[device]
 
 
 @triton.jit
