@@ -15,6 +15,7 @@ measurement. Writes bench/results/gpu_throughput.{md,json} (or --out).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -322,7 +323,16 @@ def worker_ours(args) -> dict:
     # Checkpoint and adapter writing are not part of a training step's speed: skip the disk.
     trainer.save = lambda: None
     cpt_train.save_trained = lambda *a, **k: None
-    trainer.train()
+    if args.main_stream_priority is not None:
+        # Kernels of a higher-priority stream are scheduled first: the embedding states' update kernels on
+        # the side streams (priority 0) then take only what the training stream leaves of the GPU.
+        main = torch.cuda.Stream(priority=args.main_stream_priority)
+        main.wait_stream(torch.cuda.current_stream())
+        ctx = torch.cuda.stream(main)
+    else:
+        ctx = contextlib.nullcontext()
+    with ctx:
+        trainer.train()
     _sync()
     if args.memory_trace:
         from memory_peak import format_composition, peak_composition
@@ -357,7 +367,8 @@ def worker_ours(args) -> dict:
     res["embedding_changed"] = _changed_fraction(before, {k: master_weight(p, trainer.optimizer) for k, p in emb_named.items()},
                                                  data.seen)
     if args.profile or args.phase_steps:
-        res.update(_phase_timings(args, trainer, bundle))
+        with ctx:
+            res.update(_phase_timings(args, trainer, bundle))
     return res
 
 
@@ -589,6 +600,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--profile", default=None, help="write a torch profiler table of one step here")
     p.add_argument("--profile-gpu-only", action="store_true", help="--profile records the GPU's timeline only (no host operators)")
     p.add_argument("--phase-steps", type=int, default=0, help="ours: this many more steps with CUDA-event and host phase times (no profiler; 5 with --profile-rows)")
+    p.add_argument("--main-stream-priority", type=int, default=None,
+                   help="ours (experiment): train on a stream of this priority (negative: above the side streams, whose update kernels then yield to it)")
     p.add_argument("--layer-times", action="store_true", help="ours: the phase steps also time each decoder layer's forward and backward, on the host and the GPU")
     p.add_argument("--memory-trace", default=None, help="ours: write what is allocated at the peak (bench/memory_peak.py) here")
     p.add_argument("--offload-embedding-state", nargs="?", const=True, default=False, type=lambda v: v if v == "auto" else v == "true",
