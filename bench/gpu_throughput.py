@@ -300,6 +300,10 @@ def worker_ours(args) -> dict:
         import cpt.kernels.host_activations
 
         cpt.kernels.host_activations.LEAD = args.host_lead
+    if args.skip_early_update:
+        import cpt.host_state
+
+        cpt.host_state._update_split_rows = lambda *a, **k: None
     if args.lora_addmm:
         import cpt.kernels.lora
 
@@ -602,6 +606,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--phase-steps", type=int, default=0, help="ours: this many more steps with CUDA-event and host phase times (no profiler; 5 with --profile-rows)")
     p.add_argument("--main-stream-priority", type=int, default=None,
                    help="ours (experiment): train on a stream of this priority (negative: above the side streams, whose update kernels then yield to it)")
+    p.add_argument("--skip-early-update", action="store_true",
+                   help="ours (experiment, trains wrongly): the host-resident embedding states are copied as usual but their update kernels (early passes and kept rows) are skipped, to see what they cost the step")
     p.add_argument("--layer-times", action="store_true", help="ours: the phase steps also time each decoder layer's forward and backward, on the host and the GPU")
     p.add_argument("--memory-trace", default=None, help="ours: write what is allocated at the peak (bench/memory_peak.py) here")
     p.add_argument("--offload-embedding-state", nargs="?", const=True, default=False, type=lambda v: v if v == "auto" else v == "true",
