@@ -149,7 +149,9 @@ def _temp_folders(out: Path) -> list[str]:
         return []
 
 
-def _final_state(out: Path) -> dict[str, torch.Tensor]:
+def final_state(out: Path) -> dict[str, torch.Tensor]:
+    """The adapter, every trained tensor and the optimizer state of a run's last checkpoint: what a resumed
+    run must leave bit for bit as an uninterrupted one does (tests/test_reliability.py uses it too)."""
     last = ckpt.latest_checkpoint(out)
     state = {f"adapter/{k}": v for k, v in load_file(str(out / "adapter_model.safetensors")).items()}
     state.update({f"trainable/{k}": v for k, v in load_file(str(last / "trainable.safetensors")).items()})
@@ -161,7 +163,8 @@ def _final_state(out: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _metrics(out: Path) -> list[dict]:
+def exact_metrics(out: Path) -> list[dict]:
+    """Each logged step's values that a resumed run must repeat exactly (not its timings)."""
     return [{k: r.get(k) for k in EXACT_KEYS} for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
 
 
@@ -171,11 +174,11 @@ def _metrics(out: Path) -> list[dict]:
 def _compare(ref_out: Path, out: Path, result_path: Path) -> Callable[[], int]:
     """In a child (the parent stays free of torch work between forks): is `out` equal to the reference?"""
     def run() -> int:
-        ref_state, state = _final_state(ref_out), _final_state(out)
+        ref_state, state = final_state(ref_out), final_state(out)
         differing = sorted(k for k in ref_state if k not in state or not torch.equal(ref_state[k], state[k]))
-        metrics = _metrics(out)
+        metrics = exact_metrics(out)
         result_path.write_text(json.dumps({
-            "metrics_equal": metrics == _metrics(ref_out), "steps_logged": [r["step"] for r in metrics],
+            "metrics_equal": metrics == exact_metrics(ref_out), "steps_logged": [r["step"] for r in metrics],
             "tensors_compared": len(ref_state), "tensors_differing": differing,
             "state_bitwise_equal": not differing and ref_state.keys() == state.keys(),
             "leftover_partial_folders": _temp_folders(out)}))

@@ -25,9 +25,14 @@ from cpt.api import run_training
 from cpt.cli import main as cli_main
 from cpt.config import ConfigError, load_config
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+try:
+    from soak_resume import exact_metrics, final_state  # what a resumed run must repeat bit for bit
+finally:
+    sys.path.pop(0)
+
 # Metrics that must match bitwise between an interrupted and an uninterrupted run (timings and
 # memory legitimately differ).
-EXACT_KEYS = ("step", "loss", "grad_norm", "lr", "tokens", "nonfinite_skipped", "epoch")
 
 
 def _overrides(model_dir, corpus_dir, out, *extra) -> list[str]:
@@ -42,23 +47,6 @@ def _overrides(model_dir, corpus_dir, out, *extra) -> list[str]:
 
 def _cfg(model_dir, corpus_dir, out, *extra):
     return load_config(None, _overrides(model_dir, corpus_dir, out, *extra))
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [{k: r.get(k) for k in EXACT_KEYS} for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
-
-
-def _final_state(out: Path) -> dict[str, torch.Tensor]:
-    """The adapter, every trained tensor and the optimizer state of the last checkpoint."""
-    last = ckpt.latest_checkpoint(out)
-    state = {f"adapter/{k}": v for k, v in load_file(str(out / "adapter_model.safetensors")).items()}
-    state.update({f"trainable/{k}": v for k, v in load_file(str(last / "trainable.safetensors")).items()})
-    opt = ckpt.load_torch(last / "optimizer.pt")
-    for pid, s in opt["state"].items():
-        for k, v in s.items():
-            state[f"optim/{pid}/{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    state["optim/lrs"] = torch.tensor([g["lr"] for g in opt["param_groups"]], dtype=torch.float64)
-    return state
 
 
 def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -117,7 +105,7 @@ def reference(tiny_model_dir, corpus, tmp_path_factory):
         (corpus_dir / f"doc{i:03d}.txt").write_text(doc)
     out = root / "run"
     run_training(_cfg(tiny_model_dir, corpus_dir, out))
-    return {"corpus": corpus_dir, "out": out, "metrics": _metrics(out), "state": _final_state(out)}
+    return {"corpus": corpus_dir, "out": out, "metrics": exact_metrics(out), "state": final_state(out)}
 
 
 # ---------------------------------------------------------------------------- 1. exact resume
@@ -137,7 +125,7 @@ def test_1_exact_resume_is_bitwise(reference, tiny_model_dir, tmp_path, monkeypa
     with pytest.raises(_Crash):
         run_training(_cfg(tiny_model_dir, reference["corpus"], out))
     monkeypatch.undo()
-    assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in exact_metrics(out)] == [1, 2, 3, 4, 5]
     assert ckpt.latest_checkpoint(out).name == "checkpoint-4"
 
     from cpt.data.sampler import TokenStream
@@ -149,8 +137,8 @@ def test_1_exact_resume_is_bitwise(reference, tiny_model_dir, tmp_path, monkeypa
     assert summary["step"] == 8 and not summary["interrupted"]
     # O(1) seek: only the blocks of steps 5-8 were read (4 steps x 2 micro-batches x 2 blocks), none replayed
     assert blocks_read == list(range(16, 32))
-    assert _metrics(out) == reference["metrics"]  # step 5 once, from the resumed run
-    _assert_bitwise_equal(_final_state(out), reference["state"])
+    assert exact_metrics(out) == reference["metrics"]  # step 5 once, from the resumed run
+    _assert_bitwise_equal(final_state(out), reference["state"])
 
 
 # ---------------------------------------------------------------------------- 2. hard kill
@@ -289,8 +277,8 @@ def test_2_sigkill_at_random_moment_and_mid_checkpoint_write(reference, tiny_mod
 
     run_training(_cfg(tiny_model_dir, reference["corpus"], out))
     assert not any(p.name.startswith(ckpt.TMP_PREFIX) for p in out.iterdir())
-    assert _metrics(out) == reference["metrics"], f"seed {seed}"
-    _assert_bitwise_equal(_final_state(out), reference["state"])
+    assert exact_metrics(out) == reference["metrics"], f"seed {seed}"
+    _assert_bitwise_equal(final_state(out), reference["state"])
 
 
 # ---------------------------------------------------------------------------- 4. disk full in the loop
@@ -319,8 +307,8 @@ def test_4_failed_save_in_the_loop_exits_nonzero_and_keeps_previous(reference, t
     assert _tree(out / "checkpoint-4") == snapshot
     # and the run continues from it as if nothing happened
     run_training(_cfg(tiny_model_dir, reference["corpus"], out, "output.save_total_limit=1"))
-    assert _metrics(out) == reference["metrics"]
-    _assert_bitwise_equal(_final_state(out), reference["state"])
+    assert exact_metrics(out) == reference["metrics"]
+    _assert_bitwise_equal(final_state(out), reference["state"])
 
 
 # ---------------------------------------------------------------------------- 5. preemption
@@ -353,7 +341,7 @@ def test_5_sigterm_mid_step_saves_exits_0_and_resumes_next_step(reference, tiny_
     monkeypatch.undo()
     assert ckpt.latest_checkpoint(out).name == "checkpoint-3" and ckpt.is_complete(out / "checkpoint-3")
     assert json.loads((out / "run_summary.json").read_text())["interrupted"] is True
-    assert [r["step"] for r in _metrics(out)] == [1, 2, 3]
+    assert [r["step"] for r in exact_metrics(out)] == [1, 2, 3]
 
     steps = []
     _wrap_loss(monkeypatch, lambda n: None)
@@ -362,8 +350,8 @@ def test_5_sigterm_mid_step_saves_exits_0_and_resumes_next_step(reference, tiny_
     monkeypatch.setattr(train_mod.Trainer, "_log", lambda self, rec: (steps.append(rec["step"]), real_log(self, rec)))
     run_training(_cfg(tiny_model_dir, reference["corpus"], out))
     assert steps == [4, 5, 6, 7, 8]
-    assert _metrics(out) == reference["metrics"]
-    _assert_bitwise_equal(_final_state(out), reference["state"])
+    assert exact_metrics(out) == reference["metrics"]
+    _assert_bitwise_equal(final_state(out), reference["state"])
 
 
 # ---------------------------------------------------------------------------- 3. rotation with the best kept
@@ -472,7 +460,7 @@ def test_6_nonfinite_steps_are_skipped_counted_and_stop_after_k(reference, tiny_
         _assert_bitwise_equal(snaps[bad], snaps[bad - 1])
     for good in (2, 4, 6):
         assert not torch.equal(snaps[good]["o/0/exp_avg"], snaps[good - 1]["o/0/exp_avg"])
-    m = {r["step"]: r for r in _metrics(out)}
+    m = {r["step"]: r for r in exact_metrics(out)}
     assert max(m) == 9 and [m[s]["nonfinite_skipped"] for s in (2, 3, 4, 5, 6, 9)] == [0, 1, 1, 2, 2, 5]
     # the stop saved the last good weights (those after step 6) for inspection
     saved = load_file(str(out / "checkpoint-9" / "trainable.safetensors"))
