@@ -302,6 +302,7 @@ def test_bucket_table_rounds_exactly_as_bucketize(which):
     g = torch.Generator().manual_seed(3)
     for table, mid in ((maps.table1, maps.mid1), (maps.table2, maps.mid2)):
         assert table.steps is not None and table.steps <= 2 and 2 * table.keys <= BucketTable.MAX_ENTRIES
+        assert torch.equal(table.on(torch.device("cpu")), table.start) and table.start.numel() == 2 * table.keys
         x = torch.cat([mid, -mid, torch.nextafter(mid, torch.tensor(2.0)), torch.nextafter(mid, torch.tensor(-2.0)),
                        torch.rand(50000, generator=g) * 2 - 1,
                        torch.exp(-80 * torch.rand(50000, generator=g)) * torch.randn(50000, generator=g).sign(),

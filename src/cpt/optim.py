@@ -367,6 +367,7 @@ class BucketTable:
         self.base = int(torch.tensor(2.0 ** -e).view(torch.int32))
         one = int(torch.tensor(1.0).view(torch.int32))
         self.shift, self.keys, self.steps, self.start = 0, 0, None, None
+        self._on: dict = {}
         for shift in range(23, 9, -1):  # the coarsest table with the fewest steps, among small enough ones
             keys = ((one - self.base) >> shift) + 1
             if 2 * keys > self.MAX_ENTRIES:
@@ -392,6 +393,12 @@ class BucketTable:
         lo = torch.cat([-mag_hi.flip(0), mag_lo])
         hi = torch.cat([-mag_lo.flip(0), mag_hi])
         return lo, hi
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        """`start` on the device (copied once per device); one zero when there is no table."""
+        if device not in self._on:
+            self._on[device] = (self.start if self.start is not None else torch.zeros(1, dtype=torch.uint8)).to(device)
+        return self._on[device]
 
     def key(self, x: torch.Tensor) -> torch.Tensor:
         """Each float32 x's interval (the kernel computes the same from the bits)."""

@@ -124,7 +124,7 @@ def adamw8bit_update(p: torch.Tensor, lo, g: torch.Tensor, slot, s1, s2, a1, a2,
     grid = (triton.cdiv(blocks, BLOCKS_PER_PROGRAM),)
     t1, t2 = maps.table1, maps.table2
     _adamw8bit_kernel[grid](target, lo if split else target, g, slot if sparse else s1, s1, s2, a1, a2,
-                            maps.q1, maps.q2, maps.mid1, maps.mid2, _table(t1, p.device), _table(t2, p.device), hp, n, width,
+                            maps.q1, maps.q2, maps.mid1, maps.mid2, t1.on(p.device), t2.on(p.device), hp, n, width,
                             SPLIT=split, SPARSE=sparse, ROW_BLOCKS=ROW_BLOCKS and sparse and width % BLOCK == 0, NB=BLOCKS_PER_PROGRAM,
                             T1_BASE=t1.base, T1_SHIFT=t1.shift, T1_KEYS=max(t1.keys, 1), T1_STEPS=_steps(t1),
                             T2_BASE=t2.base, T2_SHIFT=t2.shift, T2_KEYS=max(t2.keys, 1), T2_STEPS=_steps(t2), num_warps=4)
@@ -132,14 +132,6 @@ def adamw8bit_update(p: torch.Tensor, lo, g: torch.Tensor, slot, s1, s2, a1, a2,
 
 def _steps(table) -> int:
     return -1 if not TABLES or table.steps is None or table.steps > 4 else table.steps  # -1: binary search
-
-
-def _table(table, device: torch.device) -> torch.Tensor:
-    """The table's counts on the device (made once per device)."""
-    cache = table.__dict__.setdefault("_on", {})
-    if device not in cache:
-        cache[device] = (table.start if table.start is not None else torch.zeros(1, dtype=torch.uint8)).to(device)
-    return cache[device]
 
 
 @triton.jit
