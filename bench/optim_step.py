@@ -37,7 +37,38 @@ def lora_shapes() -> list[tuple[int, int]]:
     return out
 
 
-def run(system: str, steps: int, warmup: int) -> dict:
+# --sweep: kernel settings (cpt.kernels.adamw8bit's module flags) timed one by one, each on the embeddings
+# alone (the update that runs beside the backward pass) and the adapters alone (the step's tail).
+SWEEP = ["shipped", "nb=2,warps=2", "nb=4,warps=4", "nb=1,warps=2", "nb=2,warps=1", "nb=4,warps=2", "nb=8,warps=8",
+         "recip=0,nb=2,warps=2", "gather=0,nb=2,warps=2", "recip=0,gather=0,nb=4,warps=4"]
+_FLAGS = {"recip": "RECIP", "nb": "BLOCKS_PER_PROGRAM", "warps": "NUM_WARPS"}
+SHIPPED: dict = {}  # the module's own values, read at the first configure()
+
+
+def configure(setting: str) -> dict:
+    """Apply one --sweep setting to the kernel module (from the shipped defaults); returns what it set."""
+    import cpt.kernels.adamw8bit as kernel
+    from cpt import optim
+
+    if not SHIPPED:
+        SHIPPED.update({name: getattr(kernel, name) for name in _FLAGS.values()})
+    for name, default in SHIPPED.items():
+        setattr(kernel, name, default)
+    optim._GATHER.clear()
+    applied = {}
+    for part in filter(None, setting.split(",")):
+        if part == "shipped":
+            continue
+        key, value = part.split("=")
+        if key == "gather":
+            optim._GATHER["ok"] = bool(int(value))
+        else:
+            setattr(kernel, _FLAGS[key], type(SHIPPED[_FLAGS[key]])(int(value)))
+        applied[key] = int(value)
+    return applied
+
+
+def run(system: str, steps: int, warmup: int, parts: tuple = ("embed", "lora")) -> dict:
     import torch
     import bitsandbytes as bnb
     from cpt.optim import _adamw_8bit_without_syncs, mark_split_master
@@ -57,6 +88,11 @@ def run(system: str, steps: int, warmup: int) -> dict:
     else:
         cls = bnb.optim.AdamW8bit
     groups = [{"params": [emb, head], "lr": 1e-6, "weight_decay": 0.0}, {"params": lora, "lr": 5e-6, "weight_decay": 0.0}]
+    groups = [g for g, part in zip(groups, ("embed", "lora")) if part in parts]
+    if "lora" not in parts:
+        lora = []
+    if "embed" not in parts:
+        emb.requires_grad_(False), head.requires_grad_(False)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     opt = cls(groups, betas=(0.9, 0.999), eps=1e-8)
@@ -66,8 +102,9 @@ def run(system: str, steps: int, warmup: int) -> dict:
         ids = torch.randint(0, 128000, (4096,), device=dev, generator=gen)
         rows = torch.randn(4096, HIDDEN, device=dev, generator=gen, dtype=torch.bfloat16)
         sparse = torch.sparse_coo_tensor(ids[None], rows, (VOCAB, HIDDEN))
-        emb.grad = sparse if system.startswith("ours") else sparse.coalesce().to_dense()
-        head.grad = torch.randn(VOCAB, HIDDEN, device=dev, generator=gen, dtype=torch.bfloat16)
+        if "embed" in parts:
+            emb.grad = sparse if system.startswith("ours") else sparse.coalesce().to_dense()
+            head.grad = torch.randn(VOCAB, HIDDEN, device=dev, generator=gen, dtype=torch.bfloat16)
         for p in lora:
             p.grad = torch.randn(p.shape, device=dev, generator=gen)
         torch.cuda.synchronize()
@@ -89,6 +126,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--sweep", action="store_true", help="also time the kernel settings in SWEEP (optim_step_sweep.*)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
     import torch
@@ -116,10 +154,47 @@ def main() -> int:
               f"{res['speedup_over_search']:.2f}x (ours_search ms / ours ms)."]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.sweep:
+        sweep(args, out, res)
     (out / "optim_step.json").write_text(json.dumps(res, indent=1))
     (out / "optim_step.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def sweep(args, out: Path, head: dict) -> None:
+    import torch
+
+    rows = []
+    for setting in SWEEP:
+        row = {"setting": setting, "applied": configure(setting)}
+        for part in ("embed", "lora"):
+            row[part] = run("ours", args.steps, args.warmup, parts=(part,))
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(setting, row["embed"]["ms_mean"], row["lora"]["ms_mean"], flush=True)
+    configure("shipped")
+    res = {k: head[k] for k in ("command", "device", "torch")}
+    res["command"] += "" if "--sweep" in res["command"] else " --sweep"
+    res["rows"] = rows
+    write_sweep(res, out)
+
+
+def write_sweep(res: dict, out: Path) -> None:
+    lines = ["# The 8-bit AdamW kernel's settings, timed on the 8B setup's tensors", "",
+             f"Command: `{res['command']}` on {res['device']}, torch {res['torch']}. Each setting changes the shipped "
+             "one (cpt.kernels.adamw8bit: RECIP, BLOCKS_PER_PROGRAM as nb, NUM_WARPS as warps; gather=0: the "
+             "adapters updated in chunks through a gradient buffer instead of one launch). embed: embed_tokens (row-sparse "
+             "gradient) and lm_head as split float32 masters; lora: the 448 adapter tensors as one flat group.", "",
+             *([res["note"], ""] if res.get("note") else []),
+             "| setting | embed ms (mean, min-max) | lora ms (mean, min-max) |", "|---|---|---|"]
+    for r in res["rows"]:
+        e, lo = r["embed"], r["lora"]
+        lines.append(f"| {r['setting']} | {e['ms_mean']:.2f} ({e['ms_min']:.2f}-{e['ms_max']:.2f}) | "
+                     f"{lo['ms_mean']:.2f} ({lo['ms_min']:.2f}-{lo['ms_max']:.2f}) |")
+    (out / "optim_step_sweep.json").write_text(json.dumps(res, indent=1))
+    (out / "optim_step_sweep.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -192,3 +192,34 @@ def test_flat_adapter_update_follows_bitsandbytes_and_its_checkpoints_are_interc
     opt.step()
     for a, b, c, t in zip(other, back.param_groups[0]["params"], ours, init):
         assert _relative_gap(a, c, t) < 0.02 and _relative_gap(b, c, t) < 0.05
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-launch update is a CUDA kernel")
+def test_flat_adapter_update_in_one_launch_equals_the_chunked_update(monkeypatch):
+    """The adapters' one-launch update (each member's gradient read where it lies) gives bit for bit what
+    the chunked update through a flat gradient buffer gives, over several chunks and odd member sizes."""
+    pytest.importorskip("triton")
+    from cpt import optim
+
+    monkeypatch.setattr(optim, "_CHUNK_ELEMENTS", 4096)  # several chunks
+    g = torch.Generator().manual_seed(3)
+    shapes = [(128, 96), (64, 129), (300, 17), (40, 200), (1, 4100)]
+    init = [torch.randn(s, generator=g).to(DEV) * 0.02 for s in shapes]
+    grads = [[torch.randn(s, generator=g).to(DEV) for s in shapes] for _ in range(3)]
+    results = []
+    for one_launch in (True, False):
+        monkeypatch.setattr(optim, "_GATHER", {} if one_launch else {"ok": False})
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = optim._adamw_8bit_without_syncs()([{"params": params, "lr": 1e-3, "weight_decay": 0.1}],
+                                                betas=(0.9, 0.999), eps=1e-8)
+        flat = opt._flat[0]
+        assert len(flat.chunk_members) > 1
+        for step in grads:
+            for p, gr in zip(params, step):
+                p.grad = gr.clone()
+            opt.step()
+        assert (flat.gathered is not None) == one_launch and optim._GATHER.get("ok", True) == one_launch
+        assert all(not torch.equal(p.detach(), t) for p, t in zip(params, init))  # every member moved
+        results.append([flat.master.clone(), flat.s1.clone(), flat.s2.clone(), flat.a1.clone(), flat.a2.clone()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -56,8 +56,8 @@ def _adamw_8bit_without_syncs() -> type:
     - parameters marked as split masters (the trained embeddings of a bf16 run, `mark_split_master`)
       take `split_adamw8bit_step`, which updates the float32 value that the bf16 weight and its low
       half in the optimizer state make together (a row-sparse gradient is read as it is);
-    - a group's float32 tensors with 8-bit states (the adapters) are laid end to end and updated in a
-      few passes (`_FlatGroup`), their states staying bitsandbytes-shaped views.
+    - a group's float32 tensors with 8-bit states (the adapters) are laid end to end and updated in
+      one launch (`_FlatGroup`), their states staying bitsandbytes-shaped views.
     """
     import bitsandbytes as bnb
 
@@ -428,8 +428,9 @@ def _adamw8bit_blocks(master, g, s1, s2, a1, a2, q1, q2, mid1, mid2, hp):
     new = (master.view(-1, BLOCK) + step_size * m / (v.sqrt() + eps)) * decay
     n1 = m.abs().amax(1, keepdim=True)
     n2 = v.amax(1, keepdim=True)
-    i1 = torch.bucketize(m / n1.clamp_min(1e-30), mid1)
-    i2 = torch.bucketize(v / n2.clamp_min(1e-30), mid2)
+    # Each block's moments are scaled by one reciprocal of its maximum (not divided element by element).
+    i1 = torch.bucketize(m * (1 / n1.clamp_min(1e-30)), mid1)
+    i2 = torch.bucketize(v * (1 / n2.clamp_min(1e-30)), mid2)
     return new.view(-1), i1.to(torch.uint8).view(-1), i2.to(torch.uint8).view(-1), n1.view(-1), n2.view(-1)
 
 
@@ -468,6 +469,7 @@ def _dense_chunk(master, g, s1, s2, a1, a2, q1, q2, mid1, mid2, hp):
 
 
 _TRITON: dict = {}  # device type -> the Triton update, or None once it failed (then PyTorch runs)
+_GATHER: dict = {}  # "ok": False once the adapters' one-launch update failed (then they update in chunks)
 
 
 def _triton_update(device: torch.device) -> Optional[Callable]:
@@ -572,8 +574,9 @@ def split_adamw8bit_step(p: torch.Tensor, grad: torch.Tensor, state: dict, maps:
 # An 8B model's LoRA has ~450 tensors; bitsandbytes updates them one launch (and one Python call) each,
 # which with recompute-free GPU work of ~16 ms takes ~30 ms of host time per step. A _FlatGroup lays a
 # group's float32 tensors end to end in one buffer (each parameter becomes a view into it, each padded
-# to whole quantisation blocks) with their 8-bit states likewise, and updates the lot in a few compiled
-# chunk calls. Each parameter's state stays a view with bitsandbytes' own keys and shapes, so
+# to whole quantisation blocks) with their 8-bit states likewise, and updates the lot in one launch on
+# CUDA (each member's gradient read where it lies), elsewhere in chunks through a flat gradient buffer.
+# Each parameter's state stays a view with bitsandbytes' own keys and shapes, so
 # checkpoints are interchangeable with the per-tensor path, which also serves any step in which some
 # member has no gradient.
 
@@ -609,6 +612,7 @@ class _FlatGroup:
         self.a1 = torch.zeros(total // BLOCK, dtype=torch.float32, device=device)
         self.a2 = torch.zeros(total // BLOCK, dtype=torch.float32, device=device)
         self.state = state
+        self.gathered = None  # cpt.kernels.adamw8bit.GatheredGrads, made at the first one-launch update
         with torch.no_grad():
             for p, off in zip(members, self.offsets):
                 n, b = p.numel(), -(-p.numel() // BLOCK)
@@ -638,6 +642,9 @@ class _FlatGroup:
                                    group["weight_decay"], step, self.master.device)
             return hps[step]
 
+        steps = {self.state[p]["step"] for p in self.order}
+        if len(steps) == 1 and self._gathered(hp(steps.pop())):
+            return
         for idx in self.chunk_members:
             e0, e1 = self.offsets[idx[0]], self.offsets[idx[-1]] + self.sizes[idx[-1]]
             g = torch.zeros(e1 - e0, dtype=torch.float32, device=self.master.device)
@@ -650,6 +657,32 @@ class _FlatGroup:
                 (self.offsets[i], self.offsets[i] + self.sizes[i], self.state[self.order[i]]["step"]) for i in idx]
             for a, b, step in spans:
                 self._update(a, b, g[a - e0:b - e0], hp(step))
+
+    def _gathered(self, hp: torch.Tensor) -> bool:
+        """On CUDA: the whole group in one launch that reads each member's gradient where it is (no
+        gradient buffer to fill, ~20 launches fewer for an 8B model's adapters). False: not here."""
+        if _triton_update(self.master.device) is None or not _GATHER.get("ok", True):
+            return False
+        grads = [p.grad for p in self.order]
+        if any(g.dtype != torch.float32 or not g.is_contiguous() for g in grads):
+            return False
+        try:
+            from cpt.kernels.adamw8bit import GatheredGrads, adamw8bit_update
+
+            if self.gathered is None:
+                self.gathered = GatheredGrads(self.offsets, self.sizes, [p.numel() for p in self.order],
+                                              self.master.device)
+            self.gathered.point_at(grads)
+            adamw8bit_update(self.master, None, None, None, self.s1, self.s2, self.a1, self.a2, self.maps, hp,
+                             members=self.gathered)
+            return True
+        except Exception as e:  # noqa: BLE001 - the chunked update below does the same work
+            import logging
+
+            logging.getLogger("cpt").warning("the one-launch adapter update failed (%s: %s); updating in chunks",
+                                             type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            _GATHER["ok"] = False
+            return False
 
     def _update(self, a: int, b: int, g: torch.Tensor, hp: torch.Tensor) -> None:
         chunk = (self.master[a:b], g, self.s1[a:b], self.s2[a:b], self.a1[a // BLOCK:b // BLOCK], self.a2[a // BLOCK:b // BLOCK])

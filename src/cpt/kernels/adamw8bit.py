@@ -5,10 +5,16 @@ Each program takes NB quantisation blocks of 256 elements: it dequantises both m
 int16 low half), takes each block's new maximum, and rounds the moments back to the nearest map value:
 a lookup in a table keyed by the value's leading bits and one compare with bitsandbytes' maps
 (cpt.optim.BucketTable), where an 8-step binary search over the 255 midpoints made 8 dependent
-lookups. A row-sparse gradient (an embedding's) is read
-through a row -> slot table, so the rows the batch did not use are updated with a zero gradient
-without ever being made dense; a row whose slot is -2 is left untouched (set aside for later). About 14 bytes of traffic per element, against ~100 for the same
-update written as separate PyTorch operations.
+lookups. A row-sparse gradient (an embedding's) is read through a row -> slot table, so the rows the
+batch did not use are updated with a zero gradient without ever being made dense; a row whose slot
+is -2 is left untouched (set aside for later). The adapters' many float32 tensors, laid end to end
+(cpt.optim._FlatGroup), are updated in one launch that reads each member's gradient where it lies
+(`GatheredGrads`). About 14 bytes of traffic per element, against ~100 for the same update written as
+separate PyTorch operations.
+
+The work is mostly lookups and arithmetic, not traffic: one warp per block (NB=1, NUM_WARPS=1) ran
+1.23x faster on an 8B model's embeddings than four warps on four blocks, and a block's moments are
+scaled by one reciprocal of its maximum (bench/optim_step.py --sweep; bench/NOTES.md, session 12).
 
 cpt.optim calls `adamw8bit_update` on CUDA when Triton is installed; `_adamw8bit_blocks` there is
 the same computation in PyTorch (CPU, and the reference the GPU test compares against).
@@ -22,10 +28,12 @@ import triton
 import triton.language as tl
 
 BLOCK = 256
-BLOCKS_PER_PROGRAM = 4
+BLOCKS_PER_PROGRAM = 1
 # The two shortcuts below can be turned off to time the kernel without them (bench/optim_step.py).
 TABLES = True  # round moments through cpt.optim.BucketTable (False: binary search over the midpoints)
 ROW_BLOCKS = True  # a row-sparse gradient whose rows are whole blocks: one slot lookup per block
+RECIP = True  # scale a block's moments by one reciprocal of its maximum instead of a division per element
+NUM_WARPS = 1  # with BLOCKS_PER_PROGRAM: bench/optim_step.py --sweep times the other shapes
 
 
 @triton.jit
@@ -50,12 +58,14 @@ def _bucketize(x, mid_ptr, t_ptr, NB: tl.constexpr, BASE: tl.constexpr, SHIFT: t
 @triton.jit
 def _adamw8bit_kernel(p_ptr, lo_ptr, g_ptr, slot_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, q1_ptr, q2_ptr, mid1_ptr, mid2_ptr,
                       t1_ptr, t2_ptr, hp_ptr, n, width, SPLIT: tl.constexpr, SPARSE: tl.constexpr, ROW_BLOCKS: tl.constexpr,
-                      NB: tl.constexpr, T1_BASE: tl.constexpr, T1_SHIFT: tl.constexpr, T1_KEYS: tl.constexpr,
+                      GATHER: tl.constexpr, NB: tl.constexpr, RECIP: tl.constexpr,
+                      T1_BASE: tl.constexpr, T1_SHIFT: tl.constexpr, T1_KEYS: tl.constexpr,
                       T1_STEPS: tl.constexpr, T2_BASE: tl.constexpr, T2_SHIFT: tl.constexpr, T2_KEYS: tl.constexpr,
                       T2_STEPS: tl.constexpr):
     blk = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
     offs = blk[:, None] * 256 + tl.arange(0, 256)[None, :]
     mask = offs < n
+    in_range = blk * 256 < n
     b1 = tl.load(hp_ptr)
     b2 = tl.load(hp_ptr + 1)
     step_size = tl.load(hp_ptr + 2)
@@ -64,7 +74,7 @@ def _adamw8bit_kernel(p_ptr, lo_ptr, g_ptr, slot_ptr, s1_ptr, s2_ptr, a1_ptr, a2
     if SPARSE:
         if ROW_BLOCKS:  # rows are whole blocks: one row (and slot) per block, no division per element
             row_b = (blk * 256) // width
-            slot_b = tl.load(slot_ptr + row_b, mask=blk * 256 < n, other=-1)
+            slot_b = tl.load(slot_ptr + row_b, mask=in_range, other=-1)
             row = row_b[:, None]
             slot = slot_b[:, None]
         else:
@@ -73,12 +83,21 @@ def _adamw8bit_kernel(p_ptr, lo_ptr, g_ptr, slot_ptr, s1_ptr, s2_ptr, a1_ptr, a2
         g = tl.load(g_ptr + slot * width + (offs - row * width), mask=mask & (slot >= 0), other=0.0).to(tl.float32)
         # slot -2 (cpt.optim.SKIP): a row set aside for later, left exactly as it is (blocks lie within rows)
         live = mask & (slot != -2)
+    elif GATHER:  # each member's own gradient: slot[block] is the block's member, g_ptr [3, width] the
+        # members' gradient addresses, first elements and sizes (members start on whole blocks)
+        member = tl.load(slot_ptr + blk, mask=in_range, other=0)
+        addr = tl.load(g_ptr + member)
+        first = tl.load(g_ptr + width + member)
+        size = tl.load(g_ptr + 2 * width + member)
+        local = offs - first[:, None]
+        src = addr[:, None].to(tl.pointer_type(tl.float32)) + local
+        g = tl.load(src, mask=mask & (local < size[:, None]), other=0.0)
+        live = mask
     else:
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         live = mask
     c1 = tl.load(s1_ptr + offs, mask=mask, other=0).to(tl.int32)
     c2 = tl.load(s2_ptr + offs, mask=mask, other=0).to(tl.int32)
-    in_range = blk * 256 < n
     am1 = tl.load(a1_ptr + blk, mask=in_range, other=0.0)
     am2 = tl.load(a2_ptr + blk, mask=in_range, other=0.0)
     m = tl.load(q1_ptr + c1) * am1[:, None] * b1 + (1 - b1) * g
@@ -94,8 +113,12 @@ def _adamw8bit_kernel(p_ptr, lo_ptr, g_ptr, slot_ptr, s1_ptr, s2_ptr, a1_ptr, a2
     new = (master + step_size * m / (tl.sqrt(v) + eps)) * decay
     n1 = tl.max(tl.abs(m), axis=1)
     n2 = tl.max(v, axis=1)
-    x1 = m / tl.maximum(n1, 1e-30)[:, None]
-    x2 = v / tl.maximum(n2, 1e-30)[:, None]
+    if RECIP:  # one division per block (cpt.optim._adamw8bit_blocks scales the same way)
+        x1 = m * (1.0 / tl.maximum(n1, 1e-30))[:, None]
+        x2 = v * (1.0 / tl.maximum(n2, 1e-30))[:, None]
+    else:
+        x1 = m / tl.maximum(n1, 1e-30)[:, None]
+        x2 = v / tl.maximum(n2, 1e-30)[:, None]
     # index = number of midpoints below x (bucketize's convention)
     i1 = _bucketize(x1, mid1_ptr, t1_ptr, NB, T1_BASE, T1_SHIFT, T1_KEYS, T1_STEPS)
     i2 = _bucketize(x2, mid2_ptr, t2_ptr, NB, T2_BASE, T2_SHIFT, T2_KEYS, T2_STEPS)
@@ -113,21 +136,47 @@ def _adamw8bit_kernel(p_ptr, lo_ptr, g_ptr, slot_ptr, s1_ptr, s2_ptr, a1_ptr, a2
         tl.store(p_ptr + offs, new, mask=live)
 
 
-def adamw8bit_update(p: torch.Tensor, lo, g: torch.Tensor, slot, s1, s2, a1, a2, maps, hp: torch.Tensor) -> None:
+def adamw8bit_update(p: torch.Tensor, lo, g: torch.Tensor, slot, s1, s2, a1, a2, maps, hp: torch.Tensor,
+                     members: "GatheredGrads | None" = None) -> None:
     """In place: p is a float32 master, or (lo given) the bf16 high half of one. g is dense like p, or
-    (slot given) the values of a row-sparse gradient, slot[row] its row in g or -1."""
+    (slot given) the values of a row-sparse gradient, slot[row] its row in g or -1; or (members given,
+    g and slot None) p is a flat buffer of float32 members whose gradients `members` points at."""
     n = p.numel()
     width = p.shape[-1] if p.ndim > 1 else n
     split, sparse = lo is not None, slot is not None
     target = p.view(torch.int16) if split else p
+    if members is not None:
+        g, slot, width = members.table, members.block_member, members.count
     blocks = triton.cdiv(n, BLOCK)
     grid = (triton.cdiv(blocks, BLOCKS_PER_PROGRAM),)
     t1, t2 = maps.table1, maps.table2
-    _adamw8bit_kernel[grid](target, lo if split else target, g, slot if sparse else s1, s1, s2, a1, a2,
+    _adamw8bit_kernel[grid](target, lo if split else target, g, slot if slot is not None else s1, s1, s2, a1, a2,
                             maps.q1, maps.q2, maps.mid1, maps.mid2, t1.on(p.device), t2.on(p.device), hp, n, width,
-                            SPLIT=split, SPARSE=sparse, ROW_BLOCKS=ROW_BLOCKS and sparse and width % BLOCK == 0, NB=BLOCKS_PER_PROGRAM,
+                            SPLIT=split, SPARSE=sparse, ROW_BLOCKS=ROW_BLOCKS and sparse and width % BLOCK == 0,
+                            GATHER=members is not None, NB=BLOCKS_PER_PROGRAM, RECIP=RECIP,
                             T1_BASE=t1.base, T1_SHIFT=t1.shift, T1_KEYS=max(t1.keys, 1), T1_STEPS=_steps(t1),
-                            T2_BASE=t2.base, T2_SHIFT=t2.shift, T2_KEYS=max(t2.keys, 1), T2_STEPS=_steps(t2), num_warps=4)
+                            T2_BASE=t2.base, T2_SHIFT=t2.shift, T2_KEYS=max(t2.keys, 1), T2_STEPS=_steps(t2),
+                            num_warps=NUM_WARPS)
+
+
+class GatheredGrads:
+    """Where the kernel finds each member's gradient when a flat buffer of many float32 tensors (the
+    adapters, cpt.optim._FlatGroup) is updated in one launch, without first copying the gradients into
+    one flat buffer: per block its member, per member its gradient's address, first element and size."""
+
+    def __init__(self, offsets: list[int], sizes: list[int], numels: list[int], device: torch.device):
+        self.count = len(offsets)
+        per_block = [torch.full((s // BLOCK,), i, dtype=torch.int32) for i, s in enumerate(sizes)]
+        self.block_member = torch.cat(per_block).to(device)
+        self.fixed = torch.tensor([offsets, numels], dtype=torch.int64)
+        self.table = None
+
+    def point_at(self, grads: list[torch.Tensor]) -> None:
+        """This step's gradients (contiguous float32, one per member, in order): their addresses go to
+        the GPU with the members' layout, without waiting for it."""
+        addr = torch.tensor([[g.data_ptr() for g in grads]], dtype=torch.int64)
+        host = torch.cat([addr, self.fixed]).pin_memory()
+        self.table = host.to(self.block_member.device, non_blocking=True)
 
 
 def _steps(table) -> int:
