@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from cpt.config import Config, ConfigError, EvalSetConfig, SourceConfig, load_config
 from cpt.data import read_documents
 from cpt.data.sources import SUFFIXES
+from cpt.host_state import to_device
 
 log = logging.getLogger("cpt")
 
@@ -146,17 +147,18 @@ def _score_batch(model: torch.nn.Module, windows: list[list[int]], pad_id: int, 
     for i, w in enumerate(windows):
         ids[i, :len(w)] = torch.tensor(w, dtype=torch.long)
         mask[i, :len(w)] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = to_device(ids, device), to_device(mask, device)
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    nll = 0.0
-    count = 0
+    rows = []
     for i, w in enumerate(windows):
         n = len(w) - 1
         # Upcast one row at a time: float32 log-softmax without a batch-sized float32 copy of the logits.
-        row = logits[i, :n].float()
-        nll += F.cross_entropy(row, ids[i, 1:n + 1], reduction="sum").item()
-        count += n
-    return nll, count
+        rows.append(F.cross_entropy(logits[i, :n].float(), ids[i, 1:n + 1], reduction="sum"))
+    # One wait for the device per batch, not one per row; the sum runs in the same order on the host.
+    nll = 0.0
+    for value in torch.stack(rows).tolist():
+        nll += value
+    return nll, sum(len(w) - 1 for w in windows)
 
 
 @torch.no_grad()
