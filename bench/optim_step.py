@@ -92,7 +92,8 @@ def run(system: str, steps: int, warmup: int, parts: tuple = ("embed", "lora")) 
     if "lora" not in parts:
         lora = []
     if "embed" not in parts:
-        emb.requires_grad_(False), head.requires_grad_(False)
+        emb.requires_grad_(False)
+        head.requires_grad_(False)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     opt = cls(groups, betas=(0.9, 0.999), eps=1e-8)
