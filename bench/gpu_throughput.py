@@ -308,9 +308,31 @@ def worker_ours(args) -> dict:
         import cpt.kernels.lora
 
         cpt.kernels.lora.LINEAR_OP = False
+    if args.keep_layers is not None:  # the memory plan's number of layers that keep their activations, forced
+        import cpt.plan
+
+        planned = cpt.plan.memory_plan
+        cpt.plan.memory_plan = lambda c, mc, budget: (32 - args.keep_layers, planned(c, mc, budget)[1])
+    if args.side_update:
+        import cpt.host_state
+
+        cpt.host_state.SIDE_SHAPE = tuple(int(x) for x in args.side_update.split(","))
     t_setup = time.perf_counter()
     bundle = build_model(cfg, torch.device(args.device), tokenizer=_tokenizer())
     setup_s = time.perf_counter() - t_setup
+    if args.no_dequant_reuse:  # before the first step: the compiled layers read the marks when traced
+        from cpt.kernels import decoder_layers
+        from cpt.kernels.recompute import mark_recomputed
+
+        for layer in decoder_layers(bundle.model):
+            mark_recomputed(layer, False)
+    if args.reuse_skip_low:  # the lowest recomputing layers (last in the backward pass) dequantize in the op again
+        from cpt.kernels import decoder_layers
+        from cpt.kernels.compile import recomputes
+        from cpt.kernels.recompute import mark_recomputed
+
+        for layer in [l for l in decoder_layers(bundle.model) if recomputes(l)][: args.reuse_skip_low]:
+            mark_recomputed(layer, False)
     if args.embeddings_first:
         # Experiment: the two huge embedding updates first, so the GPU works on them while the
         # host launches the hundreds of small LoRA updates.
@@ -617,6 +639,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--cuda-graphs", nargs="?", const="true", default=None, choices=["auto", "true", "false"],
                    help="ours: model.cuda_graphs (default: the config's default; the flag alone: true; systems named *_graphs set true, *_nographs false)")
     p.add_argument("--lora-addmm", action="store_true", help="ours: projections without the cpt::lora_linear / lora_linear_4bit ops (experiment row)")
+    p.add_argument("--side-update", default=None,
+                   help="ours (experiment): the embedding states' update kernel beside the backward pass launched as NB,WARPS,PROGRAMS (cpt.host_state.SIDE_SHAPE)")
+    p.add_argument("--no-dequant-reuse", action="store_true",
+                   help="ours (experiment): 4-bit recomputing layers dequantize inside the op again (forward, recompute and backward)")
+    p.add_argument("--keep-layers", type=int, default=None, help="ours (experiment): this many layers keep their activations, whatever the memory plan says")
+    p.add_argument("--reuse-skip-low", type=int, default=0, help="ours (experiment): the lowest N recomputing layers dequantize inside the op again")
     p.add_argument("--embeddings-first", action="store_true", help="ours: embedding group first in the optimizer (experiment row)")
     p.add_argument("--time-limit", type=float, default=150.0, help="long-context worker: seconds for the ladder")
     p.add_argument("--model-dir", default="/tmp/cpt-bench/llama-3.1-8b-random")

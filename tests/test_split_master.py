@@ -284,6 +284,37 @@ def test_triton_kernel_gives_the_pytorch_update():
         assert not a[n:].any() and not b[n:].any()  # padding starts at the code of 0 and stays 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA")
+@pytest.mark.parametrize("shape", [(4, 4, 0), (2, 2, 0), (1, 1, 7), (2, 1, 300)])
+def test_triton_kernel_launch_shapes_give_the_same_update(shape):
+    """cpt.kernels.adamw8bit launched with other blocks per program, warps, or a fixed number of looping
+    programs (cpt.host_state.SIDE_SHAPE) does bit for bit what the default launch does, for split
+    masters with dense and row-sparse gradients."""
+    pytest.importorskip("triton")
+    from cpt.kernels.adamw8bit import adamw8bit_update
+
+    cuda = torch.device("cuda")
+    maps = QuantMaps(SIGNED, UNSIGNED, cuda)
+    g = torch.Generator().manual_seed(11)
+    for size in [(640, 96), (37, 24), (300, 512)]:
+        start = (torch.randn(size, generator=g) * 0.02).bfloat16().cuda()
+        hi = [start.clone(), start.clone()]
+        st = [{k: v.cuda() for k, v in _fresh_state(size).items()} for _ in range(2)]
+        for step in range(1, 4):
+            if step % 2:
+                grad = torch.randn(size, generator=g).bfloat16().cuda()
+            else:
+                rows = torch.randint(0, size[0], (size[0] // 3,), generator=g)
+                grad = torch.sparse_coo_tensor(rows[None], torch.randn(len(rows), size[1], generator=g).bfloat16(), size).cuda()
+            values, slot = optim._grad_table(hi[0], grad)
+            hp = optim._hyper(0.9, 0.999, 1e-3, 1e-8, 0.1, step, cuda)
+            for h, s, launch in zip(hi, st, (None, shape)):
+                adamw8bit_update(h, s["lo"], values, slot, s["state1"], s["state2"], s["absmax1"], s["absmax2"], maps, hp,
+                                 shape=launch)
+        assert not torch.equal(hi[1], start)
+        assert torch.equal(hi[0], hi[1]) and all(torch.equal(st[0][k], st[1][k]) for k in st[0])
+
+
 def _dynamic_maps():
     bnb = pytest.importorskip("bitsandbytes.functional")
     return bnb.create_dynamic_map(signed=True).float().sort()[0], bnb.create_dynamic_map(signed=False).float().sort()[0]

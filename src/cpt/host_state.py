@@ -45,6 +45,9 @@ CHUNK_ELEMENTS = 1 << 23  # 32 MiB of staged state per chunk (plus 16 MiB of wei
 # A paced pass (the Feeder's) queues a chunk's copies in only when at most this many chunks' copies in
 # are still waiting or running: about a millisecond of the host link each.
 AHEAD = 2
+# The update kernel's launch shape for these passes (cpt.kernels.adamw8bit: blocks per program, warps,
+# programs), None for its defaults. An experiment knob: bench/gpu_throughput.py --side-update.
+SIDE_SHAPE = None
 THREAD_ON_CPU = False  # tests: run the Feeder's thread on the CPU too (there the work itself runs in it)
 _STAGING: dict = {}  # device -> (elements, buffers): kept for the run, reused every step
 _STREAMS: dict = {}
@@ -275,7 +278,7 @@ def _run(jobs: list, maps: QuantMaps, device: torch.device, s: Optional[tuple], 
             a_lo, a_hi = e0 // BLOCK, e1 // BLOCK
             _update_split_rows(j.p.data[r0:r1], staged[0].view(r1 - r0, width), j.g if j.slot is not None else j.g[r0:r1],
                                j.slot[r0:r1] if j.slot is not None else None, staged[1], staged[2],
-                               j.dst["absmax1"][a_lo:a_hi], j.dst["absmax2"][a_lo:a_hi], maps, j.hp)
+                               j.dst["absmax1"][a_lo:a_hi], j.dst["absmax2"][a_lo:a_hi], maps, j.hp, shape=SIDE_SHAPE)
             outs = [(h[e0 + a:e0 + z], d) for d, h, (a, z) in zip(staged, dst, spans)]
             if old_p is not None:
                 outs.append((j.backup.view(rows, width)[r0:r1], old_p))

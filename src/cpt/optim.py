@@ -485,13 +485,13 @@ def _triton_update(device: torch.device) -> Optional[Callable]:
     return _TRITON["cuda"]
 
 
-def _try_triton(device: torch.device, *args) -> bool:
+def _try_triton(device: torch.device, *args, **kw) -> bool:
     """Run the Triton update; False (and a warning, once) if there is none or it fails."""
     fn = _triton_update(device)
     if fn is None:
         return False
     try:
-        fn(*args)
+        fn(*args, **kw)
         return True
     except Exception as e:  # noqa: BLE001 - a kernel that will not build must not stop training
         import logging
@@ -531,12 +531,12 @@ def _chunk_rows(width: int, elements: int) -> int:
     return max(align, max(1, elements // width) // align * align)
 
 
-def _update_split_rows(high, low, g, slot, s1, s2, a1, a2, maps: QuantMaps, hp: torch.Tensor) -> None:
+def _update_split_rows(high, low, g, slot, s1, s2, a1, a2, maps: QuantMaps, hp: torch.Tensor, shape=None) -> None:
     """Update rows of a split master in place: the Triton kernel on CUDA, else PyTorch by chunks.
     g: the rows' dense gradient, or (slot given, one entry per row) the values of a sparse one: slot[row]
     is the row's index in g, -1 (no gradient: its moments decay), or SKIP (left as it is; rows must then
-    be whole quantisation blocks)."""
-    if _try_triton(high.device, high, low, g, slot, s1, s2, a1, a2, maps, hp):
+    be whole quantisation blocks). shape: the Triton kernel's launch shape (cpt.kernels.adamw8bit)."""
+    if _try_triton(high.device, high, low, g, slot, s1, s2, a1, a2, maps, hp, shape=shape):
         return
     rows, width = high.shape
     skip = None if slot is None else (slot == SKIP).nonzero().squeeze(1)

@@ -42,9 +42,10 @@ EFFICIENCY = {("baseline", "bf16"): 0.337, ("baseline", "nf4"): 0.298, ("ours", 
 # Compiled layers, the current code (session 9, H200, 8B, 2 x 2048): a step costs `gemm` seconds per
 # FLOP done plus `rest` seconds per FLOP of the same step with every layer recomputing. Fitted to bf16
 # with every layer recomputing (10,854 tokens/s, CUDA graphs) and with none (13,957, the memory-aware
-# row): skipping recompute saves matmuls at 714 TFLOP/s and nothing else; nf4 (10,287 tokens/s, all
-# recomputing) has the same matmul rate and more of the rest (its dequantization and bitsandbytes ops).
-COMPILED_STEP = {"bf16": (1 / 714e12, 0.4678e-15), "nf4": (1 / 714e12, 0.5706e-15)}
+# row): skipping recompute saves matmuls at 714 TFLOP/s and nothing else; nf4 has the same matmul rate
+# and more of the rest (its dequantization and bitsandbytes ops), refitted in session 13 to 10,698
+# tokens/s with every layer recomputing (each recomputing layer's backward dequantizing once).
+COMPILED_STEP = {"bf16": (1 / 714e12, 0.4678e-15), "nf4": (1 / 714e12, 0.4946e-15)}
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + float32 per 256 absmax
 WORKSPACE_GIB = 0.6  # cuBLAS workspaces, SDPA scratch, allocator rounding
 FIT_MARGIN = 0.92  # share of the GPU a plan may fill and still be called a fit
@@ -60,7 +61,7 @@ EARLY_EXPOSED_SHARE = 0.2
 # host layers' activations go out.
 FORWARD_SHARE = 0.3
 # At most this share of a 4-bit model's layers become host layers under 'auto' (see auto_host_layers).
-HOST_LAYER_SHARE_4BIT = 0.32
+HOST_LAYER_SHARE_4BIT = 0.5
 
 
 @dataclass
@@ -266,13 +267,21 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
         loss = tokens * s.vocab * (2 + 4 + 4 + 2)
         head_grad_early = 0
     at_loss = acts["checkpointed layer inputs"] + acts["layers that keep their activations"] + loss + head_grad_early
-    # One recomputing layer's backward pass: its activations and their gradients. Compiled layers
-    # free them sooner (the partitioner's schedule): 1.0x matched the capped 8B rows (20.50 GiB
-    # measured, bench/NOTES.md session 9); eager layers, offloaded ones included, 1.5x.
+    # One recomputing layer's backward pass: its activations and their gradients. Eager layers
+    # (offloaded ones included): 1.5x, fitted on the long-context ladder. Compiled layers free them as
+    # they go (the partitioner's schedule): nothing measurable beyond what is counted below (capped 8B
+    # rows with 1 and 2 kept layers: 20.75 GiB bf16, 11.51 and 12.04 GiB 4-bit; bench/NOTES.md, session 13).
     from cpt.kernels import use_compile  # the plan is for a CUDA GPU: resolve model.compile there
     compiled = ours and use_compile(m.compile, m.kernels, "cuda", cfg.train.fsdp, m.load_in_4bit)
-    recompute_peak = (1.0 if compiled and not offload else 1.5) * layer_act if recompute_layers else 0.0
-    at_end = grads + recompute_peak + (2 * ckpt_in if offload else ckpt_in)
+    recompute_peak = (0.0 if compiled and not offload else 1.5) * layer_act if recompute_layers else 0.0
+    if nf4 and fused and recompute_layers:
+        # A recomputing 4-bit layer's backward holds its weights dequantized to bf16 (kernels/lora.py).
+        recompute_peak += s.block_params / s.layers * 2
+    # The backward pass is highest where it reaches the layers that kept their activations (all of them
+    # still held, the adapters' gradients of every layer above complete), or at its end.
+    lora_grads = 0 if full_mode else n_lora * 4
+    boundary = keep * layer_act + lora_grads * recompute_layers / s.layers + grads - lora_grads
+    at_end = max(grads, boundary) + recompute_peak + (2 * ckpt_in if offload else ckpt_in)
 
     eff = EFFICIENCY[("ours, compiled" if compiled else "ours" if ours else "baseline", mode)]
     n_targets = len([x for x in a.target_modules if x in LORA_SHAPES]) or 7
@@ -354,7 +363,9 @@ def auto_host_layers(cfg: Config, s: Shape, recompute_layers: int, tokens: int, 
         if cfg.model.load_in_4bit:
             # Host layers replay without CUDA graphs, and 4-bit layers cost the host more to launch:
             # 21 of 32 made the 8B step host-bound (450-510 ms against 406-414 without host layers),
-            # 10 did not (381-406 ms; bench/NOTES.md, session 9).
+            # 10 did not (381-406 ms; bench/NOTES.md, session 9). Since each recomputing layer's
+            # backward dequantizes once (kernels/lora.py), 16 ran 2% faster than 10 and 20 no faster
+            # than 16 (session 13).
             want = min(want, int(HOST_LAYER_SHARE_4BIT * s.layers))
     return len(host_layer_indices(list(range(s.layers - recompute_layers, s.layers)), s.layers, int(want)))
 

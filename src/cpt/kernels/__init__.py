@@ -26,10 +26,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from cpt.kernels.compile import compile_decoder_layers, uncompile_layer
+from cpt.kernels.compile import compile_decoder_layers, recomputes, uncompile_layer
 from cpt.kernels.linear_ce import IGNORE_INDEX, fused_linear_cross_entropy, shift_labels
 from cpt.kernels.lora import fuse_lora_projections, unfuse_lora_projections
-from cpt.kernels.recompute import decoder_layers, set_recompute
+from cpt.kernels.recompute import decoder_layers, mark_recomputed, set_recompute
 
 LossFn = Callable[[torch.nn.Module, dict, int], torch.Tensor]
 
@@ -328,6 +328,11 @@ def apply_kernels(model: torch.nn.Module, mode: str, device: torch.device, compi
                        f"{layers['recompute']} recompute inside the graph"
                        + (f", {layers['host']} with MLP activations in host memory" if layers["host"] else "")
                        + f"{', replayed as CUDA graphs' if graphs else ''})")
+    if mode in ("cpt", "liger"):
+        reused = sum(mark_recomputed(layer, recomputes(layer) or getattr(layer, "_cpt_plain_forward", None) is not None)
+                     for layer in _layers_or_none(model))
+        if reused:
+            applied.append(f"4-bit weights of recomputing layers dequantized once in backward ({reused} projections)")
     causal_lm._cpt_kernels = applied
     log.info("kernels: %s", ", ".join(applied) or "plain PyTorch")
     return plain_causal_lm_loss

@@ -58,19 +58,37 @@ def _bucketize(x, mid_ptr, t_ptr, NB: tl.constexpr, BASE: tl.constexpr, SHIFT: t
 @triton.jit
 def _adamw8bit_kernel(p_ptr, lo_ptr, g_ptr, slot_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, q1_ptr, q2_ptr, mid1_ptr, mid2_ptr,
                       t1_ptr, t2_ptr, hp_ptr, n, width, SPLIT: tl.constexpr, SPARSE: tl.constexpr, ROW_BLOCKS: tl.constexpr,
-                      GATHER: tl.constexpr, NB: tl.constexpr, RECIP: tl.constexpr,
+                      GATHER: tl.constexpr, NB: tl.constexpr, RECIP: tl.constexpr, PERSIST: tl.constexpr,
                       T1_BASE: tl.constexpr, T1_SHIFT: tl.constexpr, T1_KEYS: tl.constexpr,
                       T1_STEPS: tl.constexpr, T2_BASE: tl.constexpr, T2_SHIFT: tl.constexpr, T2_KEYS: tl.constexpr,
                       T2_STEPS: tl.constexpr):
-    blk = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
-    offs = blk[:, None] * 256 + tl.arange(0, 256)[None, :]
-    mask = offs < n
-    in_range = blk * 256 < n
     b1 = tl.load(hp_ptr)
     b2 = tl.load(hp_ptr + 1)
     step_size = tl.load(hp_ptr + 2)
     eps = tl.load(hp_ptr + 3)
     decay = tl.load(hp_ptr + 4)
+    if PERSIST:  # a fixed number of programs, each taking every num_programs-th group of NB blocks
+        for pid in range(tl.program_id(0), tl.cdiv(n, 256 * NB), tl.num_programs(0)):
+            _update_blocks(pid, p_ptr, lo_ptr, g_ptr, slot_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, q1_ptr, q2_ptr, mid1_ptr,
+                           mid2_ptr, t1_ptr, t2_ptr, n, width, b1, b2, step_size, eps, decay, SPLIT, SPARSE, ROW_BLOCKS,
+                           GATHER, NB, RECIP, T1_BASE, T1_SHIFT, T1_KEYS, T1_STEPS, T2_BASE, T2_SHIFT, T2_KEYS, T2_STEPS)
+    else:
+        _update_blocks(tl.program_id(0), p_ptr, lo_ptr, g_ptr, slot_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, q1_ptr, q2_ptr,
+                       mid1_ptr, mid2_ptr, t1_ptr, t2_ptr, n, width, b1, b2, step_size, eps, decay, SPLIT, SPARSE,
+                       ROW_BLOCKS, GATHER, NB, RECIP, T1_BASE, T1_SHIFT, T1_KEYS, T1_STEPS, T2_BASE, T2_SHIFT, T2_KEYS,
+                       T2_STEPS)
+
+
+@triton.jit
+def _update_blocks(pid, p_ptr, lo_ptr, g_ptr, slot_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, q1_ptr, q2_ptr, mid1_ptr, mid2_ptr,
+                   t1_ptr, t2_ptr, n, width, b1, b2, step_size, eps, decay, SPLIT: tl.constexpr, SPARSE: tl.constexpr,
+                   ROW_BLOCKS: tl.constexpr, GATHER: tl.constexpr, NB: tl.constexpr, RECIP: tl.constexpr,
+                   T1_BASE: tl.constexpr, T1_SHIFT: tl.constexpr, T1_KEYS: tl.constexpr, T1_STEPS: tl.constexpr,
+                   T2_BASE: tl.constexpr, T2_SHIFT: tl.constexpr, T2_KEYS: tl.constexpr, T2_STEPS: tl.constexpr):
+    blk = (pid * NB + tl.arange(0, NB)).to(tl.int64)  # block numbers fit int32; element offsets may not
+    offs = blk[:, None] * 256 + tl.arange(0, 256)[None, :]
+    mask = offs < n
+    in_range = blk * 256 < n
     if SPARSE:
         if ROW_BLOCKS:  # rows are whole blocks: one row (and slot) per block, no division per element
             row_b = (blk * 256) // width
@@ -137,26 +155,29 @@ def _adamw8bit_kernel(p_ptr, lo_ptr, g_ptr, slot_ptr, s1_ptr, s2_ptr, a1_ptr, a2
 
 
 def adamw8bit_update(p: torch.Tensor, lo, g: torch.Tensor, slot, s1, s2, a1, a2, maps, hp: torch.Tensor,
-                     members: "GatheredGrads | None" = None) -> None:
+                     members: "GatheredGrads | None" = None, shape: "tuple[int, int, int] | None" = None) -> None:
     """In place: p is a float32 master, or (lo given) the bf16 high half of one. g is dense like p, or
     (slot given) the values of a row-sparse gradient, slot[row] its row in g or -1; or (members given,
-    g and slot None) p is a flat buffer of float32 members whose gradients `members` points at."""
+    g and slot None) p is a flat buffer of float32 members whose gradients `members` points at.
+    `shape`: (blocks per program, warps, programs) instead of the defaults; programs 0 is one per
+    group of blocks, more makes that many programs loop over the groups (fewer SMs held at a time)."""
     n = p.numel()
     width = p.shape[-1] if p.ndim > 1 else n
     split, sparse = lo is not None, slot is not None
     target = p.view(torch.int16) if split else p
     if members is not None:
         g, slot, width = members.table, members.block_member, members.count
-    blocks = triton.cdiv(n, BLOCK)
-    grid = (triton.cdiv(blocks, BLOCKS_PER_PROGRAM),)
+    nb, warps, programs = shape or (BLOCKS_PER_PROGRAM, NUM_WARPS, 0)
+    groups = triton.cdiv(triton.cdiv(n, BLOCK), nb)
+    grid = (min(groups, programs) if programs else groups,)
     t1, t2 = maps.table1, maps.table2
     _adamw8bit_kernel[grid](target, lo if split else target, g, slot if slot is not None else s1, s1, s2, a1, a2,
                             maps.q1, maps.q2, maps.mid1, maps.mid2, t1.on(p.device), t2.on(p.device), hp, n, width,
                             SPLIT=split, SPARSE=sparse, ROW_BLOCKS=ROW_BLOCKS and sparse and width % BLOCK == 0,
-                            GATHER=members is not None, NB=BLOCKS_PER_PROGRAM, RECIP=RECIP,
+                            GATHER=members is not None, NB=nb, RECIP=RECIP, PERSIST=bool(programs),
                             T1_BASE=t1.base, T1_SHIFT=t1.shift, T1_KEYS=max(t1.keys, 1), T1_STEPS=_steps(t1),
                             T2_BASE=t2.base, T2_SHIFT=t2.shift, T2_KEYS=max(t2.keys, 1), T2_STEPS=_steps(t2),
-                            num_warps=NUM_WARPS)
+                            num_warps=warps)
 
 
 class GatheredGrads:

@@ -35,6 +35,16 @@ saved). At training batch sizes bitsandbytes itself dequantizes and runs a plain
 result is its own; what goes is the copy of the base output and the separate sum of the input
 gradient's two terms.
 
+In a decoder layer that recomputes in backward (marked by `kernels.recompute.mark_recomputed`), a
+4-bit projection is two ops instead: `cpt::dequantize_4bit`, then `cpt::lora_linear` over its output.
+The recompute reruns the dequantization once, and the recomputed forward and the backward op share
+its output, so backward dequantizes each weight once where it did twice (in the compiled backward
+graph: 7 dequantizations for the 6 reruns and 7 gradient ops). The price is the layer's weights
+held in bf16 during its backward (~0.4 GiB for an 8B layer); layers that keep their activations
+keep the one op, so that nothing dequantized waits there from the forward pass to backward. On an
+8B QLoRA step capped at 0.65x of the baseline's memory: 608 -> 448 dequantizations, 10,827 ->
+11,218 tokens/s (bench/NOTES.md, session 13).
+
 Every other base (bitsandbytes 8-bit, a Linear with bias) keeps the earlier fused
 path: the second LoRA matmul adds itself into the base output inside cuBLAS,
 `addmm(result, lora_A(x), B.T, alpha=scaling)`, reading the base output once and writing the sum
@@ -135,6 +145,22 @@ def _dequantize(w: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor, co
     return torch.ops.bitsandbytes.dequantize_4bit(w, absmax.float(), blocksize, quant_type, [out_features, in_features], dtype)
 
 
+@torch.library.custom_op("cpt::dequantize_4bit", mutates_args=(),
+                         schema=f"({_4BIT_SCHEMA}, int in_features, ScalarType dtype) -> Tensor")
+def dequantize_4bit(w: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor, code2: torch.Tensor, offset: torch.Tensor,
+                    blocksize: int, blocksize2: int, quant_type: str, out_features: int, in_features: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """The 4-bit weight as an (out_features, in_features) matrix of `dtype`, for recomputing layers
+    (see `_fused_forward`): a separate op, so that the backward pass dequantizes once for both the
+    recomputed forward and the gradient."""
+    return _dequantize(w, absmax, absmax2, code2, offset, blocksize, blocksize2, quant_type, out_features, in_features, dtype)
+
+
+@dequantize_4bit.register_fake
+def _dequantize_4bit_fake(w, absmax, absmax2, code2, offset, blocksize, blocksize2, quant_type, out_features, in_features, dtype):
+    return w.new_empty((out_features, in_features), dtype=dtype)
+
+
 @torch.library.custom_op("cpt::lora_linear_4bit", mutates_args=(),
                          schema=f"(Tensor x, {_4BIT_SCHEMA}, Tensor a, Tensor b, float scale) -> Tensor")
 def lora_linear_4bit(x: torch.Tensor, w: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor, code2: torch.Tensor,
@@ -228,7 +254,14 @@ def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         args4 = _4bit_args(base, x, dtype)
         if args4 is not None and (autocast or x.dtype == a.dtype == b.dtype):
-            out = torch.ops.cpt.lora_linear_4bit(x.to(dtype), *args4, a.to(dtype), b.to(dtype), float(self.scaling[name]))
+            scale = float(self.scaling[name])
+            if getattr(self, "_cpt_recomputed", False):
+                # A recomputing layer: the dequantized weight is an op output that the recomputed forward
+                # and the backward op share, so backward dequantizes once instead of twice.
+                wd = torch.ops.cpt.dequantize_4bit(*args4, x.shape[-1], dtype)
+                out = torch.ops.cpt.lora_linear(x.to(dtype), wd, a.to(dtype), b.to(dtype), scale)
+            else:
+                out = torch.ops.cpt.lora_linear_4bit(x.to(dtype), *args4, a.to(dtype), b.to(dtype), scale)
             return out.to(x.dtype)
     if not torch.is_autocast_enabled(x.device.type):
         # Without autocast, mixed dtypes need peft's casts.

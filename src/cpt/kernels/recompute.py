@@ -111,6 +111,18 @@ def _offloaded_forward(layer: torch.nn.Module, plain_forward: Callable) -> Calla
     return types.MethodType(forward, layer)
 
 
+def mark_recomputed(layer: torch.nn.Module, on: bool) -> int:
+    """Tell the fused LoRA projections of a decoder layer whether the layer recomputes in backward (4-bit
+    bases then dequantize into an op output that the recomputed forward and the backward share,
+    kernels/lora.py). Returns how many projections over 4-bit bases were marked on."""
+    n = 0
+    for m in layer.modules():
+        if getattr(m, "_cpt_plain_lora_forward", None) is not None:
+            m._cpt_recomputed = on
+            n += int(on and type(getattr(m, "base_layer", None)).__name__ == "Linear4bit")
+    return n
+
+
 def set_recompute(model: torch.nn.Module, recompute_layers: Optional[int] = None, offload: bool = False,
                   host_layers: int = 0) -> dict:
     """Set, per decoder layer, keep / recompute / offload. recompute_layers None means all layers.
@@ -157,4 +169,5 @@ def set_recompute(model: torch.nn.Module, recompute_layers: Optional[int] = None
         else:
             layer.gradient_checkpointing = False
             summary["keep"] += 1
+        mark_recomputed(layer, recompute)
     return summary
