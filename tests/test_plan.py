@@ -291,3 +291,43 @@ def test_estimates_stand_beside_the_committed_h200_measurements():
             assert abs(est["peak_gib"] / row["peak_gib"] - 1) < 0.05, (mode, system, est["peak_gib"])
             checked += 1
     assert checked >= 4  # ours and the capped row, in both modes
+
+
+def test_capped_rows_get_the_layers_they_ran_with_and_worker_peaks_stand():
+    """The capped rows of bench/results/gpu_throughput.json ran with the kept and host layers the memory
+    plan picks for their budget today; and each capped worker run of session 13
+    (gpu_throughput_s13_workers.json: 1 or 2 kept layers, 10-24 host layers, both modes) peaked within
+    2% of the plan's estimate. The plan once left the kept layers' activations out of the backward
+    peak: it put 2 kept 4-bit layers at 11.5 GiB, which peaked at 12.04 over an 11.74 cap."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from cpt.plan import memory_plan
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "bench"))
+    try:
+        import gpu_throughput as bench
+    finally:
+        sys.path.remove(str(root / "bench"))
+    res = json.loads((root / "bench" / "results" / "gpu_throughput.json").read_text())
+    for mode in ("bf16", "nf4"):
+        row = res[mode]["ours_budget"]
+        cfg = bench.ours_config(Path("unused"), mode, 2048, 2, 1, recompute_budget=row["budget_gib"], offload_embedding_state="auto")
+        assert memory_plan(cfg, _llama_8b(), row["budget_gib"]) == (32 - row["layers"]["keep"], row["layers"]["host"]), mode
+    workers = json.loads((root / "bench" / "results" / "gpu_throughput_s13_workers.json").read_text())
+    checked = 0
+    for call in workers["calls"].values():
+        for name, w in call.items():
+            if "dequant" in w["args"] or "reuse" in w["args"]:  # other code paths (experiments)
+                continue
+            mode = "nf4" if "--mode nf4" in w["args"] else "bf16"
+            budget = float(w["args"].split("--recompute-budget ")[1].split()[0])
+            keep, host = w["layers"]["keep"], w["layers"]["host"]
+            cfg = bench.ours_config(Path("unused"), mode, 2048, 2, 1, recompute_budget=budget,
+                                    offload_embedding_state="auto", host_activations=host)
+            est = plan(cfg, _llama_8b(), gpu_memory_gib=139.8, recompute_layers=32 - keep, host_layers=host)
+            assert abs(est["peak_gib"] / w["peak_gib"] - 1) < 0.02, (name, est["peak_gib"], w["peak_gib"])
+            checked += 1
+    assert checked >= 7
