@@ -260,11 +260,12 @@ class _RandomTokens:
     """The data object cpt's Trainer reads: random token blocks. Each new batch request marks a step
     boundary: synchronise there and note the time (the anchor synchronises around each step too)."""
 
-    def __init__(self, batch: int, seq: int, seed: int):
+    def __init__(self, batch: int, seq: int, seed: int, profile: "tuple[int, Path] | None" = None):
         self.batch, self.seq, self.seed = batch, seq, seed
         self.blocks_per_epoch = None
         self.marks: list[float] = []
         self.seen: set[int] = set()
+        self.profile, self.prof = profile, None  # (step, path): profile that step of the loop, host and GPU
 
     def batches(self, batch_size: int):
         import torch
@@ -274,8 +275,27 @@ class _RandomTokens:
             self.seen.update(ids.flatten().tolist())
             _sync()
             self.marks.append(time.perf_counter())
+            if self.profile is not None and len(self.marks) in (self.profile[0], self.profile[0] + 1):
+                self._profiler(len(self.marks) == self.profile[0])
             yield {"input_ids": ids, "labels": ids.clone(),
                    "position_ids": torch.arange(self.seq).repeat(batch_size, 1)}
+
+    def _profiler(self, start: bool) -> None:
+        """--profile-loop: one whole step of the Trainer's loop (its syncs included) under the profiler."""
+        from torch.profiler import ProfilerActivity, profile
+
+        if start:
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.prof.start()
+            return
+        self.prof.stop()
+        path = self.profile[1]
+        self.prof.export_chrome_trace(str(path))
+        import gzip
+        import shutil
+        with open(path, "rb") as src, gzip.open(str(path) + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        path.unlink()
 
     def state_dict(self) -> dict:
         return {}
@@ -304,6 +324,25 @@ def worker_ours(args) -> dict:
         import cpt.host_state
 
         cpt.host_state._update_split_rows = lambda *a, **k: None
+    if args.emulate_backup:  # the link traffic of the host backup of the weights the early passes move,
+        # which undoing a skipped step needed before cpt.optim.UndoLog: each chunk's old weights, copied out
+        import cpt.host_state
+
+        update, host = cpt.host_state._update_split_rows, {}
+
+        def with_backup(high, *a, **k):
+            if k.get("log") is None:
+                return update(high, *a, **k)
+            old = high.clone()
+            update(high, *a, **k)
+            _, _, cout = cpt.host_state.streams(high.device)
+            buf = host.setdefault(high.numel(), cpt.host_state.host_tensor(high.shape, high.dtype))
+            cout.wait_stream(torch.cuda.current_stream(high.device))
+            with torch.cuda.stream(cout):
+                buf.copy_(old, non_blocking=True)
+            old.record_stream(cout)
+
+        cpt.host_state._update_split_rows = with_backup
     if args.lora_addmm:
         import cpt.kernels.lora
 
@@ -344,7 +383,8 @@ def worker_ours(args) -> dict:
         torch.cuda.memory._record_memory_history(enabled="all", stacks="python", max_entries=5_000_000)
     emb_named = {k: m.weight for k, m in trained_embedding_modules(bundle.model).items()}
     before = _embedding_snapshot(emb_named)
-    data = _RandomTokens(args.batch, args.seq, seed=1)
+    data = _RandomTokens(args.batch, args.seq, seed=1,
+                         profile=(args.warmup + 1, Path(args.profile_loop)) if args.profile_loop else None)
     trainer = cpt_train.Trainer(cfg, bundle, SimpleNamespace(train=data))
     # Checkpoint and adapter writing are not part of a training step's speed: skip the disk.
     trainer.save = lambda: None
@@ -624,6 +664,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--checkpointing", default="true", help="ours: adapter.use_gradient_checkpointing")
     p.add_argument("--compile", default="auto", help="ours: model.compile (auto, true, false)")
     p.add_argument("--profile", default=None, help="write a torch profiler table of one step here")
+    p.add_argument("--profile-loop", default=None, help="ours: a chrome trace (host and GPU, gzipped) of the first timed step of the training loop itself")
     p.add_argument("--profile-gpu-only", action="store_true", help="--profile records the GPU's timeline only (no host operators)")
     p.add_argument("--phase-steps", type=int, default=0, help="ours: this many more steps with CUDA-event and host phase times (no profiler; 5 with --profile-rows)")
     p.add_argument("--main-stream-priority", type=int, default=None,
@@ -641,6 +682,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--lora-addmm", action="store_true", help="ours: projections without the cpt::lora_linear / lora_linear_4bit ops (experiment row)")
     p.add_argument("--side-update", default=None,
                    help="ours (experiment): the embedding states' update kernel beside the backward pass launched as NB,WARPS,PROGRAMS (cpt.host_state.SIDE_SHAPE)")
+    p.add_argument("--emulate-backup", action="store_true",
+                   help="ours (experiment): also copy out the early passes' old weights, as the host backup that undoing a skipped step used to need")
     p.add_argument("--no-dequant-reuse", action="store_true",
                    help="ours (experiment): 4-bit recomputing layers dequantize inside the op again (forward, recompute and backward)")
     p.add_argument("--keep-layers", type=int, default=None, help="ours (experiment): this many layers keep their activations, whatever the memory plan says")

@@ -1,11 +1,12 @@
 """Where one profiled step's GPU time goes, from a torch profiler chrome trace (`--profile` of
 gpu_throughput.py writes one beside its table, gzipped).
 
-    python bench/trace_summary.py logs/profile_ours_budget_bf16.trace.json.gz [--gaps 0.3]
+    python bench/trace_summary.py logs/profile_ours_budget_bf16.trace.json.gz [--gaps 0.3] [--host-gaps 0.5]
 
 Prints, per CUDA stream, the busy time and the kernel groups; the time when some stream is busy
 (their union) against the span of the step; and the longest gaps of the busiest stream with the last
-kernel before each and the first after it.
+kernel before each and the first after it. --host-gaps (traces with the host's operators): where each
+host thread went that long without calling into torch.
 """
 from __future__ import annotations
 
@@ -40,12 +41,44 @@ def group(name: str) -> str:
     return "other"
 
 
-def load(path: Path) -> list[dict]:
+GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+HOST_CATS = ("cpu_op", "user_annotation", "cuda_runtime")
+
+
+def load(path: Path, cats: tuple = GPU_CATS) -> list[dict]:
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rt") as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
-    return [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    return [e for e in events if e.get("ph") == "X" and e.get("cat") in cats]
+
+
+def host_gaps(path: Path, gap_ms: float, top: int = 12) -> str:
+    """A trace with the host's operators (not --profile-gpu-only): per host thread, the stretches of at
+    least gap_ms between its top-level operators, i.e. where that thread ran Python (or waited) without
+    calling into torch, with the operator before and after, on the GPU timeline's clock."""
+    ev = load(path, GPU_CATS + HOST_CATS)
+    gpu = [e for e in ev if e["cat"] in GPU_CATS]
+    if not gpu:
+        return f"{path}: no GPU events"
+    t0 = min(e["ts"] for e in gpu)
+    threads: dict = defaultdict(list)
+    for e in ev:
+        if e["cat"] in HOST_CATS:
+            threads[e.get("tid")].append(e)
+    lines = [f"{path.name}: host threads' stretches of >= {gap_ms} ms between top-level operators"]
+    for tid, es in sorted(threads.items(), key=lambda kv: -len(kv[1])):
+        es.sort(key=lambda e: e["ts"])
+        gaps, end, before = [], None, None
+        for e in es:
+            if end is not None and e["ts"] - end >= gap_ms * 1e3:
+                gaps.append((e["ts"] - end, end, before, e["name"]))
+            if end is None or e["ts"] + e["dur"] > end:
+                end, before = e["ts"] + e["dur"], e["name"]
+        lines.append(f"  thread {tid}: {len(es)} events, {len(gaps)} stretches, {sum(g[0] for g in gaps) / 1e3:.1f} ms in all")
+        for g, at, a, b in sorted(gaps, key=lambda x: -x[0])[:top]:
+            lines.append(f"    {g / 1e3:7.2f} ms at {(at - t0) / 1e3:7.1f} ms: after {a[:60]!r}, before {b[:60]!r}")
+    return "\n".join(lines)
 
 
 def union(spans: list[tuple[float, float]]) -> float:
@@ -105,9 +138,13 @@ def main() -> None:
     p.add_argument("traces", nargs="+", type=Path)
     p.add_argument("--gaps", type=float, default=0.3, help="list gaps of the busiest stream at least this long (ms)")
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--host-gaps", type=float, default=None,
+                   help="also list each host thread's stretches of at least this many ms between its top-level operators")
     args = p.parse_args()
     for t in args.traces:
         print(summarize(t, args.gaps, args.top))
+        if args.host_gaps is not None:
+            print(host_gaps(t, args.host_gaps, args.top))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from trace_summary import group, summarize, union  # noqa: E402
+from trace_summary import group, host_gaps, summarize, union  # noqa: E402
 
 
 def _k(name, ts, dur, stream=7, cat="kernel"):
@@ -40,3 +40,20 @@ def test_summary_of_a_written_trace(tmp_path):
     assert "stream 7: 3 events, busy 2.5 ms: gemm 2.0, triton (compiled layers) 0.5" in text
     assert "1 gaps of >= 1.0 ms, 2.0 in all" in text.replace(" ms in all", " in all")
     assert "other streams busy 1.50" in text
+
+
+def test_host_gaps_list_where_a_thread_ran_without_calling_into_torch(tmp_path):
+    events = [
+        _k("nvjet_sm90_tst_a", 1000, 1000),
+        {"ph": "X", "cat": "cpu_op", "name": "aten::coalesce", "ts": 0, "dur": 2000, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::_values", "ts": 500, "dur": 10, "tid": 1},  # nested: not a gap
+        {"ph": "X", "cat": "cpu_op", "name": "aten::_foreach_norm", "ts": 7700, "dur": 300, "tid": 1},  # 5.7 ms later
+        {"ph": "X", "cat": "cpu_op", "name": "aten::stack", "ts": 8100, "dur": 100, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 100, "tid": 2},
+    ]
+    p = tmp_path / "t.trace.json"
+    p.write_text(json.dumps({"traceEvents": events}))
+    text = host_gaps(p, 1.0)
+    assert "thread 1: 4 events, 1 stretches, 5.7 ms in all" in text
+    assert "5.70 ms at     1.0 ms: after 'aten::coalesce', before 'aten::_foreach_norm'" in text
+    assert "thread 2: 1 events, 0 stretches" in text

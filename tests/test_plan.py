@@ -35,6 +35,23 @@ def test_baseline_estimate_within_15_percent_of_the_reference_measurement(nf4, m
     assert est["fits"]
 
 
+@pytest.mark.parametrize("mode", ["bf16", "nf4"])
+def test_baseline_speed_estimate_stands_within_15_percent_of_every_committed_baseline_run(mode):
+    """The baselines' tokens/s in every committed bench/results/gpu_throughput*.json (the 4-bit one runs
+    in two speed modes from call to call, 5,479-7,116 tokens/s) and the anchor's, against `cpt plan`."""
+    import json
+    from pathlib import Path
+
+    est = plan(_cfg(mode == "nf4"), _llama_8b(), system="baseline", gpu_memory_gib=139.8)["tokens_per_s"]
+    runs = [{"bf16": 6751, "nf4": 5984}[mode]]
+    for f in (Path(__file__).resolve().parents[1] / "bench" / "results").glob("gpu_throughput*.json"):
+        row = json.loads(f.read_text()).get(mode, {}).get("baseline")
+        if isinstance(row, dict):
+            runs += row.get("tokens_per_s_runs") or [row["tokens_per_s"]]
+    assert len(runs) >= 3
+    assert all(abs(est / r - 1) < 0.15 for r in runs), (est, sorted(runs))
+
+
 def test_flops_per_token_match_the_anchor_count():
     kw = dict(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256, r=128, seq=2048)
     assert model_flops_per_token(**kw) / 1e9 == pytest.approx(49.32, abs=0.01)
@@ -136,7 +153,7 @@ def test_split_masters_hold_bf16_gradients_and_rows_of_embed_tokens():
 
 def test_offloaded_embedding_states_leave_the_gpu_and_cost_copy_time_only_with_clipping():
     """train.offload_embedding_state: the low halves and moment codes (4 bytes per trained embedding
-    element) move to host memory (twice, plus a backup of the weights); the GPU keeps the block maxima
+    element) move to host memory (twice: the early passes write the second set); the GPU keeps the block maxima
     twice and three staging chunks. The copies hide behind the backward pass except lm_head's when
     gradients are clipped."""
     mc = _llama_8b()
@@ -148,8 +165,8 @@ def test_offloaded_embedding_states_leave_the_gpu_and_cost_copy_time_only_with_c
     a, b = plan(off, mc, system="ours", gpu_memory_gib=139.8), plan(on, mc, system="ours", gpu_memory_gib=139.8)
     n = 2 * 128256 * 4096
     emb = n / 2**30
-    assert b["host_memory_gib"] == pytest.approx(emb * 10)
-    saved = emb * 4 - 2 * emb * 8 / 256 - 3 * 2**23 * 6 / 2**30  # the batch's rows come back only at the step
+    assert b["host_memory_gib"] == pytest.approx(emb * 8)
+    saved = emb * 4 - 2 * emb * 8 / 256 - 3 * 2**23 * 4 / 2**30  # the batch's rows come back only at the step
     static = {k: sum(p["memory_gib"].values()) for k, p in (("off", a), ("on", b))}
     assert static["off"] - static["on"] == pytest.approx(saved, rel=1e-3)
     assert a["peak_at"] == b["peak_at"] == "end of backward"
@@ -172,7 +189,7 @@ def test_auto_moves_the_embedding_states_only_when_the_run_would_not_fit():
     cfg = _cfg()
     assert cfg.train.offload_embedding_state == "auto"
     small, large = plan(cfg, mc, gpu_memory_gib=24.0), plan(cfg, mc, gpu_memory_gib=80.0)
-    assert small["offload_embedding_state"] and small["fits"] and small["host_memory_gib"] > 9
+    assert small["offload_embedding_state"] and small["fits"] and small["host_memory_gib"] > 7.5
     assert not large["offload_embedding_state"] and large["host_memory_gib"] == 0
     forced = _cfg()
     forced.train.offload_embedding_state = False

@@ -207,3 +207,29 @@ def test_own_gradients_copies_dense_and_row_sparse_gradients_out_of_graph_memory
     graph_out.fill_(7.0)  # the next replay writes the buffer
     assert torch.equal(dense.grad, before[:3])
     assert torch.equal(emb.grad.to_dense(), torch.sparse_coo_tensor(torch.tensor([[1, 2, 2, 7, 9]]), before, (10, 4)).to_dense())
+
+
+def test_the_loop_lists_the_trained_parameters_once_not_every_step(tiny_model_dir, corpus_dir, tmp_path):
+    """Walking an 8B LoRA model's ~2,700 modules for its parameters took the host ~6 ms per step while
+    the GPU waited (bench/NOTES.md, session 14): the loop lists them once. Calls of model.parameters()
+    must not grow with the number of steps (here with gradient clipping on, which walks them too)."""
+    from cpt.data import build_data
+    from cpt.model import build_model
+    from cpt.train import Trainer
+
+    calls = {}
+    for steps in (2, 6):
+        cfg = load_config(None, _overrides(tiny_model_dir, corpus_dir, tmp_path / f"p{steps}", f"train.max_steps={steps}",
+                                           "train.max_grad_norm=1.0", "output.save_steps=100"))
+        bundle = build_model(cfg)
+        model, n = bundle.model, [0]
+        walk = model.parameters
+
+        def counted(*a, **k):
+            n[0] += 1
+            return walk(*a, **k)
+
+        model.parameters = counted
+        Trainer(cfg, bundle, build_data(cfg, bundle.tokenizer)).train()
+        calls[steps] = n[0]
+    assert calls[2] == calls[6], calls

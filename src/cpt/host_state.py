@@ -16,9 +16,12 @@ gradients are (`EarlyStep`):
   (weights from the GPU, states from the new host buffers) and updated with the gradient, clipped or not.
 - lm_head's gradient is complete when the loss is (the chunked loss makes it in the forward pass);
   without gradient clipping, its whole update can run during the backward pass too.
-Nothing done early is final: the new states go to a second set of host buffers and the weights'
-old values to a host backup, so a step the loop skips (a non-finite loss or gradient) is undone
-(`EarlyStep.abandon`) and a finite one is committed (`EarlyStep.commit`) by swapping buffers.
+Nothing done early is final: the new states go to a second set of host buffers, so a step the loop
+skips (a non-finite loss or gradient) is undone (`EarlyStep.abandon`) and a finite one is committed
+(`EarlyStep.commit`) by swapping buffers. The weights are undone without a copy of them (which cost
+2 bytes per element over the host link every step): the update is inverted from the weights it made
+and the old states, and the few elements inversion cannot vouch for are logged on the GPU as the pass
+goes (cpt.optim.UndoLog).
 
 On a GPU the early passes are queued by a helper thread (`Feeder`), a few chunks ahead of the copies
 in flight. Queued from the loop's own thread they took it tens of milliseconds (hundreds of copies)
@@ -38,10 +41,11 @@ from typing import Callable, Optional
 
 import torch
 
-from cpt.optim import BLOCK, HOST_KEYS, SKIP, QuantMaps, _chunk_rows, _grad_table, _hyper, _update_split_rows
+from cpt.optim import (BLOCK, HOST_KEYS, SKIP, QuantMaps, UndoLog, _chunk_rows, _grad_table, _hyper, _undo_split_rows,
+                       _update_split_rows)
 
 DEVICE_KEYS = ("absmax1", "absmax2")
-CHUNK_ELEMENTS = 1 << 23  # 32 MiB of staged state per chunk (plus 16 MiB of weights when backing up), three in flight
+CHUNK_ELEMENTS = 1 << 23  # 32 MiB of staged state per chunk, three in flight
 # A paced pass (the Feeder's) queues a chunk's copies in only when at most this many chunks' copies in
 # are still waiting or running: about a millisecond of the host link each.
 AHEAD = 2
@@ -84,7 +88,7 @@ class Job:
     hp: torch.Tensor
     g: torch.Tensor  # dense gradient, or the values of a row-sparse one (with slot)
     slot: Optional[torch.Tensor]  # row -> index in g, -1 (no gradient: the row decays) or SKIP (left alone)
-    backup: Optional[torch.Tensor] = None  # host copy of p made before the pass, to undo it
+    log: Optional[UndoLog] = None  # make the pass undoable (cpt.optim.UndoLog)
     keep: Optional["KeptRows"] = None  # rows the pass leaves alone, updated at the step
 
 
@@ -103,8 +107,7 @@ def _staging(device: torch.device, elements: int) -> list:
     if have is None or have[0] < elements:
         _STAGING[device] = (elements, [dict(lo=torch.empty(elements, dtype=torch.int16, device=device),
                                             s1=torch.empty(elements + BLOCK, dtype=torch.uint8, device=device),
-                                            s2=torch.empty(elements + BLOCK, dtype=torch.uint8, device=device),
-                                            p=torch.empty(elements, dtype=torch.bfloat16, device=device))
+                                            s2=torch.empty(elements + BLOCK, dtype=torch.uint8, device=device))
                                        for _ in range(3)])
     return _STAGING[device][1]
 
@@ -271,17 +274,14 @@ def _run(jobs: list, maps: QuantMaps, device: torch.device, s: Optional[tuple], 
             else:
                 for d, h, (a, z) in zip(staged, src, spans):
                     d.copy_(h[e0 + a:e0 + z])
-            old_p = None
-            if j.backup is not None:
-                old_p = b["p"][:(r1 - r0) * width].view(r1 - r0, width)
-                old_p.copy_(j.p.data[r0:r1])
+            if j.log is not None and r0 == 0:
+                j.log.reset()
             a_lo, a_hi = e0 // BLOCK, e1 // BLOCK
             _update_split_rows(j.p.data[r0:r1], staged[0].view(r1 - r0, width), j.g if j.slot is not None else j.g[r0:r1],
                                j.slot[r0:r1] if j.slot is not None else None, staged[1], staged[2],
-                               j.dst["absmax1"][a_lo:a_hi], j.dst["absmax2"][a_lo:a_hi], maps, j.hp, shape=SIDE_SHAPE)
+                               j.dst["absmax1"][a_lo:a_hi], j.dst["absmax2"][a_lo:a_hi], maps, j.hp, shape=SIDE_SHAPE,
+                               log=j.log, base=r0 * width)
             outs = [(h[e0 + a:e0 + z], d) for d, h, (a, z) in zip(staged, dst, spans)]
-            if old_p is not None:
-                outs.append((j.backup.view(rows, width)[r0:r1], old_p))
             if cuda:
                 cout.wait_stream(work)
                 with torch.cuda.stream(cout):
@@ -360,13 +360,13 @@ class EarlyStep:
     def __init__(self, optimizer, maps: QuantMaps):
         self.opt, self.maps = optimizer, maps
         self.pending: dict = {}  # id(p) -> (p, group, Job)
-        self.spares: dict = {}  # id(p) -> second host buffers and device block maxima, and the backup
+        self.spares: dict = {}  # id(p) -> second host buffers and device block maxima, and an UndoLog
 
     def _spare(self, p: torch.Tensor, state: dict) -> dict:
         if id(p) not in self.spares:
             self.spares[id(p)] = {**{k: host_tensor(state[k].shape, state[k].dtype) for k in HOST_KEYS},
                                   **{k: torch.empty_like(state[k]) for k in DEVICE_KEYS},
-                                  "backup": host_tensor(p.shape, p.dtype)}
+                                  "log": UndoLog(p.device)}
         return self.spares[id(p)]
 
     def start(self, group: dict, p: torch.Tensor, ids: Optional[torch.Tensor]) -> None:
@@ -389,7 +389,7 @@ class EarlyStep:
             slot = table[:n]
             keep = KeptRows(slot)
         dst = {k: spare[k] for k in (*HOST_KEYS, *DEVICE_KEYS)}
-        job = Job(p, state, dst, hp, g, slot, backup=spare["backup"], keep=keep)
+        job = Job(p, state, dst, hp, g, slot, log=spare["log"], keep=keep)
         launch([job], self.maps, paced=True)
         self.pending[id(p)] = (p, group, job)
 
@@ -407,7 +407,7 @@ class EarlyStep:
         return bool((job.keep.slot[p.grad._indices()[0]] == SKIP).all())
 
     def drop(self, p: torch.Tensor) -> None:
-        """Undo p's early pass (its weight from the backup; the old states stay live)."""
+        """Undo p's early pass (its weight by inverting the update; the old states stay live)."""
         self._undo(p, self.pending.pop(id(p))[2])
 
     def commit(self, p: torch.Tensor) -> None:
@@ -441,14 +441,28 @@ class EarlyStep:
             wait(p.device)  # the weights are back before anything reads them
         self.pending.clear()
 
-    @staticmethod
-    def _undo(p: torch.Tensor, job: Job) -> None:
+    def _undo(self, p: torch.Tensor, job: Job) -> None:
+        """p's weights as they were before the pass, from the weights it made, the old states (still
+        live) and the new low halves (cpt.optim.UndoLog): no copy of the weights was kept."""
         drain(p.device)
+        rows, width = p.shape
+        old, new = job.src, job.dst
         s = streams(p.device)
-        if s is not None:
-            _, work, cout = s
-            work.wait_stream(cout)  # the backup has landed
-            with torch.cuda.stream(work):
-                p.data.copy_(job.backup, non_blocking=True)
-        else:
-            p.data.copy_(job.backup)
+        if s is None:
+            _undo_split_rows(p.data, new["lo"], old["lo"], job.g, job.slot, old["state1"], old["state2"],
+                             old["absmax1"], old["absmax2"], self.maps, job.hp)
+            job.log.apply(p)
+            return
+        _, work, cout = s
+        work.wait_stream(cout)  # the pass's new low halves have landed in host memory
+        with torch.cuda.stream(work):  # rare (a skipped step): one chunk at a time, nothing overlapped
+            for r0 in range(0, rows, _chunk_rows(width, CHUNK_ELEMENTS)):
+                r1 = min(rows, r0 + _chunk_rows(width, CHUNK_ELEMENTS))
+                e0, e1 = r0 * width, min(old["state1"].numel(), -(-(r1 * width) // BLOCK) * BLOCK)
+                new_lo, old_lo = (to_device(t.view(rows, width)[r0:r1], p.device) for t in (new["lo"], old["lo"]))
+                s1, s2 = (to_device(old[k].view(-1)[e0:e1], p.device) for k in ("state1", "state2"))
+                _undo_split_rows(p.data[r0:r1], new_lo, old_lo, job.g if job.slot is not None else job.g[r0:r1],
+                                 job.slot[r0:r1] if job.slot is not None else None, s1, s2,
+                                 old["absmax1"][e0 // BLOCK:e1 // BLOCK], old["absmax2"][e0 // BLOCK:e1 // BLOCK],
+                                 self.maps, job.hp)
+            job.log.apply(p)

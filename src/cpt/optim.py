@@ -421,11 +421,8 @@ def _adamw8bit_blocks(master, g, s1, s2, a1, a2, q1, q2, mid1, mid2, hp):
     Returns the new master, states and block maxima. hp = [beta1, beta2, step size, eps, decay]:
     the bias corrections are folded into step size and eps, and weight decay multiplies after the
     update, as in bitsandbytes' kernels."""
-    b1, b2, step_size, eps, decay = hp[0], hp[1], hp[2], hp[3], hp[4]
-    g = g.float().view(-1, BLOCK)
-    m = q1[s1.long()].view(-1, BLOCK) * a1[:, None] * b1 + (1 - b1) * g
-    v = q2[s2.long()].view(-1, BLOCK) * a2[:, None] * b2 + (1 - b2) * g * g
-    new = (master.view(-1, BLOCK) + step_size * m / (v.sqrt() + eps)) * decay
+    m, v, d = _moments(g, s1, s2, a1, a2, q1, q2, hp)
+    new = (master.view(-1, BLOCK) + d) * hp[4]
     n1 = m.abs().amax(1, keepdim=True)
     n2 = v.amax(1, keepdim=True)
     # Each block's moments are scaled by one reciprocal of its maximum (not divided element by element).
@@ -434,8 +431,87 @@ def _adamw8bit_blocks(master, g, s1, s2, a1, a2, q1, q2, mid1, mid2, hp):
     return new.view(-1), i1.to(torch.uint8).view(-1), i2.to(torch.uint8).view(-1), n1.view(-1), n2.view(-1)
 
 
-def _split_chunk(high, low, g, s1, s2, a1, a2, q1, q2, mid1, mid2, hp):
-    """Update rows of a split master in place; `g` is the dense gradient of those rows."""
+def _moments(g, s1, s2, a1, a2, q1, q2, hp):
+    """The blocks' new moments (float32, dequantised) and each element's step before weight decay."""
+    b1, b2, step_size, eps = hp[0], hp[1], hp[2], hp[3]
+    g = g.float().view(-1, BLOCK)
+    m = q1[s1.long()].view(-1, BLOCK) * a1[:, None] * b1 + (1 - b1) * g
+    v = q2[s2.long()].view(-1, BLOCK) * a2[:, None] * b2 + (1 - b2) * g * g
+    return m, v, step_size * m / (v.sqrt() + eps)
+
+
+# ---------------------------------------------------------------------------- undoing a split update
+#
+# An update that may have to be taken back (cpt.host_state's early passes: the loop may skip the step)
+# needs the old weights. The old low halves and moments are still there (the pass writes new ones
+# elsewhere), so only the old high halves are missing, and they follow from the new master and the step:
+# master = new / decay - d, computed in float32, lies within a few float32 units of the old master, whose
+# low 16 bits are known; the old high half is the one that puts it nearest. The update checks that,
+# with a margin, for every element as it goes (`UndoLog.record`) and logs the few it cannot vouch for (a
+# step thousands of times the weight, which rounds the weight away) with their old high half; elements
+# whose step is not finite are left as they are. Undoing is then exact without a copy of the weights.
+
+UNDO_MARGIN = 1 << 14  # float32 units (of 1 << 16 per bf16 unit) the estimate may be off and still count
+UNDO_LOG = 1 << 16  # elements a pass may log per matrix (10 bytes each, on its device)
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    return x.abs() <= torch.finfo(torch.float32).max
+
+
+def _invert_split(new: torch.Tensor, old_lo: torch.Tensor, d: torch.Tensor, decay) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the old high half's bits as int64, how far the estimate is from the master that half gives, in
+    float32 units) for an update that made float32 `new` from a master whose low half was `old_lo`.
+    Not finite: a distance beyond any margin."""
+    approx = new * (1 / decay) - d
+    bits = approx.view(torch.int32).to(torch.int64)
+    lo = old_lo.to(torch.int64)
+    high = (bits - lo + 0x8000) >> 16
+    dist = torch.where(_finite(approx), bits - ((high << 16) + lo), 1 << 30)
+    return high, dist
+
+
+class UndoLog:
+    """The elements of one matrix an update could not vouch to undo by inversion (see `_invert_split`):
+    their flat index and old high half, up to `capacity`, on the matrix's device. `count` (on the device)
+    goes on counting past the capacity; such an undo is not exact, and `apply` says so."""
+
+    def __init__(self, device: torch.device, capacity: int = UNDO_LOG):
+        self.capacity = capacity
+        self.index = torch.zeros(capacity + 1, dtype=torch.int64, device=device)  # the last: where extras go
+        self.high = torch.zeros(capacity + 1, dtype=torch.int16, device=device)
+        self.count = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def reset(self) -> None:
+        self.count.zero_()
+
+    def record(self, bad: torch.Tensor, index: torch.Tensor, high: torch.Tensor) -> None:
+        """Log high[bad] at index[bad] (flat tensors), without waiting for the device."""
+        bad = bad.reshape(-1)
+        pos = self.count.to(torch.int64) + bad.long().cumsum(0) - 1
+        pos = torch.where(bad & (pos < self.capacity), pos, self.capacity)
+        self.index.scatter_(0, pos, index.reshape(-1))
+        self.high.scatter_(0, pos, high.reshape(-1).to(torch.int16))
+        self.count += bad.sum().to(torch.int32)
+
+    def apply(self, p: torch.Tensor, what: str = "a trained embedding matrix") -> None:
+        """Put the logged high halves back into bf16 p (waits for the device)."""
+        count = int(self.count.item())
+        n = min(count, self.capacity)
+        if n:
+            p.data.view(torch.int16).view(-1).index_copy_(0, self.index[:n], self.high[:n])
+        if count > self.capacity:
+            import logging
+
+            logging.getLogger("cpt").warning(
+                "undoing the skipped step's early update of %s: %d of its elements could not be restored bit for "
+                "bit (more than %d had steps thousands of times their value); they are within a few float32 units",
+                what, count - self.capacity, self.capacity)
+
+
+def _split_chunk(high, low, g, s1, s2, a1, a2, q1, q2, mid1, mid2, hp, log: "Optional[UndoLog]" = None, base: int = 0):
+    """Update rows of a split master in place; `g` is the dense gradient of those rows. log: make the
+    update undoable (see UndoLog; its flat indices count from `base`)."""
     n = high.numel()
     pad = s1.numel() - n  # only the last chunk of a matrix whose size is not a multiple of BLOCK
     master = join_float32(high, low).view(-1)
@@ -444,6 +520,15 @@ def _split_chunk(high, low, g, s1, s2, a1, a2, q1, q2, mid1, mid2, hp):
         master, g = torch.nn.functional.pad(master, (0, pad)), torch.nn.functional.pad(g, (0, pad))
     new, i1, i2, n1, n2 = _adamw8bit_blocks(master, g, s1, s2, a1, a2, q1, q2, mid1, mid2, hp)
     h, lo = split_float32(new[:n].view(high.shape))
+    if log is not None:
+        d = _moments(g, s1, s2, a1, a2, q1, q2, hp)[2].view(-1)[:n].view(high.shape)
+        old_high = high.view(torch.int16)
+        est, dist = _invert_split(new[:n].view(high.shape), low, d, hp[4])
+        frozen = ~_finite(d)
+        bad = ~frozen & ((est != old_high) | (dist.abs() >= UNDO_MARGIN))
+        log.record(bad, base + torch.arange(n, device=high.device), old_high)
+        h = torch.where(frozen, high, h)
+        lo = torch.where(frozen, low, lo)
     high.copy_(h)
     low.copy_(lo)
     s1.copy_(i1)
@@ -531,12 +616,15 @@ def _chunk_rows(width: int, elements: int) -> int:
     return max(align, max(1, elements // width) // align * align)
 
 
-def _update_split_rows(high, low, g, slot, s1, s2, a1, a2, maps: QuantMaps, hp: torch.Tensor, shape=None) -> None:
+def _update_split_rows(high, low, g, slot, s1, s2, a1, a2, maps: QuantMaps, hp: torch.Tensor, shape=None,
+                       log: Optional[UndoLog] = None, base: int = 0) -> None:
     """Update rows of a split master in place: the Triton kernel on CUDA, else PyTorch by chunks.
     g: the rows' dense gradient, or (slot given, one entry per row) the values of a sparse one: slot[row]
     is the row's index in g, -1 (no gradient: its moments decay), or SKIP (left as it is; rows must then
-    be whole quantisation blocks). shape: the Triton kernel's launch shape (cpt.kernels.adamw8bit)."""
-    if _try_triton(high.device, high, low, g, slot, s1, s2, a1, a2, maps, hp, shape=shape):
+    be whole quantisation blocks). shape: the Triton kernel's launch shape (cpt.kernels.adamw8bit).
+    log: make the update undoable by `_undo_split_rows` (see UndoLog); `high`'s first element is element
+    `base` of its matrix."""
+    if _try_triton(high.device, high, low, g, slot, s1, s2, a1, a2, maps, hp, shape=shape, log=log, base=base):
         return
     rows, width = high.shape
     skip = None if slot is None else (slot == SKIP).nonzero().squeeze(1)
@@ -553,10 +641,35 @@ def _update_split_rows(high, low, g, slot, s1, s2, a1, a2, maps: QuantMaps, hp: 
         e0, e1 = r0 * width, min(s1.numel(), -(-(r1 * width) // BLOCK) * BLOCK)
         _split_chunk(high[r0:r1], low[r0:r1], _rows(slot[r0:r1], g) if slot is not None else g[r0:r1],
                      s1[e0:e1], s2[e0:e1], a1[e0 // BLOCK:e1 // BLOCK], a2[e0 // BLOCK:e1 // BLOCK],
-                     maps.q1, maps.q2, maps.mid1, maps.mid2, hp)
+                     maps.q1, maps.q2, maps.mid1, maps.mid2, hp, log, base + e0)
     if kept is not None:
         for t, v in zip(kept, saved):
             t.index_copy_(0, skip, v)
+
+
+def _undo_split_rows(high, new_lo, old_lo, g, slot, s1, s2, a1, a2, maps: QuantMaps, hp: torch.Tensor) -> None:
+    """Take back an undoable `_update_split_rows` of these rows, but for the elements it logged: `high`
+    holds the weights it made and `new_lo` their low halves; `old_lo`, the moments and block maxima
+    are those it started from, g, slot and hp what it was given. Writes only `high`."""
+    if _try_triton(high.device, high, new_lo, g, slot, s1, s2, a1, a2, maps, hp, undo_from=old_lo):
+        return
+    rows, width = high.shape
+    step_rows = _chunk_rows(width, _CHUNK_ELEMENTS)
+    for r0 in range(0, rows, step_rows):
+        r1 = min(rows, r0 + step_rows)
+        e0, e1 = r0 * width, min(s1.numel(), -(-(r1 * width) // BLOCK) * BLOCK)
+        n = (r1 - r0) * width
+        gr = (_rows(slot[r0:r1], g) if slot is not None else g[r0:r1]).reshape(-1)
+        if e1 - e0 > n:
+            gr = torch.nn.functional.pad(gr, (0, e1 - e0 - n))
+        d = _moments(gr, s1[e0:e1], s2[e0:e1], a1[e0 // BLOCK:e1 // BLOCK], a2[e0 // BLOCK:e1 // BLOCK],
+                     maps.q1, maps.q2, hp)[2].view(-1)[:n].view(r1 - r0, width)
+        h = high[r0:r1]
+        est, _ = _invert_split(join_float32(h, new_lo[r0:r1]), old_lo[r0:r1], d, hp[4])
+        keep = ~_finite(d)
+        if slot is not None:
+            keep |= (slot[r0:r1] == SKIP)[:, None]
+        h.view(torch.int16).copy_(torch.where(keep, h.view(torch.int16), est.to(torch.int16)))
 
 
 def split_adamw8bit_step(p: torch.Tensor, grad: torch.Tensor, state: dict, maps: QuantMaps, *, lr: float,

@@ -331,6 +331,10 @@ class Trainer:
         run_start = time.perf_counter() - self.state.elapsed_s
         last_saved = self.state.step if start is not None else -1
         model.train()
+        # The trained parameters, listed once: walking an 8B LoRA model's ~2,700 modules for them took the
+        # host ~6 ms per step while the GPU waited (bench/NOTES.md, session 14). Distributed wrappers
+        # (FSDP's gradient clipping) want the model's own list.
+        trained = [q for q in model.parameters() if q.requires_grad] if self.world == 1 else None
         with stop, progress:
             while self.state.step < self.total_steps:
                 micro = [next(batches) for _ in range(t.gradient_accumulation_steps)]
@@ -350,12 +354,12 @@ class Trainer:
                             early(torch.cat([m["input_ids"].reshape(-1) for m in micro]), t.max_grad_norm > 0)
                         acc.backward(loss)
                         if i == 0 and not sync:
-                            own_gradients(model.parameters())  # model.cuda_graphs: out of the graphs' memory
+                            own_gradients(trained or model.parameters())  # model.cuda_graphs: out of the graphs' memory
                     step_loss += loss.detach() / self.world
                 max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
                 # Row-sparse embedding gradients (one process only) need their rows summed before the norm.
-                grad_norm = (clip_grad_norm_(model.parameters(), max_norm) if self.sparse_grads
-                             else acc.clip_grad_norm_(model.parameters(), max_norm))
+                grad_norm = (clip_grad_norm_(trained or model.parameters(), max_norm) if self.sparse_grads
+                             else acc.clip_grad_norm_(trained or model.parameters(), max_norm))
                 loss_value = float(acc.reduce(step_loss, "sum")) if self.world > 1 else float(step_loss)
                 grad_value = float(plain(grad_norm)) if grad_norm is not None else float("nan")
                 finite = math.isfinite(loss_value) and (math.isfinite(grad_value) or acc.mixed_precision == "fp16")

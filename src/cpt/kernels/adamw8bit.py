@@ -9,7 +9,9 @@ lookups. A row-sparse gradient (an embedding's) is read through a row -> slot ta
 batch did not use are updated with a zero gradient without ever being made dense; a row whose slot
 is -2 is left untouched (set aside for later). The adapters' many float32 tensors, laid end to end
 (cpt.optim._FlatGroup), are updated in one launch that reads each member's gradient where it lies
-(`GatheredGrads`). About 14 bytes of traffic per element, against ~100 for the same update written as
+(`GatheredGrads`). A split master's update can be made undoable (it logs the few elements whose old
+weight cannot be recomputed from the new one, cpt.optim.UndoLog) and taken back by the same kernel
+(UNDO 1 and 2). About 14 bytes of traffic per element, against ~100 for the same update written as
 separate PyTorch operations.
 
 The work is mostly lookups and arithmetic, not traffic: one warp per block (NB=1, NUM_WARPS=1) ran
@@ -57,7 +59,8 @@ def _bucketize(x, mid_ptr, t_ptr, NB: tl.constexpr, BASE: tl.constexpr, SHIFT: t
 
 @triton.jit
 def _adamw8bit_kernel(p_ptr, lo_ptr, g_ptr, slot_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, q1_ptr, q2_ptr, mid1_ptr, mid2_ptr,
-                      t1_ptr, t2_ptr, hp_ptr, n, width, SPLIT: tl.constexpr, SPARSE: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+                      t1_ptr, t2_ptr, hp_ptr, n, width, x_ptr, li_ptr, lh_ptr, lc_ptr, base, cap, UNDO: tl.constexpr,
+                      SPLIT: tl.constexpr, SPARSE: tl.constexpr, ROW_BLOCKS: tl.constexpr,
                       GATHER: tl.constexpr, NB: tl.constexpr, RECIP: tl.constexpr, PERSIST: tl.constexpr,
                       T1_BASE: tl.constexpr, T1_SHIFT: tl.constexpr, T1_KEYS: tl.constexpr,
                       T1_STEPS: tl.constexpr, T2_BASE: tl.constexpr, T2_SHIFT: tl.constexpr, T2_KEYS: tl.constexpr,
@@ -70,18 +73,21 @@ def _adamw8bit_kernel(p_ptr, lo_ptr, g_ptr, slot_ptr, s1_ptr, s2_ptr, a1_ptr, a2
     if PERSIST:  # a fixed number of programs, each taking every num_programs-th group of NB blocks
         for pid in range(tl.program_id(0), tl.cdiv(n, 256 * NB), tl.num_programs(0)):
             _update_blocks(pid, p_ptr, lo_ptr, g_ptr, slot_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, q1_ptr, q2_ptr, mid1_ptr,
-                           mid2_ptr, t1_ptr, t2_ptr, n, width, b1, b2, step_size, eps, decay, SPLIT, SPARSE, ROW_BLOCKS,
+                           mid2_ptr, t1_ptr, t2_ptr, n, width, b1, b2, step_size, eps, decay, x_ptr, li_ptr, lh_ptr,
+                           lc_ptr, base, cap, UNDO, SPLIT, SPARSE, ROW_BLOCKS,
                            GATHER, NB, RECIP, T1_BASE, T1_SHIFT, T1_KEYS, T1_STEPS, T2_BASE, T2_SHIFT, T2_KEYS, T2_STEPS)
     else:
         _update_blocks(tl.program_id(0), p_ptr, lo_ptr, g_ptr, slot_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, q1_ptr, q2_ptr,
-                       mid1_ptr, mid2_ptr, t1_ptr, t2_ptr, n, width, b1, b2, step_size, eps, decay, SPLIT, SPARSE,
+                       mid1_ptr, mid2_ptr, t1_ptr, t2_ptr, n, width, b1, b2, step_size, eps, decay, x_ptr, li_ptr,
+                       lh_ptr, lc_ptr, base, cap, UNDO, SPLIT, SPARSE,
                        ROW_BLOCKS, GATHER, NB, RECIP, T1_BASE, T1_SHIFT, T1_KEYS, T1_STEPS, T2_BASE, T2_SHIFT, T2_KEYS,
                        T2_STEPS)
 
 
 @triton.jit
 def _update_blocks(pid, p_ptr, lo_ptr, g_ptr, slot_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, q1_ptr, q2_ptr, mid1_ptr, mid2_ptr,
-                   t1_ptr, t2_ptr, n, width, b1, b2, step_size, eps, decay, SPLIT: tl.constexpr, SPARSE: tl.constexpr,
+                   t1_ptr, t2_ptr, n, width, b1, b2, step_size, eps, decay, x_ptr, li_ptr, lh_ptr, lc_ptr, base, cap,
+                   UNDO: tl.constexpr, SPLIT: tl.constexpr, SPARSE: tl.constexpr,
                    ROW_BLOCKS: tl.constexpr, GATHER: tl.constexpr, NB: tl.constexpr, RECIP: tl.constexpr,
                    T1_BASE: tl.constexpr, T1_SHIFT: tl.constexpr, T1_KEYS: tl.constexpr, T1_STEPS: tl.constexpr,
                    T2_BASE: tl.constexpr, T2_SHIFT: tl.constexpr, T2_KEYS: tl.constexpr, T2_STEPS: tl.constexpr):
@@ -122,45 +128,80 @@ def _update_blocks(pid, p_ptr, lo_ptr, g_ptr, slot_ptr, s1_ptr, s2_ptr, a1_ptr, 
     v = tl.load(q2_ptr + c2) * am2[:, None] * b2 + (1 - b2) * g * g
     m = tl.where(mask, m, 0.0)
     v = tl.where(mask, v, 0.0)
-    if SPLIT:
+    d = step_size * m / (tl.sqrt(v) + eps)
+    if UNDO == 2:  # take an undoable update back (cpt.optim._undo_split_rows): p and lo hold what it made
         hi = tl.load(p_ptr + offs, mask=mask, other=0)
         lo = tl.load(lo_ptr + offs, mask=mask, other=0)
-        master = ((hi.to(tl.int32) << 16) + lo.to(tl.int32)).to(tl.float32, bitcast=True)
+        old_lo = tl.load(x_ptr + offs, mask=mask, other=0)
+        made = ((hi.to(tl.int32) << 16) + lo.to(tl.int32)).to(tl.float32, bitcast=True)
+        est, dist = _invert(made, old_lo, d, decay)
+        tl.store(p_ptr + offs, est.to(tl.int16), mask=live & (tl.abs(d) <= 3.4028234663852886e38))
     else:
-        master = tl.load(p_ptr + offs, mask=mask, other=0.0)
-    new = (master + step_size * m / (tl.sqrt(v) + eps)) * decay
-    n1 = tl.max(tl.abs(m), axis=1)
-    n2 = tl.max(v, axis=1)
-    if RECIP:  # one division per block (cpt.optim._adamw8bit_blocks scales the same way)
-        x1 = m * (1.0 / tl.maximum(n1, 1e-30))[:, None]
-        x2 = v * (1.0 / tl.maximum(n2, 1e-30))[:, None]
-    else:
-        x1 = m / tl.maximum(n1, 1e-30)[:, None]
-        x2 = v / tl.maximum(n2, 1e-30)[:, None]
-    # index = number of midpoints below x (bucketize's convention)
-    i1 = _bucketize(x1, mid1_ptr, t1_ptr, NB, T1_BASE, T1_SHIFT, T1_KEYS, T1_STEPS)
-    i2 = _bucketize(x2, mid2_ptr, t2_ptr, NB, T2_BASE, T2_SHIFT, T2_KEYS, T2_STEPS)
-    blk_live = in_range & (tl.max(live.to(tl.int32), axis=1) > 0)
-    tl.store(s1_ptr + offs, i1.to(tl.uint8), mask=live)
-    tl.store(s2_ptr + offs, i2.to(tl.uint8), mask=live)
-    tl.store(a1_ptr + blk, n1, mask=blk_live)
-    tl.store(a2_ptr + blk, n2, mask=blk_live)
-    if SPLIT:
-        bits = new.to(tl.int32, bitcast=True)
-        high = (bits + 0x8000) >> 16
-        tl.store(p_ptr + offs, high.to(tl.int16), mask=live)
-        tl.store(lo_ptr + offs, (bits - (high << 16)).to(tl.int16), mask=live)
-    else:
-        tl.store(p_ptr + offs, new, mask=live)
+        if SPLIT:
+            hi = tl.load(p_ptr + offs, mask=mask, other=0)
+            lo = tl.load(lo_ptr + offs, mask=mask, other=0)
+            master = ((hi.to(tl.int32) << 16) + lo.to(tl.int32)).to(tl.float32, bitcast=True)
+        else:
+            master = tl.load(p_ptr + offs, mask=mask, other=0.0)
+        new = (master + d) * decay
+        n1 = tl.max(tl.abs(m), axis=1)
+        n2 = tl.max(v, axis=1)
+        if RECIP:  # one division per block (cpt.optim._adamw8bit_blocks scales the same way)
+            x1 = m * (1.0 / tl.maximum(n1, 1e-30))[:, None]
+            x2 = v * (1.0 / tl.maximum(n2, 1e-30))[:, None]
+        else:
+            x1 = m / tl.maximum(n1, 1e-30)[:, None]
+            x2 = v / tl.maximum(n2, 1e-30)[:, None]
+        # index = number of midpoints below x (bucketize's convention)
+        i1 = _bucketize(x1, mid1_ptr, t1_ptr, NB, T1_BASE, T1_SHIFT, T1_KEYS, T1_STEPS)
+        i2 = _bucketize(x2, mid2_ptr, t2_ptr, NB, T2_BASE, T2_SHIFT, T2_KEYS, T2_STEPS)
+        blk_live = in_range & (tl.max(live.to(tl.int32), axis=1) > 0)
+        tl.store(s1_ptr + offs, i1.to(tl.uint8), mask=live)
+        tl.store(s2_ptr + offs, i2.to(tl.uint8), mask=live)
+        tl.store(a1_ptr + blk, n1, mask=blk_live)
+        tl.store(a2_ptr + blk, n2, mask=blk_live)
+        if SPLIT:
+            bits = new.to(tl.int32, bitcast=True)
+            high = (bits + 0x8000) >> 16
+            moved = live
+            if UNDO == 1:  # undoable (cpt.optim.UndoLog): log what inverting would not give back
+                est, dist = _invert(new, lo, d, decay)
+                moved = live & (tl.abs(d) <= 3.4028234663852886e38)  # a step that is not finite: leave it
+                bad = moved & ((est != hi.to(tl.int32)) | (tl.abs(dist) >= 16384))  # cpt.optim.UNDO_MARGIN
+                if tl.sum(bad.to(tl.int32)) > 0:  # rare: most programs log nothing
+                    pos = tl.atomic_add(lc_ptr + tl.zeros([NB, 256], dtype=tl.int32), 1, mask=bad)
+                    pos = tl.where(bad & (pos < cap), pos, cap)
+                    tl.store(li_ptr + pos, offs + base, mask=bad)
+                    tl.store(lh_ptr + pos, hi, mask=bad)
+            tl.store(p_ptr + offs, high.to(tl.int16), mask=moved)
+            tl.store(lo_ptr + offs, (bits - (high << 16)).to(tl.int16), mask=moved)
+        else:
+            tl.store(p_ptr + offs, new, mask=live)
+
+
+@triton.jit
+def _invert(new, old_lo, d, decay):
+    """cpt.optim._invert_split in int32 (it wraps only where the estimate is not finite, which fails the
+    check anyway): the old high half and the estimate's distance from the master it gives."""
+    approx = new * (1.0 / decay) - d  # one reciprocal: the margin covers its rounding
+    bits = approx.to(tl.int32, bitcast=True)
+    lo = old_lo.to(tl.int32)
+    high = (bits - lo + 0x8000) >> 16
+    dist = tl.where(tl.abs(approx) <= 3.4028234663852886e38, bits - ((high << 16) + lo), 1 << 30)
+    return high, dist
 
 
 def adamw8bit_update(p: torch.Tensor, lo, g: torch.Tensor, slot, s1, s2, a1, a2, maps, hp: torch.Tensor,
-                     members: "GatheredGrads | None" = None, shape: "tuple[int, int, int] | None" = None) -> None:
+                     members: "GatheredGrads | None" = None, shape: "tuple[int, int, int] | None" = None,
+                     log=None, base: int = 0, undo_from: "torch.Tensor | None" = None) -> None:
     """In place: p is a float32 master, or (lo given) the bf16 high half of one. g is dense like p, or
     (slot given) the values of a row-sparse gradient, slot[row] its row in g or -1; or (members given,
     g and slot None) p is a flat buffer of float32 members whose gradients `members` points at.
     `shape`: (blocks per program, warps, programs) instead of the defaults; programs 0 is one per
-    group of blocks, more makes that many programs loop over the groups (fewer SMs held at a time)."""
+    group of blocks, more makes that many programs loop over the groups (fewer SMs held at a time).
+    Split masters only: `log` (a cpt.optim.UndoLog, p's first element being its element `base`) makes
+    the update undoable; `undo_from` (the old low halves) takes one back instead (p and lo hold what it
+    made; only p is written)."""
     n = p.numel()
     width = p.shape[-1] if p.ndim > 1 else n
     split, sparse = lo is not None, slot is not None
@@ -171,9 +212,14 @@ def adamw8bit_update(p: torch.Tensor, lo, g: torch.Tensor, slot, s1, s2, a1, a2,
     groups = triton.cdiv(triton.cdiv(n, BLOCK), nb)
     grid = (min(groups, programs) if programs else groups,)
     t1, t2 = maps.table1, maps.table2
+    undo = 2 if undo_from is not None else 1 if log is not None else 0
+    if undo and not split:
+        raise ValueError("only a split master's update can be made undoable")
+    x = undo_from if undo_from is not None else s1
+    li, lh, lc, cap = (log.index, log.high, log.count, log.capacity) if log is not None else (s1, s1, s1, 0)
     _adamw8bit_kernel[grid](target, lo if split else target, g, slot if slot is not None else s1, s1, s2, a1, a2,
                             maps.q1, maps.q2, maps.mid1, maps.mid2, t1.on(p.device), t2.on(p.device), hp, n, width,
-                            SPLIT=split, SPARSE=sparse, ROW_BLOCKS=ROW_BLOCKS and sparse and width % BLOCK == 0,
+                            x, li, lh, lc, base, cap, UNDO=undo, SPLIT=split, SPARSE=sparse, ROW_BLOCKS=ROW_BLOCKS and sparse and width % BLOCK == 0,
                             GATHER=members is not None, NB=nb, RECIP=RECIP, PERSIST=bool(programs),
                             T1_BASE=t1.base, T1_SHIFT=t1.shift, T1_KEYS=max(t1.keys, 1), T1_STEPS=_steps(t1),
                             T2_BASE=t2.base, T2_SHIFT=t2.shift, T2_KEYS=max(t2.keys, 1), T2_STEPS=_steps(t2),
