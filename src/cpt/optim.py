@@ -416,11 +416,11 @@ class BucketTable:
         return i
 
 
-def _adamw8bit_blocks(master, g, s1, s2, a1, a2, q1, q2, mid1, mid2, hp):
+def _adamw8bit_blocks(master, g, s1, s2, a1, a2, q1, q2, mid1, mid2, hp, with_step: bool = False):
     """Blockwise 8-bit AdamW on flat float32 `master` and gradient `g` (length a multiple of BLOCK).
     Returns the new master, states and block maxima. hp = [beta1, beta2, step size, eps, decay]:
     the bias corrections are folded into step size and eps, and weight decay multiplies after the
-    update, as in bitsandbytes' kernels."""
+    update, as in bitsandbytes' kernels. with_step: each element's step before decay too (last)."""
     m, v, d = _moments(g, s1, s2, a1, a2, q1, q2, hp)
     new = (master.view(-1, BLOCK) + d) * hp[4]
     n1 = m.abs().amax(1, keepdim=True)
@@ -428,7 +428,8 @@ def _adamw8bit_blocks(master, g, s1, s2, a1, a2, q1, q2, mid1, mid2, hp):
     # Each block's moments are scaled by one reciprocal of its maximum (not divided element by element).
     i1 = torch.bucketize(m * (1 / n1.clamp_min(1e-30)), mid1)
     i2 = torch.bucketize(v * (1 / n2.clamp_min(1e-30)), mid2)
-    return new.view(-1), i1.to(torch.uint8).view(-1), i2.to(torch.uint8).view(-1), n1.view(-1), n2.view(-1)
+    out = new.view(-1), i1.to(torch.uint8).view(-1), i2.to(torch.uint8).view(-1), n1.view(-1), n2.view(-1)
+    return (*out, d.view(-1)) if with_step else out
 
 
 def _moments(g, s1, s2, a1, a2, q1, q2, hp):
@@ -494,7 +495,7 @@ class UndoLog:
         self.high.scatter_(0, pos, high.reshape(-1).to(torch.int16))
         self.count += bad.sum().to(torch.int32)
 
-    def apply(self, p: torch.Tensor, what: str = "a trained embedding matrix") -> None:
+    def apply(self, p: torch.Tensor) -> None:
         """Put the logged high halves back into bf16 p (waits for the device)."""
         count = int(self.count.item())
         n = min(count, self.capacity)
@@ -504,9 +505,9 @@ class UndoLog:
             import logging
 
             logging.getLogger("cpt").warning(
-                "undoing the skipped step's early update of %s: %d of its elements could not be restored bit for "
-                "bit (more than %d had steps thousands of times their value); they are within a few float32 units",
-                what, count - self.capacity, self.capacity)
+                "undoing the skipped step's early update of a %s trained embedding matrix: %d of its elements could "
+                "not be restored bit for bit (more than %d had steps thousands of times their value)",
+                "x".join(map(str, p.shape)), count - self.capacity, self.capacity)
 
 
 def _split_chunk(high, low, g, s1, s2, a1, a2, q1, q2, mid1, mid2, hp, log: "Optional[UndoLog]" = None, base: int = 0):
@@ -518,10 +519,10 @@ def _split_chunk(high, low, g, s1, s2, a1, a2, q1, q2, mid1, mid2, hp, log: "Opt
     g = g.reshape(-1)
     if pad:
         master, g = torch.nn.functional.pad(master, (0, pad)), torch.nn.functional.pad(g, (0, pad))
-    new, i1, i2, n1, n2 = _adamw8bit_blocks(master, g, s1, s2, a1, a2, q1, q2, mid1, mid2, hp)
+    new, i1, i2, n1, n2, *step = _adamw8bit_blocks(master, g, s1, s2, a1, a2, q1, q2, mid1, mid2, hp, log is not None)
     h, lo = split_float32(new[:n].view(high.shape))
     if log is not None:
-        d = _moments(g, s1, s2, a1, a2, q1, q2, hp)[2].view(-1)[:n].view(high.shape)
+        d = step[0][:n].view(high.shape)
         old_high = high.view(torch.int16)
         est, dist = _invert_split(new[:n].view(high.shape), low, d, hp[4])
         frozen = ~_finite(d)
