@@ -456,8 +456,9 @@ class EarlyStep:
         _, work, cout = s
         work.wait_stream(cout)  # the pass's new low halves have landed in host memory
         with torch.cuda.stream(work):  # rare (a skipped step): one chunk at a time, nothing overlapped
-            for r0 in range(0, rows, _chunk_rows(width, CHUNK_ELEMENTS)):
-                r1 = min(rows, r0 + _chunk_rows(width, CHUNK_ELEMENTS))
+            step_rows = _chunk_rows(width, CHUNK_ELEMENTS)
+            for r0 in range(0, rows, step_rows):
+                r1 = min(rows, r0 + step_rows)
                 e0, e1 = r0 * width, min(old["state1"].numel(), -(-(r1 * width) // BLOCK) * BLOCK)
                 new_lo, old_lo = (to_device(t.view(rows, width)[r0:r1], p.device) for t in (new["lo"], old["lo"]))
                 s1, s2 = (to_device(old[k].view(-1)[e0:e1], p.device) for k in ("state1", "state2"))
