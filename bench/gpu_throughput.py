@@ -324,6 +324,10 @@ def worker_ours(args) -> dict:
         import cpt.host_state
 
         cpt.host_state._update_split_rows = lambda *a, **k: None
+    if args.bnb_dequant:  # 4-bit weights dequantized by bitsandbytes' functions, not cpt.kernels.nf4
+        import cpt.kernels.nf4
+
+        cpt.kernels.nf4.ENABLED = False
     if args.emulate_backup:  # the link traffic of the host backup of the weights the early passes move,
         # which undoing a skipped step needed before cpt.optim.UndoLog: each chunk's old weights, copied out
         import cpt.host_state
@@ -684,6 +688,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="ours (experiment): the embedding states' update kernel beside the backward pass launched as NB,WARPS,PROGRAMS (cpt.host_state.SIDE_SHAPE)")
     p.add_argument("--emulate-backup", action="store_true",
                    help="ours (experiment): also copy out the early passes' old weights, as the host backup that undoing a skipped step used to need")
+    p.add_argument("--bnb-dequant", action="store_true",
+                   help="ours (experiment): dequantize 4-bit weights with bitsandbytes' functions instead of cpt.kernels.nf4")
     p.add_argument("--no-dequant-reuse", action="store_true",
                    help="ours (experiment): 4-bit recomputing layers dequantize inside the op again (forward, recompute and backward)")
     p.add_argument("--keep-layers", type=int, default=None, help="ours (experiment): this many layers keep their activations, whatever the memory plan says")

@@ -606,14 +606,28 @@ def test_cuda_4bit_lora_op_matches_peft_eager_and_compiled(tiny_model_dir):
 
     loss_ref, grads_ref = run(apply_kernels(model, "none", cuda))
     assert len(grads_ref) == len(grads_32) == 7 * 2 * model.config.num_hidden_layers
+    from cpt.kernels import compile as compiled, nf4
+
+    nf4._TABLES.clear()  # as in a fresh process: patching the model puts the NF4 table on the GPU
     loss_fn = apply_kernels(model, "cpt", cuda)
+    assert torch.device("cuda", torch.cuda.current_device()) in nf4._TABLES
     with _OpCalls() as seen:
         got = [run(loss_fn)]
-    # Both layers recompute (eager checkpointing): each forward op runs twice, each backward op once.
-    assert seen.calls == {"cpt.lora_linear_4bit.default": 28, "cpt.lora_linear_4bit_backward.default": 14}
+    # Both layers recompute (eager checkpointing): each projection is the dequantization op and the
+    # LoRA op; in backward the dequantization and the forward op rerun, and the gradient op runs once.
+    assert seen.calls == {"cpt.dequantize_4bit.default": 28, "cpt.lora_linear.default": 28,
+                          "cpt.lora_linear_backward.default": 14}
     set_recompute(model, 1)
     loss_fn = apply_kernels(model, "cpt", cuda, compile=True)
     got += [run(loss_fn) for _ in range(2)]
+    # The same compiled layers replayed as CUDA graphs (recorded in the second step). Compiling must not
+    # have failed (it falls back to the plain layers, silently but for a warning).
+    loss_fn = apply_kernels(model, "cpt", cuda, compile=True, cuda_graphs=True)
+    for _ in range(3):
+        compiled.mark_step()
+        got.append(run(loss_fn))
+    assert not compiled._FAILED, compiled._FAILED
+    assert compiled.graphs_recorded() > 0
     for loss, grads in got:
         _assert_bf16_close(loss, grads, loss_ref, grads_ref, grads_32)
 
@@ -1239,3 +1253,43 @@ def test_liger_elementwise_stays_on_its_own_model(monkeypatch):
     assert torch.equal(first.model.layers[0].input_layernorm(x), 2 * x)  # the model keeps its own patch
     second = LlamaForCausalLM(cfg)
     assert type(second.model.layers[0].input_layernorm) is plain_norm
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with Triton and bitsandbytes (run on the device)")
+@pytest.mark.parametrize("nested", [True, False])
+def test_cuda_nf4_dequantization_is_bitsandbytes_bit_for_bit(nested):
+    """kernels/nf4.py against bitsandbytes' own dequantize_4bit, on its CUDA kernels: equal bit for bit
+    in bf16, fp16 and float32, with and without the nested block maxima, for block sizes 64 and 128
+    (packed in uint8 or, as cpt loads them, bf16 storage),
+    for a size that ends inside a program's run of bytes, and for weights with zeros and huge blocks.
+    It fails if the maxima's product and sum were fused (one rounding instead of two), or the two
+    values of a byte swapped."""
+    bf = pytest.importorskip("bitsandbytes.functional")
+    from cpt.kernels import nf4
+
+    nf4.prepare(torch.device("cuda"))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for shape, bs in (((4096, 1024), 64), ((1024, 3000), 64), ((512, 768), 128)):
+        w = torch.randn(shape, device="cuda", generator=g) * torch.logspace(-6, 3, shape[0], device="cuda")[:, None]
+        w[:3] = 0
+        w = w.bfloat16()
+        storage = torch.bfloat16 if bs == 128 else torch.uint8  # cpt loads with bnb_4bit_quant_storage = the dtype
+        q, st = bf.quantize_4bit(w, blocksize=bs, quant_type="nf4", compress_statistics=nested, quant_storage=storage)
+        assert q.dtype == storage
+        if nested:
+            args = (st.absmax, st.state2.absmax, st.state2.code, st.offset, bs, st.state2.blocksize)
+        else:
+            args = (st.absmax, st.absmax.new_empty(0), st.absmax.new_empty(0), st.absmax.new_empty(0), bs, 0)
+        for dt in (torch.bfloat16, torch.float16, torch.float32):
+            st.dtype = dt
+            ref = bf.dequantize_4bit(q, st)
+            for nb in (None, 512):
+                got = nf4.dequantize_nf4(q, *args, shape, dt, bytes_per_program=nb)
+                assert got.dtype == dt and got.shape == ref.shape
+                assert torch.equal(got.view(torch.int8 if dt != torch.float32 else torch.int32),
+                                   ref.view(torch.int8 if dt != torch.float32 else torch.int32)), (shape, bs, dt, nb)
+    from cpt.kernels import lora
+
+    # The 4-bit op's dequantization takes this kernel for NF4 on CUDA (and bitsandbytes' when it is off).
+    assert lora._nf4 is nf4 and nf4.supported(q, "nf4", bs, st.absmax, torch.bfloat16)
+    assert not nf4.supported(q, "fp4", bs, st.absmax, torch.bfloat16)

@@ -259,6 +259,27 @@ def test_clip_grad_norm_sums_repeated_rows_first():
     assert b.grad._version == version
 
 
+def test_clip_grad_norm_queues_the_dense_norms_before_summing_sparse_rows(monkeypatch):
+    """Summing a sparse gradient's repeated rows waits for the GPU; the dense gradients' norms (hundreds
+    of adapter tensors) must already be queued by then. Also takes a generator of parameters, and gives
+    the same norm for the same gradients in another order."""
+    g = torch.Generator().manual_seed(5)
+    emb = torch.nn.Parameter(torch.zeros(10, 4))
+    emb.grad = torch.sparse_coo_tensor(torch.tensor([[2, 2, 5]]), torch.randn(3, 4, generator=g), (10, 4))
+    dense = [torch.nn.Parameter(torch.zeros(3, 3)) for _ in range(2)] + [torch.nn.Parameter(torch.zeros(5, dtype=torch.bfloat16))]
+    for q in dense:
+        q.grad = torch.randn(q.shape, generator=g).to(q.dtype)
+    seen = []
+    norm, coalesce = torch._foreach_norm, torch.Tensor.coalesce
+    monkeypatch.setattr(torch, "_foreach_norm", lambda ts, *a, **k: seen.append(("norm", len(ts))) or norm(ts, *a, **k))
+    monkeypatch.setattr(torch.Tensor, "coalesce", lambda t: seen.append(("coalesce",)) or coalesce(t))
+    got = clip_grad_norm_((q for q in [emb, *dense]), float("inf"))
+    assert seen[:3] == [("norm", 2), ("norm", 1), ("coalesce",)] and seen[3:] == [("norm", 1)]
+    monkeypatch.undo()
+    shuffled = clip_grad_norm_([dense[2], dense[0], emb, dense[1]], float("inf"))
+    torch.testing.assert_close(got, shuffled)
+
+
 def test_model_holds_split_masters_and_sparse_embedding_gradients(tiny_model_dir):
     """bf16 LoRA with the 8-bit optimizer: bf16 trained copies marked as split masters, a row-sparse
     embed_tokens gradient, the same loss as float32 masters within bf16 rounding; one update lands."""

@@ -821,27 +821,36 @@ def master_weight(p: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Te
 def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     """torch's clip_grad_norm_ (2-norm over all gradients), also over row-sparse gradients, whose
     repeated rows are summed first. Returns the norm before clipping."""
+    # The dense gradients' norms are queued first: summing a sparse gradient's rows waits for the GPU
+    # (the backward pass's end), and the host work of hundreds of norms then ran while the GPU idled
+    # (bench/NOTES.md, session 15). Each tensor's norm is its own, so the result is the same either way.
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    norms: list = [None] * len(params)
+    dense: dict[torch.dtype, list] = {}
+    for i, p in enumerate(params):
+        if not p.grad.is_sparse:
+            dense.setdefault(p.grad.dtype, []).append(i)
+    for idx in dense.values():
+        for i, n in zip(idx, torch._foreach_norm([params[i].grad for i in idx])):
+            norms[i] = n
     grads = []
-    for p in params:
-        if p.grad is None:
-            continue
+    for i, p in enumerate(params):
         if p.grad.is_sparse:
             p.grad = p.grad.coalesce()
-            grads.append(p.grad._values())
-        else:
-            grads.append(p.grad)
-    if not grads:
-        return torch.zeros(())
+            norms[i] = torch._foreach_norm([p.grad._values()])[0]
+        grads.append(p.grad._values() if p.grad.is_sparse else p.grad)
     by_dtype: dict[torch.dtype, list] = {}
-    for g in grads:
-        by_dtype.setdefault(g.dtype, []).append(g)
+    for g, n in zip(grads, norms):
+        by_dtype.setdefault(g.dtype, []).append((g, n))
     total = torch.linalg.vector_norm(torch.stack(
-        [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs)).float()) for gs in by_dtype.values()]))
+        [torch.linalg.vector_norm(torch.stack([n for _, n in gn]).float()) for gn in by_dtype.values()]))
     if math.isinf(max_norm):  # no clipping: the norm is for logging and the non-finite check only
         return total
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for gs in by_dtype.values():
-        torch._foreach_mul_(gs, coef.to(gs[0].dtype))
+    for gn in by_dtype.values():
+        torch._foreach_mul_([g for g, _ in gn], coef.to(gn[0][0].dtype))
     return total
 
 

@@ -133,6 +133,10 @@ torch.library.register_autograd("cpt::lora_linear", _lora_linear_grad, setup_con
 # copies. The weight is dequantized in the forward pass and again in backward (as bitsandbytes does),
 # never saved: the op saves its packed inputs only. `absmax2` / `code2` / `offset` are the nested
 # statistics (double quantization); empty tensors when there are none.
+try:  # NF4 weights on CUDA: cpt's own dequantization kernel (kernels/nf4.py)
+    from cpt.kernels import nf4 as _nf4
+except ImportError:  # no Triton
+    _nf4 = None
 _4BIT_SCHEMA = ("Tensor w, Tensor absmax, Tensor absmax2, Tensor code2, Tensor offset, int blocksize, int blocksize2, "
                 "str quant_type, int out_features")
 
@@ -140,6 +144,9 @@ _4BIT_SCHEMA = ("Tensor w, Tensor absmax, Tensor absmax2, Tensor code2, Tensor o
 def _dequantize(w: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor, code2: torch.Tensor, offset: torch.Tensor,
                 blocksize: int, blocksize2: int, quant_type: str, out_features: int, in_features: int,
                 dtype: torch.dtype) -> torch.Tensor:
+    if _nf4 is not None and _nf4.supported(w, quant_type, blocksize, absmax, dtype):  # one launch, same numbers
+        return _nf4.dequantize_nf4(w, absmax if absmax2.numel() else absmax.float(), absmax2, code2, offset, blocksize,
+                                   blocksize2, (out_features, in_features), dtype)
     if absmax2.numel():  # nested: the 8-bit block maxima first
         absmax = torch.ops.bitsandbytes.dequantize_blockwise(absmax, absmax2, code2, blocksize2, torch.float32) + offset
     return torch.ops.bitsandbytes.dequantize_4bit(w, absmax.float(), blocksize, quant_type, [out_features, in_features], dtype)
@@ -281,6 +288,8 @@ def fuse_lora_projections(model: torch.nn.Module) -> int:
         cls = type(mod)
         if not (cls.__module__.startswith("peft.tuners.lora") and cls.__name__ in ("Linear", "Linear4bit", "Linear8bitLt")):
             continue
+        if _nf4 is not None and cls.__name__ == "Linear4bit" and mod.base_layer.weight.is_cuda:
+            _nf4.prepare(mod.base_layer.weight.device)
         if getattr(mod, "_cpt_plain_lora_forward", None) is None:
             mod._cpt_plain_lora_forward = mod.forward
             mod.forward = types.MethodType(_fused_forward, mod)
