@@ -426,8 +426,8 @@ def worker_ours(args) -> dict:
                    "host_gib": sum(b.numel() * b.element_size() for h in host for b in h.buffers) / 2**30}
     from torch._dynamo.utils import counters
 
-    from cpt.kernels.compile import graphs_recorded
-    dynamo = {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+    from cpt.kernels.compile import _FAILED, graphs_recorded
+    dynamo = {"compile_failed": {str(k): v for k, v in _FAILED.items()},"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
               "break_reasons": [k[:300] for k in counters["graph_break"]][:5],
               "cudagraph_skips": counters["inductor"]["cudagraph_skips"], "cuda_graphs_recorded": graphs_recorded()}
     res = _result(args, times, losses, setup_s=setup_s, kernels=getattr(base, "_cpt_kernels", []), layers=plan_layers,
@@ -883,6 +883,9 @@ def _base(system: str) -> str:
 
 def _graphs_label(row: dict) -> str:
     """What the row's own kernel list says about CUDA graphs (rows of ours only)."""
+    failed = (row.get("dynamo") or {}).get("compile_failed")
+    if failed:  # the layers fell back to the plain path mid-run: the row is not the compiled code's
+        return f", COMPILING THE LAYERS FAILED ({'; '.join(failed.values())[:160]}), plain layers"
     compiled = [k for k in row.get("kernels") or [] if k.startswith("decoder layers compiled")]
     if not compiled:
         return ""

@@ -291,6 +291,17 @@ def _bench():
     return bench, root
 
 
+def test_a_row_whose_layers_failed_to_compile_says_so():
+    """Compiling the decoder layers can fail mid-run (the loop then goes on with the plain layers at about
+    half the speed, bench/NOTES.md, session 15): such a row must not read as the compiled code's."""
+    bench, _ = _bench()
+    row = {"kernels": ["decoder layers compiled (32 of 32), CUDA graphs"], "dynamo": {"compile_failed": {}}}
+    assert bench._graphs_label(row) == ", CUDA graphs"
+    row["dynamo"]["compile_failed"] = {"inductor": "RuntimeError: operation not permitted when stream is capturing"}
+    label = bench._graphs_label(row)
+    assert "FAILED" in label and "not permitted" in label and "CUDA graphs" not in label.split("),")[-1]
+
+
 def test_estimates_stand_beside_the_committed_h200_measurements():
     """`cpt plan` for every row of bench/results/gpu_throughput.json (the issue asks for 15%): each of
     our bf16/nf4 rows, as configured there (recomputing and host layers as the run reports them), is
