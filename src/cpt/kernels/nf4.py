@@ -74,10 +74,10 @@ def supported(w: torch.Tensor, quant_type: str, blocksize: int, absmax: torch.Te
 
 def dequantize_nf4(w: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor, code2: torch.Tensor,
                    offset: torch.Tensor, blocksize: int, blocksize2: int, shape: tuple, dtype: torch.dtype,
-                   out: torch.Tensor | None = None, bytes_per_program: int | None = None) -> torch.Tensor:
-    """The NF4 weight `w` (packed bytes, two values each, in any dtype's storage) as a `shape` tensor of `dtype`. absmax: the
-    float32 block maxima, or (nested, absmax2 non-empty) their 8-bit codes into `code2`, scaled per
-    `blocksize2` codes by absmax2, plus `offset`."""
+                   bytes_per_program: int | None = None) -> torch.Tensor:
+    """The NF4 weight `w` (packed bytes, two values each, in any dtype's storage) as a `shape` tensor
+    of `dtype`. absmax: the float32 block maxima, or (nested, absmax2 non-empty) their 8-bit codes
+    into `code2`, scaled per `blocksize2` codes by absmax2, plus `offset`."""
     w = w.reshape(-1).view(torch.uint8)  # packed in another dtype's storage (bnb_4bit_quant_storage): its bytes
     n = 1
     for s in shape:
@@ -85,7 +85,7 @@ def dequantize_nf4(w: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor,
     if w.numel() * 2 != n:
         raise ValueError(f"dequantize_nf4: {w.numel()} packed bytes hold {2 * w.numel()} values, the shape {tuple(shape)} "
                          f"needs {n}")
-    out = torch.empty(shape, dtype=dtype, device=w.device) if out is None else out
+    out = torch.empty(shape, dtype=dtype, device=w.device)
     nested = absmax2.numel() > 0
     nb = int(bytes_per_program or BYTES_PER_PROGRAM)
     dummy = absmax  # unread when not nested
