@@ -130,6 +130,16 @@ def test_interrupted_run(tmp_path):
     assert "interrupted at step 30 of 60" in write_report(tmp_path).read_text()
 
 
+def test_a_run_whose_layers_failed_to_compile_says_so(tmp_path):
+    write_full_run(tmp_path)
+    summary = json.loads((tmp_path / "run_summary.json").read_text())
+    assert "Compiling the decoder layers failed" not in write_report(tmp_path).read_text()
+    summary["compile_failed"] = "RuntimeError: <no C compiler>"
+    (tmp_path / "run_summary.json").write_text(json.dumps(summary))
+    html = write_report(tmp_path).read_text()
+    assert "Compiling the decoder layers failed (RuntimeError: &lt;no C compiler&gt;)" in html
+
+
 def test_stale_plots_are_removed(tmp_path):
     write_full_run(tmp_path)
     write_report(tmp_path)

@@ -233,3 +233,18 @@ def test_the_loop_lists_the_trained_parameters_once_not_every_step(tiny_model_di
         Trainer(cfg, bundle, build_data(cfg, bundle.tokenizer)).train()
         calls[steps] = n[0]
     assert calls[2] == calls[6], calls
+
+
+def test_a_failed_compile_is_named_in_the_run_summary(tiny_model_dir, corpus_dir, tmp_path, monkeypatch):
+    """If compiling the decoder layers failed (the layers then train plain, on a GPU much slower), the
+    run's summary says why, not only a warning in the log (the report shows it: tests/test_report.py)."""
+    from cpt.kernels import compile as compiled
+
+    out = tmp_path / "ok"
+    run_training(load_config(None, _overrides(tiny_model_dir, corpus_dir, out, "train.max_steps=2")))
+    assert "compile_failed" not in json.loads((out / "run_summary.json").read_text())
+    monkeypatch.setitem(compiled._FAILED, "inductor", "RuntimeError: no C compiler on this machine")
+    out = tmp_path / "failed"
+    run_training(load_config(None, _overrides(tiny_model_dir, corpus_dir, out, "train.max_steps=2")))
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["compile_failed"] == "RuntimeError: no C compiler on this machine"

@@ -426,6 +426,10 @@ def render_html(run: RunFiles, plots: dict[str, Path], output_dir: Path) -> str:
         last = run.metrics[-1].get("step") if run.metrics else None
         status = ("<div class='warn'>No run_summary.json: the run is still going or stopped early"
                   + (f" (last logged step {_e(last)})" if last is not None else " (no step logged yet)") + ".</div>")
+    if run.summary is not None and run.summary.get("compile_failed"):
+        status += (f"<div class='warn'>Compiling the decoder layers failed ({_e(run.summary['compile_failed'])}); the run "
+                   "went on with the plain layers, which on a GPU are much slower. Set model.compile: false to skip the "
+                   "attempt, or fix what the message names.</div>")
     notes = "".join(f"<li>{_e(n)}</li>" for n in run.notes)
     figures = []
     for stem, caption, _ in PLOTS:

@@ -440,6 +440,10 @@ class Trainer:
                    "nonfinite_skipped": self.state.nonfinite_total,
                    "tokens_per_s": self.state.tokens_seen / max(self.state.elapsed_s, 1e-9),
                    **self.bundle.trainable_summary()}
+        from cpt.kernels.compile import _FAILED
+
+        if _FAILED:  # model.compile fell back to the plain layers mid-run (a warning then; here for good)
+            summary["compile_failed"] = "; ".join(_FAILED.values())
         if not interrupted:
             summary["eval"] = self._evaluate()
             self._track_best(summary["eval"])
