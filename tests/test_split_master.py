@@ -236,6 +236,15 @@ def test_tiny_updates_land_in_the_master_not_in_a_bf16_copy():
     assert (plain.detach() != start).float().mean() < 0.2
 
 
+def _cuda_grad(shape, step: int, g: torch.Generator) -> torch.Tensor:
+    """A bf16 gradient on the GPU: dense on odd steps, row-sparse over a third of the rows (some
+    repeated) on even ones."""
+    if step % 2:
+        return torch.randn(shape, generator=g).bfloat16().cuda()
+    rows = torch.randint(0, shape[0], (shape[0] // 3,), generator=g)
+    return torch.sparse_coo_tensor(rows[None], torch.randn(len(rows), shape[1], generator=g).bfloat16(), shape).cuda()
+
+
 def test_clip_grad_norm_sums_repeated_rows_first():
     g = torch.Generator().manual_seed(4)
     a = torch.nn.Parameter(torch.zeros(10, 4))
@@ -338,11 +347,7 @@ def test_triton_kernel_gives_the_pytorch_update():
         ref_p, p = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
         ref_s, s = ({k: v.cuda() for k, v in _fresh_state(shape).items()} for _ in range(2))
         for step in range(1, 5):
-            if step % 2:
-                grad = torch.randn(shape, generator=g).bfloat16().cuda()
-            else:
-                rows = torch.randint(0, shape[0], (shape[0] // 3,), generator=g)
-                grad = torch.sparse_coo_tensor(rows[None], torch.randn(len(rows), shape[1], generator=g).bfloat16(), shape).cuda()
+            grad = _cuda_grad(shape, step, g)
             kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, step=step)
             optim._TRITON["cuda"] = None  # the PyTorch operations
             split_adamw8bit_step(ref_p, grad, ref_s, maps, **kw)
@@ -391,11 +396,7 @@ def test_triton_kernel_launch_shapes_give_the_same_update(shape):
         hi = [start.clone(), start.clone()]
         st = [{k: v.cuda() for k, v in _fresh_state(size).items()} for _ in range(2)]
         for step in range(1, 4):
-            if step % 2:
-                grad = torch.randn(size, generator=g).bfloat16().cuda()
-            else:
-                rows = torch.randint(0, size[0], (size[0] // 3,), generator=g)
-                grad = torch.sparse_coo_tensor(rows[None], torch.randn(len(rows), size[1], generator=g).bfloat16(), size).cuda()
+            grad = _cuda_grad(size, step, g)
             values, slot = optim._grad_table(hi[0], grad)
             hp = optim._hyper(0.9, 0.999, 1e-3, 1e-8, 0.1, step, cuda)
             for h, s, launch in zip(hi, st, (None, shape)):
