@@ -324,6 +324,18 @@ def worker_ours(args) -> dict:
         import cpt.host_state
 
         cpt.host_state._update_split_rows = lambda *a, **k: None
+    if args.host_graphs is not None:
+        import cpt.kernels.compile
+
+        cpt.kernels.compile.HOST_LAYER_GRAPHS = args.host_graphs != "off"
+    if args.host_graphs == "fresh":
+        import cpt.kernels.host_activations
+
+        cpt.kernels.host_activations.RING = False
+    if args.host_hold is not None:
+        import cpt.kernels.host_activations
+
+        cpt.kernels.host_activations.HOLD = args.host_hold
     if args.bnb_dequant:  # 4-bit weights dequantized by bitsandbytes' functions, not cpt.kernels.nf4
         import cpt.kernels.nf4
 
@@ -423,6 +435,8 @@ def worker_ours(args) -> dict:
     plan_layers = {"keep": sum(1 for l in layers if not recomputes(l) and not hasattr(l, "_cpt_plain_forward")),
                    "offload": sum(1 for l in layers if hasattr(l, "_cpt_plain_forward")),
                    "host": len(host), "host_tensors_last_step": sum(h.count for h in host),
+                   "host_graphs": sum(bool(getattr(h, "graphs", False)) for h in host),
+                   "host_fetched_fresh": sum(getattr(h, "fresh", 0) for h in host), "host_late": sum(h.late for h in host),
                    "host_gib": sum(b.numel() * b.element_size() for h in host for b in h.buffers) / 2**30}
     from torch._dynamo.utils import counters
 
@@ -688,6 +702,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="ours (experiment): the embedding states' update kernel beside the backward pass launched as NB,WARPS,PROGRAMS (cpt.host_state.SIDE_SHAPE)")
     p.add_argument("--emulate-backup", action="store_true",
                    help="ours (experiment): also copy out the early passes' old weights, as the host backup that undoing a skipped step used to need")
+    p.add_argument("--host-graphs", default=None, choices=["on", "off", "fresh"],
+                   help="ours (experiment): host layers replayed as CUDA graphs (on; off is the default, "
+                        "cpt.kernels.compile.HOST_LAYER_GRAPHS), or graphed but fetching into new memory instead of "
+                        "the fixed ring (fresh)")
+    p.add_argument("--host-hold", type=int, default=None, help="ours (experiment): cpt.kernels.host_activations.HOLD")
     p.add_argument("--bnb-dequant", action="store_true",
                    help="ours (experiment): dequantize 4-bit weights with bitsandbytes' functions instead of cpt.kernels.nf4")
     p.add_argument("--no-dequant-reuse", action="store_true",

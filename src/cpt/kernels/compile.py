@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from cpt.kernels import host_activations
 from cpt.kernels.host_activations import LEAD, fetch_hook
 from cpt.kernels.recompute import decoder_layers
 
@@ -88,6 +89,7 @@ def _save_expanding_projections() -> tuple:
 _COMPILED: dict[Any, Callable] = {}
 _FAILED: dict[Any, str] = {}  # backend -> why compiling failed in this process (then nothing more is compiled)
 GRAPHS = "reduce-overhead"  # torch.compile's mode that replays each compiled pass as a CUDA graph
+HOST_LAYER_GRAPHS = False  # True: host layers replay as CUDA graphs too (slower while the host link is the bottleneck: bench/NOTES.md, session 16)
 
 
 def _compiled_step(backend: str, mode: Optional[str] = None) -> Callable:
@@ -143,7 +145,7 @@ def own_gradients(params) -> None:
 
 
 def _compiled_forward(layer: torch.nn.Module, recompute: Any, backend: str, mode: Optional[str] = None,
-                      host: Any = None, fetch: Optional[list] = None) -> Callable:
+                      host: Any = None, fetch: Optional[list] = None, index: int = 0) -> Callable:
     step = _compiled_step(backend, mode)
     plain = layer.forward
     hook = fetch_hook(fetch) if fetch else None
@@ -152,6 +154,8 @@ def _compiled_forward(layer: torch.nn.Module, recompute: Any, backend: str, mode
         if not (self.training and torch.is_grad_enabled()):
             return plain(hidden_states, *args, **kwargs)
         kwargs = {k: v for k, v in kwargs.items() if k not in _DROPPED}
+        if host_activations._HELD:  # graphed host layers' saved tensors below: let go of those copied out
+            host_activations.release(index)
         if backend not in _FAILED:
             try:
                 if host is None:
@@ -173,6 +177,7 @@ def _compiled_forward(layer: torch.nn.Module, recompute: Any, backend: str, mode
                 raise
             except Exception as e:  # the compiler's own failure (no C compiler, Triton, an unsupported op)
                 _FAILED[backend] = f"{type(e).__name__}: {e}".strip()[:400]
+                log.debug("compiling the decoder layers failed", exc_info=True)
                 log.warning("compiling the decoder layers failed, training goes on with the plain layers "
                             "(model.compile: false skips the attempt): %s", _FAILED[backend])
         # Back to the plain layer for good (its own checkpointing switch restored); this call
@@ -191,7 +196,7 @@ def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor", cu
     layer and pass, made in the second step), so the host launches one graph instead of ~80 kernels
     per layer and pass. `host_layers`: the layers set_recompute chose as host layers become them
     (False: they recompute like the others). Returns {"compiled": n, "recompute": n, "eager": n, "host": n} (eager: layers whose inputs
-    are offloaded; host: recomputing layers whose MLP activations wait in host memory, no graphs)."""
+    are offloaded; host: recomputing layers whose MLP activations wait in host memory)."""
     mode = GRAPHS if cuda_graphs and backend == "inductor" else None
     summary = {"compiled": 0, "recompute": 0, "eager": 0, "host": 0}
     layers = list(decoder_layers(model))
@@ -212,9 +217,12 @@ def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor", cu
         host = getattr(layer, "_cpt_host_activations", None) if recompute and host_layers else None
         layer._cpt_compiled = {"recompute": recompute, "forward": layer.__dict__.get("forward")}
         layer.gradient_checkpointing = False
-        # A host layer's saved tensors must not live in a CUDA graph's pool (the next replay reuses it).
+        layer_mode = mode
+        if host is not None:
+            host.graphs = mode is not None and HOST_LAYER_GRAPHS
+            layer_mode = mode if host.graphs else None
         layer.forward = _compiled_forward(layer, "host" if host is not None else recompute, backend,
-                                          None if host is not None else mode, host=host, fetch=fetch.get(i))
+                                          layer_mode, host=host, fetch=fetch.get(i), index=i)
         summary["compiled"] += 1
         summary["recompute"] += int(recompute)
         summary["host"] += int(host is not None)

@@ -19,9 +19,22 @@ count ('auto') from the link's measured speed and the forward pass's estimated l
 
 Only compiled layers (model.compile) can: the saved tensors are the compiled step's own (eager
 checkpointing keeps its saved tensors out of reach of these hooks), so without compile such
-layers simply recompute. Not with CUDA graphs: the saved tensors of a replayed graph live in the
-graph's memory pool, which the next replay overwrites whatever the copy stream is doing, so host
-layers run their compiled step without graphs and the other layers keep theirs.
+layers simply recompute.
+
+By default host layers run their compiled step without CUDA graphs while the other layers replay
+theirs. They can replay as graphs too (kernels/compile.py's HOST_LAYER_GRAPHS), which takes two rules
+below; on the 8B capped rows that was 3-5% slower, because the faster forward pass then waits for the
+host link (bench/NOTES.md, session 16):
+- Forward: a saved tensor of a replayed graph lives in the graphs' memory pool, and a later
+  replay writes the memory it was recorded with, whatever the copy stream is still reading (a
+  replay does not go through the allocator). So the tensor stays referenced until the forward pass
+  reaches the layer HOLD layers above (graphs recorded in between see it alive and keep off its
+  memory), and the current stream waits for its copy before letting go (`release`). With HOLD=2
+  the link has one more layer's forward to finish each copy before the GPU would wait for it.
+- Backward: the backward graph takes its saved tensors at the addresses it was recorded with
+  (inductor treats them as static inputs; another address means recording the graph again). So
+  the tensors come back into fixed GPU buffers, two layers' worth (`ring`: host layers
+  alternate between two slots; LEAD=1 has at most the running layer's and the next one's in use).
 
     python -m pytest tests/test_kernels.py -q -k host_activations
 """
@@ -32,9 +45,27 @@ from typing import Any, Optional
 import torch
 
 LEAD = 1  # a host layer's tensors start back when the backward pass reaches the layer this many above it
+HOLD = 2  # with CUDA graphs: a saved tensor is let go when the forward pass reaches the layer this many above
 MIN_BYTES = 1 << 20  # smaller saved tensors stay on the GPU (tests set 0)
+RING = True  # False: graphed host layers fetch into new memory too (their backward graphs then record again; bench A/B)
 
 _STREAMS: dict = {}  # (device, purpose) -> side stream
+_HELD: list = []  # (layer index, copy-done event, tensor): saved tensors of graphed host layers on their way out
+
+
+def release(index: Optional[int] = None) -> None:
+    """Let go of the graphed host layers' saved tensors whose copy out was queued HOLD or more layers
+    below decoder layer `index`, or at or above it (a new forward pass); None: all of them (the
+    backward pass has begun). The current stream first waits for each one's copy, so no later
+    graph replay or allocation overwrites it while the link still reads it."""
+    keep = []
+    for entry in _HELD:
+        i, copied, t = entry
+        if index is None or index - i >= HOLD or index <= i:
+            torch.cuda.current_stream(t.device).wait_event(copied)
+        else:
+            keep.append(entry)
+    _HELD[:] = keep
 
 
 def side_stream(device: torch.device, purpose: str) -> torch.cuda.Stream:
@@ -61,8 +92,13 @@ class HostActivations:
     """The saved-tensor hooks of one host layer, and its pinned buffers (made in the first step,
     reused by every later forward pass in the same order)."""
 
-    def __init__(self, index: int):
+    def __init__(self, index: int, slot: int = 0, ring: Optional[dict] = None):
         self.index = index
+        self.graphs = False  # set by compile_decoder_layers: the layer replays as CUDA graphs
+        # With graphs: the GPU buffers the tensors come back into, shared by the model's host layers
+        # (slot -> {"owner": HostActivations, "tensors": [...]}); this layer's slot.
+        self.ring, self.slot = ring, slot
+        self.fresh = 0  # tensors fetched into new memory although graphed (the slot was busy)
         self.buffers: list[torch.Tensor] = []
         self.stashed: list[_Stashed] = []
         self.weights: set[int] = set()
@@ -120,8 +156,11 @@ class HostActivations:
             out.wait_stream(torch.cuda.current_stream(t.device))
             with torch.cuda.stream(out):
                 host.copy_(t, non_blocking=True)
-            t.record_stream(out)  # its memory is reused only after the copy
             copied = out.record_event()
+            if self.graphs:  # held until the layer HOLD above (see release)
+                _HELD.append((self.index, copied, t))
+            else:
+                t.record_stream(out)  # its memory is reused only after the copy
         else:
             host.copy_(t)
         h = _Stashed(host, t.device, copied)
@@ -131,21 +170,45 @@ class HostActivations:
 
     # ------------------------------------------------------------------ backward: back to the GPU
 
+    def _targets(self, todo: list) -> list:
+        """The GPU tensors that the stashed tensors `todo` come back into. Without graphs: new ones.
+        With graphs: this layer's ring slot (made once, the same addresses every step), unless the
+        slot's last owner has fetched tensors the backward pass has not read yet (a caller's second
+        forward pass before backward): then new ones, which its graph records again."""
+        slot = self.ring.setdefault(self.slot, {"owner": None, "tensors": []}) if self.graphs and self.ring is not None and RING else None
+        owner = slot["owner"] if slot is not None else None
+        if slot is None or (owner is not None and owner is not self and any(h.gpu is not None for h in owner.stashed)):
+            self.fresh += len(todo) if slot is not None else 0
+            return [torch.empty_strided(h.host.shape, h.host.stride(), dtype=h.host.dtype, device=h.device) for h in todo]
+        slot["owner"] = self
+        tensors = slot["tensors"]
+        out = []
+        for h in todo:
+            j = self.stashed.index(h)
+            while len(tensors) <= j:
+                tensors.append(None)
+            t = tensors[j]
+            if t is None or t.shape != h.host.shape or t.stride() != h.host.stride() or t.dtype != h.host.dtype \
+                    or t.device != h.device:
+                t = tensors[j] = torch.empty_strided(h.host.shape, h.host.stride(), dtype=h.host.dtype, device=h.device)
+            out.append(t)
+        return out
+
     def fetch(self) -> None:
         """Start bringing every stashed tensor of the last forward pass back (idempotent)."""
-        for h in self.stashed:
-            if h.gpu is not None or h.copied is None:
-                continue
+        release()  # the backward pass has begun: nothing is on its way out any more
+        todo = [h for h in self.stashed if h.gpu is None and h.copied is not None]
+        for h, gpu in zip(todo, self._targets(todo) if todo else []):
             device = h.device
             main = torch.cuda.current_stream(device)
             back = side_stream(device, "in")
-            # Allocated on the current stream, written on the side stream once everything queued so
-            # far (the last user of that memory included) is done. It stays the current stream's: that
-            # stream waits for the copy before its first use (unpack), so when the backward pass lets go
-            # of it the memory is free for the current stream at once. (Marked as used on the side
-            # stream too, it would count as allocated until the side stream had done every fetch queued
-            # by then, which is layers ahead of the GPU when the host runs ahead.)
-            gpu = torch.empty_strided(h.host.shape, h.host.stride(), dtype=h.host.dtype, device=device)
+            # Allocated on the current stream (or a ring slot), written on the side stream once
+            # everything queued so far (the last user of that memory included) is done. It stays the
+            # current stream's: that stream waits for the copy before its first use (unpack), so when
+            # the backward pass lets go of it the memory is free for the current stream at once.
+            # (Marked as used on the side stream too, it would count as allocated until the side
+            # stream had done every fetch queued by then, which is layers ahead of the GPU when the
+            # host runs ahead.)
             back.wait_stream(main)
             back.wait_event(h.copied)
             with torch.cuda.stream(back):

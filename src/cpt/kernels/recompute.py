@@ -142,6 +142,7 @@ def set_recompute(model: torch.nn.Module, recompute_layers: Optional[int] = None
     from cpt.kernels.compile import uncompile_layer
 
     host = set() if offload else set(host_layer_indices(list(range(n - k, n)), n, host_layers))
+    ring: dict = {}  # the GPU buffers that graphed host layers' tensors come back into, two layers' worth
     for i, layer in enumerate(layers):
         uncompile_layer(layer)  # a compiled layer fixed its recompute choice: back to eager (compile again after)
         plain = getattr(layer, "_cpt_plain_forward", None)
@@ -149,7 +150,7 @@ def set_recompute(model: torch.nn.Module, recompute_layers: Optional[int] = None
             layer.forward = plain
             del layer._cpt_plain_forward
         if i in host:
-            layer._cpt_host_activations = HostActivations(i)
+            layer._cpt_host_activations = HostActivations(i, slot=summary["host"] % 2, ring=ring)
             summary["host"] += 1
         elif hasattr(layer, "_cpt_host_activations"):
             del layer._cpt_host_activations
