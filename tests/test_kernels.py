@@ -1182,8 +1182,11 @@ def test_graphed_host_layers_fetch_into_two_fixed_slots():
     a.stashed[1] = _Stashed(torch.zeros(3, 9), torch.device("cpu"), None)  # another shape: that slot is made anew
     assert fetch(a)[0] == pa[0] and ring[0]["tensors"][1].shape == (3, 9)
     read(a)
+    earlier = _Stashed(torch.zeros(3, 5), torch.device("cpu"), None)  # of a forward pass before the last one
+    t = a._targets([earlier])[0]
+    assert t.data_ptr() not in pa and a.fresh == 1 and ring[0]["tensors"][0].data_ptr() == pa[0]
     a.graphs = False
-    assert fetch(a)[0] != pa[0] and a.fresh == 0
+    assert fetch(a)[0] != pa[0] and a.fresh == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")

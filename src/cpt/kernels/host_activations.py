@@ -175,29 +175,37 @@ class HostActivations:
         With graphs: this layer's ring slot (made once, the same addresses every step), unless the
         slot's last owner has fetched tensors the backward pass has not read yet (a caller's second
         forward pass before backward): then new ones, which its graph records again."""
-        slot = self.ring.setdefault(self.slot, {"owner": None, "tensors": []}) if self.graphs and self.ring is not None and RING else None
-        owner = slot["owner"] if slot is not None else None
-        if slot is None or (owner is not None and owner is not self and any(h.gpu is not None for h in owner.stashed)):
-            self.fresh += len(todo) if slot is not None else 0
-            return [torch.empty_strided(h.host.shape, h.host.stride(), dtype=h.host.dtype, device=h.device) for h in todo]
+        def new(h: _Stashed) -> torch.Tensor:
+            return torch.empty_strided(h.host.shape, h.host.stride(), dtype=h.host.dtype, device=h.device)
+
+        if not (self.graphs and self.ring is not None and RING):
+            return [new(h) for h in todo]
+        slot = self.ring.setdefault(self.slot, {"owner": None, "tensors": []})
+        owner = slot["owner"]
+        if owner is not None and owner is not self and any(h.gpu is not None for h in owner.stashed):
+            self.fresh += len(todo)
+            return [new(h) for h in todo]
         slot["owner"] = self
         tensors = slot["tensors"]
+        tensors.extend([None] * (len(self.stashed) - len(tensors)))
+        where = {id(h): j for j, h in enumerate(self.stashed)}
         out = []
         for h in todo:
-            j = self.stashed.index(h)
-            while len(tensors) <= j:
-                tensors.append(None)
+            j = where.get(id(h))
+            if j is None:  # from an earlier forward pass than the last one: not this slot's
+                self.fresh += 1
+                out.append(new(h))
+                continue
             t = tensors[j]
-            if t is None or t.shape != h.host.shape or t.stride() != h.host.stride() or t.dtype != h.host.dtype \
-                    or t.device != h.device:
-                t = tensors[j] = torch.empty_strided(h.host.shape, h.host.stride(), dtype=h.host.dtype, device=h.device)
+            if t is None or (t.shape, t.stride(), t.dtype, t.device) != (h.host.shape, h.host.stride(), h.host.dtype, h.device):
+                t = tensors[j] = new(h)
             out.append(t)
         return out
 
-    def fetch(self) -> None:
-        """Start bringing every stashed tensor of the last forward pass back (idempotent)."""
+    def fetch(self, only: Optional[_Stashed] = None) -> None:
+        """Start bringing every stashed tensor of the last forward pass back (or just `only`; idempotent)."""
         release()  # the backward pass has begun: nothing is on its way out any more
-        todo = [h for h in self.stashed if h.gpu is None and h.copied is not None]
+        todo = [h for h in (self.stashed if only is None else [only]) if h.gpu is None and h.copied is not None]
         for h, gpu in zip(todo, self._targets(todo) if todo else []):
             device = h.device
             main = torch.cuda.current_stream(device)
@@ -224,17 +232,10 @@ class HostActivations:
             return h.host.clone()
         if h.gpu is None:  # not fetched ahead (a second read, or no hook ran): fetch now
             self.late += 1
-            self.fetch_one(h)
+            self.fetch(only=h)
         torch.cuda.current_stream(h.device).wait_event(h.fetched)
         gpu, h.gpu = h.gpu, None  # the backward graph may free it as soon as it is done with it
         return gpu
-
-    def fetch_one(self, h: _Stashed) -> None:
-        stashed, self.stashed = self.stashed, [h]
-        try:
-            self.fetch()
-        finally:
-            self.stashed = stashed
 
     def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
