@@ -324,18 +324,15 @@ def worker_ours(args) -> dict:
         import cpt.host_state
 
         cpt.host_state._update_split_rows = lambda *a, **k: None
-    if args.host_graphs is not None:
+    if args.host_graphs is not None or args.host_hold is not None:
         import cpt.kernels.compile
+        import cpt.kernels.host_activations as host_acts
 
-        cpt.kernels.compile.HOST_LAYER_GRAPHS = args.host_graphs != "off"
-    if args.host_graphs == "fresh":
-        import cpt.kernels.host_activations
-
-        cpt.kernels.host_activations.RING = False
-    if args.host_hold is not None:
-        import cpt.kernels.host_activations
-
-        cpt.kernels.host_activations.HOLD = args.host_hold
+        if args.host_graphs is not None:
+            cpt.kernels.compile.HOST_LAYER_GRAPHS = args.host_graphs != "off"
+            host_acts.RING = args.host_graphs != "fresh"
+        if args.host_hold is not None:
+            host_acts.HOLD = args.host_hold
     if args.bnb_dequant:  # 4-bit weights dequantized by bitsandbytes' functions, not cpt.kernels.nf4
         import cpt.kernels.nf4
 
