@@ -96,8 +96,19 @@ def _compiled_step(backend: str, mode: Optional[str] = None) -> Callable:
     # One compiled function per backend for the whole process: every layer of every model goes
     # through the same code object, so dynamo's cache holds one graph per distinct layer shape.
     if (backend, mode) not in _COMPILED:
-        _COMPILED[(backend, mode)] = torch.compile(_layer_step, backend=backend, mode=mode)
+        step = torch.compile(_layer_step, backend=backend, mode=mode)
+        _COMPILED[(backend, mode)] = _checkpoint_side_effects_allowed(step)
     return _COMPILED[(backend, mode)]
+
+
+def _checkpoint_side_effects_allowed(step: Callable) -> Callable:
+    # transformers >= 5.25 routes attention through the `kernels` hub wrapper, whose forward sets and
+    # then resets a module-level context variable. Inside a recomputing layer (a checkpoint HOP) dynamo
+    # refuses that mutation and breaks the graph, unless told that the forward's Python side effects
+    # need not be replayed when the backward recomputes: true here, the variable is reset on return.
+    if not hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        return step  # older torch: no such check, nothing to allow
+    return torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)(step)
 
 
 def graphs_in_use() -> bool:
