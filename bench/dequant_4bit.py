@@ -6,8 +6,8 @@ Llama-3.1-8B shape, NF4 with nested block maxima, bf16 out), both ways, interlea
 the GPU's clock, and checks that the outputs are equal bit for bit:
 
 - bitsandbytes: `dequantize_blockwise` of the 8-bit block maxima, `+ offset`, `dequantize_4bit`
-  (what cpt ran before kernels/nf4.py, and what bitsandbytes' Linear4bit runs);
-- cpt: `cpt.kernels.nf4.dequantize_nf4` (block maxima rebuilt inside the one kernel).
+  (what bitsandbytes' Linear4bit runs, and cpt with apply(..., nf4_kernel=False));
+- cpt: `cpt.speed.nf4.dequantize_nf4` (block maxima rebuilt inside the one kernel).
 
     python bench/dequant_4bit.py [--out bench/results] [--reps 20] [--sweep]
 
@@ -40,10 +40,10 @@ def main() -> int:
     args = ap.parse_args()
     import torch
     import bitsandbytes.functional as bf
-    from cpt.kernels import nf4
+    from cpt.speed import nf4
 
-    dev = torch.device("cuda")
-    nf4.prepare(dev)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    code = nf4.code_table(dev)
     gen = torch.Generator(device=dev).manual_seed(0)
     weights = []
     for name, shape in SHAPES.items():
@@ -62,8 +62,8 @@ def main() -> int:
     def cpt_layer(nb=None):
         def run():
             for _, shape, q, st in weights:
-                nf4.dequantize_nf4(q, st.absmax, st.state2.absmax, st.state2.code, st.offset, 64, st.state2.blocksize,
-                                   shape, torch.bfloat16, bytes_per_program=nb)
+                nf4.dequantize_nf4(q, st.absmax, st.state2.absmax, st.state2.code, st.offset, code, 64,
+                                   st.state2.blocksize, shape, torch.bfloat16, bytes_per_program=nb)
         return run
 
     # Equality first, weight by weight.
@@ -71,8 +71,8 @@ def main() -> int:
     for name, shape, q, st in weights:
         st.dtype = torch.bfloat16
         ref = bf.dequantize_4bit(q, st)
-        got = nf4.dequantize_nf4(q, st.absmax, st.state2.absmax, st.state2.code, st.offset, 64, st.state2.blocksize,
-                                 shape, torch.bfloat16)
+        got = nf4.dequantize_nf4(q, st.absmax, st.state2.absmax, st.state2.code, st.offset, code, 64,
+                                 st.state2.blocksize, shape, torch.bfloat16)
         exact[name] = bool(torch.equal(got.view(torch.int16), ref.view(torch.int16)))
         del ref, got
 

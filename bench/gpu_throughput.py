@@ -1,9 +1,9 @@
 """GPU speed and memory, side by side: cpt's trainer against plain transformers + peft (issue #5).
 
-One command, one device call. It builds a Llama-3.1-8B-shaped model from its config (random
+One command, one machine. It builds a Llama-3.1-8B-shaped model from its config (random
 weights, saved as bf16 safetensors to local disk, no download), then runs each row in its own
 process: the baseline exactly as ../shared/reference/gpu_anchor.md describes it, and ours through
-cpt's real setup (`cpt.model.build_model`) and training loop (`cpt.train.Trainer`), in bf16 and
+cpt's real setup (`cpt.build.build_model`) and training loop (`cpt.train.Trainer`), in bf16 and
 NF4; then our memory-aware row (layers keep their activations where they fit), the longest
 sequence that trains at micro-batch 1 (ours vs baseline), and `cpt plan`'s estimate beside each
 measurement. Writes bench/results/gpu_throughput.{md,json} (or --out).
@@ -232,7 +232,7 @@ def _result(args, times: list[float], losses: list[float], **extra) -> dict:
 
 
 def ours_config(model_dir: Path, mode: str, seq: int, batch: int, steps: int, recompute_budget: Optional[str] = None,
-                checkpointing: Any = True, compile: str = "auto", offload_embedding_state: Any = False,
+                checkpointing: Any = True, compile: str = "auto", offload_embedding_state: Any = "auto",
                 cuda_graphs: Any = None, host_activations: Any = None):
     from cpt.config import config_from_dict
     raw = {
@@ -309,82 +309,67 @@ def worker_ours(args) -> dict:
     from types import SimpleNamespace
 
     import cpt.train as cpt_train
-    from cpt.model import build_model, trained_embedding_modules
+    from cpt.build import build_model
+    from cpt.model import trained_embedding_modules
 
     cfg = ours_config(Path(args.model_dir), args.mode, args.seq, args.batch, args.warmup + args.steps + 1,
                       recompute_budget=args.recompute_budget, checkpointing=args.checkpointing, compile=args.compile,
                       offload_embedding_state=args.offload_embedding_state, cuda_graphs=args.cuda_graphs,
                       host_activations=None if args.host_activations is None else
                       (args.host_activations if args.host_activations == "auto" else int(args.host_activations)))
+    speed_options: dict = {}  # cpt.speed.apply's options for the experiments below
     if args.host_lead is not None:
-        import cpt.kernels.host_activations
-
-        cpt.kernels.host_activations.LEAD = args.host_lead
+        speed_options["host_lead"] = args.host_lead
+    optimizer_knobs: dict = {}  # cpt.optim.adamw8bit.AdamW8bit's arguments for the experiments below
+    built: list = []  # the optimizer the Trainer builds with them
     if args.skip_early_update:
-        import cpt.host_state
-
-        cpt.host_state._update_split_rows = lambda *a, **k: None
-    if args.host_graphs is not None or args.host_hold is not None:
-        import cpt.kernels.compile
-        import cpt.kernels.host_activations as host_acts
-
-        if args.host_graphs is not None:
-            cpt.kernels.compile.HOST_LAYER_GRAPHS = args.host_graphs != "off"
-            host_acts.RING = args.host_graphs != "fresh"
-        if args.host_hold is not None:
-            host_acts.HOLD = args.host_hold
-    if args.bnb_dequant:  # 4-bit weights dequantized by bitsandbytes' functions, not cpt.kernels.nf4
-        import cpt.kernels.nf4
-
-        cpt.kernels.nf4.ENABLED = False
+        optimizer_knobs["host_update"] = lambda *a, **k: None
+    if args.bnb_dequant:  # 4-bit weights dequantized by bitsandbytes' functions, not cpt.speed.nf4
+        speed_options["nf4_kernel"] = False
     if args.emulate_backup:  # the link traffic of the host backup of the weights the early passes move,
-        # which undoing a skipped step needed before cpt.optim.UndoLog: each chunk's old weights, copied out
-        import cpt.host_state
+        # which undoing a skipped step needs without cpt.optim.split_master.UndoLog: each chunk's old weights, copied out
+        from cpt.optim.split_master import update_split_rows
+        from cpt.runtime import host_tensor
 
-        update, host = cpt.host_state._update_split_rows, {}
+        update, host = optimizer_knobs.get("host_update", update_split_rows), {}
 
         def with_backup(high, *a, **k):
             if k.get("log") is None:
                 return update(high, *a, **k)
             old = high.clone()
             update(high, *a, **k)
-            _, _, cout = cpt.host_state.streams(high.device)
-            buf = host.setdefault(high.numel(), cpt.host_state.host_tensor(high.shape, high.dtype))
+            _, _, cout = built[0].host_stream.streams(high.device)
+            buf = host.setdefault(high.numel(), host_tensor(high.shape, high.dtype))
             cout.wait_stream(torch.cuda.current_stream(high.device))
             with torch.cuda.stream(cout):
                 buf.copy_(old, non_blocking=True)
             old.record_stream(cout)
 
-        cpt.host_state._update_split_rows = with_backup
+        optimizer_knobs["host_update"] = with_backup
     if args.lora_addmm:
-        import cpt.kernels.lora
-
-        cpt.kernels.lora.LINEAR_OP = False
-    if args.keep_layers is not None:  # the memory plan's number of layers that keep their activations, forced
-        import cpt.plan
-
-        planned = cpt.plan.memory_plan
-        cpt.plan.memory_plan = lambda c, mc, budget: (32 - args.keep_layers, planned(c, mc, budget)[1])
-    if args.side_update:
-        import cpt.host_state
-
-        cpt.host_state.SIDE_SHAPE = tuple(int(x) for x in args.side_update.split(","))
-    t_setup = time.perf_counter()
-    bundle = build_model(cfg, torch.device(args.device), tokenizer=_tokenizer())
-    setup_s = time.perf_counter() - t_setup
-    if args.no_dequant_reuse:  # before the first step: the compiled layers read the marks when traced
-        from cpt.kernels import decoder_layers
-        from cpt.kernels.recompute import mark_recomputed
-
-        for layer in decoder_layers(bundle.model):
-            mark_recomputed(layer, False)
+        speed_options["lora_op"] = False
+    if args.no_dequant_reuse:
+        speed_options["dequantize_once"] = False
     if args.reuse_skip_low:  # the lowest recomputing layers (last in the backward pass) dequantize in the op again
-        from cpt.kernels import decoder_layers
-        from cpt.kernels.compile import recomputes
-        from cpt.kernels.recompute import mark_recomputed
+        speed_options["dequantize_once_skip_lowest"] = args.reuse_skip_low
+    if args.keep_layers is not None:  # the memory plan's number of layers that keep their activations, forced
+        import cpt.plan.decide
 
-        for layer in [l for l in decoder_layers(bundle.model) if recomputes(l)][: args.reuse_skip_low]:
-            mark_recomputed(layer, False)
+        planned = cpt.plan.decide.memory_plan
+        cpt.plan.decide.memory_plan = lambda c, mc, budget, offload: (32 - args.keep_layers, planned(c, mc, budget, offload)[1])
+    if args.side_update:
+        optimizer_knobs["side_launch"] = tuple(int(x) for x in args.side_update.split(","))
+    if optimizer_knobs:
+        plain_build = cpt_train.build_optimizer
+
+        def build_with_knobs(*a, **k):
+            built.append(plain_build(*a, **k, **optimizer_knobs))
+            return built[-1]
+
+        cpt_train.build_optimizer = build_with_knobs
+    t_setup = time.perf_counter()
+    bundle = build_model(cfg, torch.device(args.device), tokenizer=_tokenizer(), **speed_options)
+    setup_s = time.perf_counter() - t_setup
     if args.embeddings_first:
         # Experiment: the two huge embedding updates first, so the GPU works on them while the
         # host launches the hundreds of small LoRA updates.
@@ -424,25 +409,22 @@ def worker_ours(args) -> dict:
     marks = data.marks[: args.warmup + args.steps + 1]
     times = [b - a for a, b in zip(marks, marks[1:])]
     losses = [json.loads(line)["loss"] for line in open(Path(cfg.output.output_dir) / "metrics.jsonl")]
-    base = bundle.model.get_base_model() if hasattr(bundle.model, "get_base_model") else bundle.model
-    from cpt.kernels import decoder_layers
-    from cpt.kernels.compile import recomputes
-    layers = decoder_layers(bundle.model)
-    host = [l._cpt_host_activations for l in layers if recomputes(l) and hasattr(l, "_cpt_host_activations")]
-    plan_layers = {"keep": sum(1 for l in layers if not recomputes(l) and not hasattr(l, "_cpt_plain_forward")),
-                   "offload": sum(1 for l in layers if hasattr(l, "_cpt_plain_forward")),
+    speed = bundle.speed
+    host = speed.hosts
+    plan_layers = {"keep": speed.layers["keep"], "offload": speed.layers["offload"],
                    "host": len(host), "host_tensors_last_step": sum(h.count for h in host),
-                   "host_graphs": sum(bool(getattr(h, "graphs", False)) for h in host),
-                   "host_fetched_fresh": sum(getattr(h, "fresh", 0) for h in host), "host_late": sum(h.late for h in host),
+                   "host_late": sum(h.late for h in host),
                    "host_gib": sum(b.numel() * b.element_size() for h in host for b in h.buffers) / 2**30}
     from torch._dynamo.utils import counters
 
-    from cpt.kernels.compile import _FAILED, graphs_recorded
-    dynamo = {"compile_failed": {str(k): v for k, v in _FAILED.items()},"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+    from cpt.speed import graphs_recorded
+    failed = {str(speed.compiler.backend): speed.compile_failed} if speed.compile_failed else {}
+    dynamo = {"compile_failed": failed, "graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
               "break_reasons": [k[:300] for k in counters["graph_break"]][:5],
               "cudagraph_skips": counters["inductor"]["cudagraph_skips"], "cuda_graphs_recorded": graphs_recorded()}
-    res = _result(args, times, losses, setup_s=setup_s, kernels=getattr(base, "_cpt_kernels", []), layers=plan_layers,
-                  dynamo=dynamo, offload_embedding_state=cfg.train.offload_embedding_state)
+    res = _result(args, times, losses, setup_s=setup_s, kernels=speed.applied, layers=plan_layers,
+                  dynamo=dynamo, offload_embedding_state=bundle.plan.offload_embedding_state,
+                  run_plan=bundle.plan.to_dict())
     from cpt.optim import master_weight
     # The values being trained: for split masters the bf16 weight together with its low half.
     res["embedding_changed"] = _changed_fraction(before, {k: master_weight(p, trainer.optimizer) for k, p in emb_named.items()},
@@ -459,8 +441,7 @@ def _phase_timings(args, trainer, bundle) -> dict:
     lands): `--phase-steps` of them without the profiler, then one under it (`--profile`)."""
     import torch
 
-    from cpt.kernels.compile import mark_step
-
+    mark_step = bundle.speed.before_micro_batch
     model, opt, loss_fn = trainer.model, trainer.optimizer, bundle.loss_fn
     ids = torch.randint(0, TOKEN_HIGH, (args.batch, args.seq), device="cuda")
     batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(args.seq, device="cuda").repeat(args.batch, 1)}
@@ -488,9 +469,8 @@ def _phase_timings(args, trainer, bundle) -> dict:
         cpu["backward"] = time.perf_counter() - t0
         ev["backward"].record()
         if host:
-            from cpt.host_state import drain, streams
-            drain(ids.device)  # the early passes are queued (by the Feeder's thread) before the event
-            ev["side"].record(streams(ids.device)[2])
+            inner.host_stream.drain(ids.device)  # the early passes are queued (by the Feeder's thread) before the event
+            ev["side"].record(inner.host_stream.streams(ids.device)[2])
         opt.step()
         cpu["step"] = time.perf_counter() - t0
         ev["step"].record()
@@ -526,7 +506,7 @@ def _time_layers(model, marks: list) -> None:
     when the backward pass reaches its output (a gradient hook, on autograd's thread)."""
     import torch
 
-    from cpt.kernels import decoder_layers
+    from cpt.speed import decoder_layers
 
     for i, layer in enumerate(decoder_layers(model)):
         inner = layer.forward
@@ -560,7 +540,7 @@ def worker_long(args) -> dict:
     else:
         from accelerate import Accelerator
 
-        from cpt.model import build_model
+        from cpt.build import build_model
         from cpt.optim import build_optimizer
         cfg = ours_config(Path(args.model_dir), args.mode, max(LONG_LADDER), 1, 1, checkpointing="offload")
         bundle = build_model(cfg, torch.device("cuda", 0), tokenizer=_tokenizer())
@@ -603,9 +583,12 @@ def worker_long(args) -> dict:
             if args.system != "ours" or fallback_used:
                 rows.append({"seq": seq, "status": f"error: {type(e).__name__}: {e}"[:300]})
                 break
-            from cpt.kernels import set_recompute
+            import dataclasses
+
+            from cpt.speed import apply
             rows.append({"seq": seq, "status": f"offload error, switching to plain recompute: {type(e).__name__}: {e}"[:300]})
-            set_recompute(bundle.model, None, offload=False)
+            bundle.plan = dataclasses.replace(bundle.plan, checkpointing="recompute")
+            bundle.speed = apply(bundle.model, bundle.plan)
             fallback_used = True
             retry.append(seq)
         finally:
@@ -646,18 +629,16 @@ def _run_worker(argv: list[str], log_dir: Path, name: str, timeout: float) -> Op
 
 
 def _plan_estimate(model_dir: Path, mode: str, seq: int, batch: int, recompute_budget: Any = None,
-                   checkpointing: Any = True, system: str = "ours", offload_embedding_state: Any = False,
+                   checkpointing: Any = True, system: str = "ours", offload_embedding_state: Any = "auto",
                    host_activations: Any = None) -> dict:
-    from cpt.plan import plan
+    """`cpt plan` for a row: the run plan decided for an H200 (one process), and its estimate."""
+    from cpt.model import load_model_config
+    from cpt.plan import decide, estimate_for
     cfg = ours_config(model_dir, mode, seq, batch, 1, recompute_budget=recompute_budget, checkpointing=checkpointing,
                       offload_embedding_state=offload_embedding_state, host_activations=host_activations)
-    from cpt.model import load_model_config
-    from cpt.plan import memory_plan
     mc = load_model_config(cfg.model)
-    k = host = None
-    if recompute_budget is not None:
-        k, host = memory_plan(cfg, mc, 0.92 * 139.8 if recompute_budget == "auto" else float(recompute_budget))
-    est = plan(cfg, mc, system=system, gpu_memory_gib=139.8, recompute_layers=k, host_layers=host)
+    run = decide(cfg, mc, "cuda", world_size=1, gpu_total_gib=139.8)
+    est = estimate_for(cfg, run, mc, 139.8, system=system)
     return {"peak_gib": est["peak_gib"], "tokens_per_s": est["tokens_per_s"], "recompute_layers": est["recompute_layers"],
             "host_layers": est["host_layers"]}
 
@@ -675,7 +656,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--recompute-budget", default=None, help="ours: adapter.recompute_budget_gib (memory-aware row)")
     p.add_argument("--host-activations", default=None, help="ours: adapter.host_activations (auto or a number of layers)")
-    p.add_argument("--host-lead", type=int, default=None, help="ours: how many layers ahead host layers are fetched (experiment)")
+    p.add_argument("--host-lead", type=int, default=None, help="ours: how many layers ahead host layers are fetched (experiment; cpt.speed.apply's host_lead)")
     p.add_argument("--checkpointing", default="true", help="ours: adapter.use_gradient_checkpointing")
     p.add_argument("--compile", default="auto", help="ours: model.compile (auto, true, false)")
     p.add_argument("--profile", default=None, help="write a torch profiler table of one step here")
@@ -688,7 +669,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="ours (experiment, trains wrongly): the host-resident embedding states are copied as usual but their update kernels (early passes and kept rows) are skipped, to see what they cost the step")
     p.add_argument("--layer-times", action="store_true", help="ours: the phase steps also time each decoder layer's forward and backward, on the host and the GPU")
     p.add_argument("--memory-trace", default=None, help="ours: write what is allocated at the peak (bench/memory_peak.py) here")
-    p.add_argument("--offload-embedding-state", nargs="?", const=True, default=False, type=lambda v: v if v == "auto" else v == "true",
+    p.add_argument("--offload-embedding-state", nargs="?", const=True, default="auto", type=lambda v: v if v == "auto" else v == "true",
                    help="ours: train.offload_embedding_state (the flag alone: true; or auto)")
     p.add_argument("--systems", default=None, help="the bf16/nf4 rows run exactly these systems (comma list of baseline, "
                    "ours, ours_eager, ours_offload; a suffix _graphs / _nographs sets model.cuda_graphs true / false, e.g. ours_offload_nographs) instead of baseline, ours and what --rows adds")
@@ -696,16 +677,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="ours: model.cuda_graphs (default: the config's default; the flag alone: true; systems named *_graphs set true, *_nographs false)")
     p.add_argument("--lora-addmm", action="store_true", help="ours: projections without the cpt::lora_linear / lora_linear_4bit ops (experiment row)")
     p.add_argument("--side-update", default=None,
-                   help="ours (experiment): the embedding states' update kernel beside the backward pass launched as NB,WARPS,PROGRAMS (cpt.host_state.SIDE_SHAPE)")
+                   help="ours (experiment): the embedding states' update kernel beside the backward pass launched as NB,WARPS,PROGRAMS (cpt.optim.adamw8bit.AdamW8bit's side_launch)")
     p.add_argument("--emulate-backup", action="store_true",
                    help="ours (experiment): also copy out the early passes' old weights, as the host backup that undoing a skipped step used to need")
-    p.add_argument("--host-graphs", default=None, choices=["on", "off", "fresh"],
-                   help="ours (experiment): host layers replayed as CUDA graphs (on; off is the default, "
-                        "cpt.kernels.compile.HOST_LAYER_GRAPHS), or graphed but fetching into new memory instead of "
-                        "the fixed ring (fresh)")
-    p.add_argument("--host-hold", type=int, default=None, help="ours (experiment): cpt.kernels.host_activations.HOLD")
     p.add_argument("--bnb-dequant", action="store_true",
-                   help="ours (experiment): dequantize 4-bit weights with bitsandbytes' functions instead of cpt.kernels.nf4")
+                   help="ours (experiment): dequantize 4-bit weights with bitsandbytes' functions instead of cpt.speed.nf4 (cpt.speed.apply's nf4_kernel=False)")
     p.add_argument("--no-dequant-reuse", action="store_true",
                    help="ours (experiment): 4-bit recomputing layers dequantize inside the op again (forward, recompute and backward)")
     p.add_argument("--keep-layers", type=int, default=None, help="ours (experiment): this many layers keep their activations, whatever the memory plan says")
@@ -719,7 +695,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "budget (ours capped at the memory target: adapter.recompute_budget_gib from the baseline's peak, offload auto), order (experiment), "
                    "eager (ours with model.compile=false beside ours in the bf16/nf4 rows), nf4compile (experiment: nf4 with model.compile=true)")
     p.add_argument("--runs", type=int, default=1, help="repeat the bf16/nf4 pairs; the second run goes in reverse order")
-    p.add_argument("--append", action="store_true", help="keep the rows of OUT/gpu_throughput.json that this call does not run")
+    p.add_argument("--append", action="store_true", help="keep the rows of OUT/gpu_throughput.json that this run does not redo")
     p.add_argument("--profile-rows", action="store_true", help="profile one step of the bf16 baseline and ours rows")
     args = p.parse_args(argv)
 
@@ -760,8 +736,8 @@ def drive(args) -> int:
                                                             "minus 2*N per layer that keeps its activations (no recompute) and 2*N of gate and up per host layer"},
                                "peak_tflops": PEAK_TFLOPS, "anchor": ANCHOR, "targets": TARGETS}
     if args.append and (out / "gpu_throughput.json").is_file():
-        # Rows of an earlier call on the same kind of machine (one call may run 10 minutes at most):
-        # kept unless this call runs them again; both commands are listed.
+        # Rows of an earlier run on the same kind of machine: kept unless this run redoes them;
+        # every command is listed.
         earlier = json.loads((out / "gpu_throughput.json").read_text())
         commands = earlier.get("commands") or [earlier["command"]]
         results = {**{k: v for k, v in earlier.items() if k not in ("commands", "wall_s")}, **results,
@@ -820,13 +796,15 @@ def drive(args) -> int:
                              "embedding_changed": rs[0].get("embedding_changed"), "loss_first_last": [rs[0]["losses"][0], rs[0]["losses"][-1]],
                              **({"kernels": rs[0].get("kernels"), "setup_s": rs[0].get("setup_s"), "dynamo": rs[0].get("dynamo")}
                                 if system != "baseline" else {})}
-            if _is_budget(system):
-                entry[system].update(budget_gib=budget, layers=rs[0].get("layers"),
-                                     offload_embedding_state=rs[0].get("offload_embedding_state"),
+            if system != "baseline":  # what the run plan chose, as the worker applied it
+                entry[system].update(layers=rs[0].get("layers"), offload_embedding_state=rs[0].get("offload_embedding_state"),
+                                     run_plan=rs[0].get("run_plan"),
                                      mfu=tps * flops_per_token(SEQ, 32 - rs[0]["layers"]["keep"], rs[0]["layers"].get("host", 0))
                                      / (PEAK_TFLOPS * 1e12))
+            if _is_budget(system):
+                entry[system]["budget_gib"] = budget
             entry[system]["plan"] = _plan_estimate(model_dir, mode, SEQ, MICRO_BATCH, system="baseline" if system == "baseline" else "ours",
-                                                   offload_embedding_state="auto" if _is_budget(system) else _base(system) == "ours_offload",
+                                                   offload_embedding_state=True if _base(system) == "ours_offload" else "auto",
                                                    recompute_budget=budget if _is_budget(system) else None,
                                                    host_activations=0 if _base(system) == "ours_budget_nohost" else None)
         if entry.get("ours") and entry.get("baseline"):
@@ -915,7 +893,7 @@ def _fmt(x: Optional[float], spec: str) -> str:
 def _write(results: dict, out: Path) -> None:
     (out / "gpu_throughput.json").write_text(json.dumps(results, indent=1))
     lines = ["# GPU throughput: cpt vs transformers + peft (Llama-3.1-8B shape, micro-batch 2 x 2048)", "",
-             *([f"Commands (rows from {len(results['commands'])} device calls, each row's systems in one call): "
+             *([f"Commands (rows from {len(results['commands'])} runs, each row's systems in one run): "
                 + "; ".join(f"`{c}`" for c in results["commands"]) + "  "] if results.get("commands")
                else [f"Command: `{results['command']}`  "]), f"Device: {results['device']}, torch {results['torch']}, "
              f"{results.get('versions')}", "", *([results["note"], ""] if results.get("note") else []),
@@ -931,6 +909,11 @@ def _write(results: dict, out: Path) -> None:
             s = e.get(system)
             label = {"ours_eager": "ours, eager (model.compile=false)",
                      "ours_offload": "ours, embedding states in host memory (train.offload_embedding_state)"}.get(_base(system), _base(system))
+            if _base(system) == "ours" and s and s.get("layers"):
+                label = ("ours, default run plan (no memory budget): embedding states "
+                         f"{'in host memory' if s.get('offload_embedding_state') else 'on the GPU'}, "
+                         f"{s['layers'].get('keep', 0)} of 32 layers keep activations"
+                         + (f", {h} keep their MLP activations in host memory" if (h := s['layers'].get('host')) else ""))
             if _is_budget(system) and s:
                 label = (f"ours, capped at the memory target (adapter.recompute_budget_gib={s['budget_gib']}): embedding states "
                          f"{'in host memory' if s.get('offload_embedding_state') else 'on the GPU'}, "

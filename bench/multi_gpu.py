@@ -1,10 +1,10 @@
 """Several GPUs (issue #7): tokens/s on 1 and 2 GPUs for the same model and settings, the scaling
 efficiency, and peak memory per GPU under DDP and FSDP2.
 
-One command, one device call (a machine with 2 GPUs). It builds a model of a known shape from its
+One command on a machine with 2 GPUs. It builds a model of a known shape from its
 config (random weights saved as bf16 safetensors on local disk, no download), then runs each row as
 its own `torchrun` launch through cpt's real path: `cpt.distributed.build_accelerator` ->
-`loading_place` -> `cpt.model.build_model` -> `cpt.train.Trainer` (which shards under FSDP). The
+`loading_place` -> `cpt.build.build_model` -> `cpt.train.Trainer` (which shards under FSDP). The
 data are random token blocks, a different stream per rank; every rank does the same work per step.
 
 Rows (same per-GPU micro-batch, sequence length, LoRA rank and optimizer in each):
@@ -140,7 +140,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from cpt.distributed import build_accelerator, loading_place
-    from cpt.model import build_model
+    from cpt.build import build_model
     from cpt.train import Trainer
 
     world, extra = ROWS[args.row]
@@ -180,7 +180,7 @@ def worker(args: argparse.Namespace) -> None:
         losses = [json.loads(line)["loss"] for line in open(Path(out_dir) / "metrics.jsonl")]
         tokens = args.batch * args.seq * args.accumulation * acc.num_processes
         mean = sum(times) / len(times)
-        kernels = getattr(getattr(bundle.model, "get_base_model", lambda: bundle.model)(), "_cpt_kernels", [])
+        kernels = bundle.speed.applied
         result = {"row": args.row, "gpus": acc.num_processes, "strategy": trainer.parallel.strategy,
                   "tokens_per_step": tokens, "tokens_per_s": tokens / mean, "step_s_mean": mean,
                   "step_s_min": min(times), "step_s_max": max(times), "step_s": times, "losses": losses,

@@ -37,41 +37,41 @@ def lora_shapes() -> list[tuple[int, int]]:
     return out
 
 
-# --sweep: kernel settings (cpt.kernels.adamw8bit's module flags) timed one by one, each on the embeddings
-# alone (the update that runs beside the backward pass) and the adapters alone (the step's tail).
+# --sweep: kernel settings (cpt.optim.adamw8bit.AdamW8bit's launch, recip and gather arguments) timed one by
+# one, each on the embeddings alone (the update that runs beside the backward pass) and the adapters alone
+# (the step's tail).
 SWEEP = ["shipped", "nb=2,warps=2", "nb=4,warps=4", "nb=1,warps=2", "nb=2,warps=1", "nb=4,warps=2", "nb=8,warps=8",
          "recip=0,nb=2,warps=2", "gather=0,nb=2,warps=2", "recip=0,gather=0,nb=4,warps=4"]
-_FLAGS = {"recip": "RECIP", "nb": "BLOCKS_PER_PROGRAM", "warps": "NUM_WARPS"}
-SHIPPED: dict = {}  # the module's own values, read at the first configure()
 
 
-def configure(setting: str) -> dict:
-    """Apply one --sweep setting to the kernel module (from the shipped defaults); returns what it set."""
-    import cpt.kernels.adamw8bit as kernel
-    from cpt import optim
+def configure(setting: str) -> tuple[dict, dict]:
+    """One --sweep setting as AdamW8bit keyword arguments (the rest at their defaults), and what it set."""
+    from cpt.optim.adamw8bit import LAUNCH
 
-    if not SHIPPED:
-        SHIPPED.update({name: getattr(kernel, name) for name in _FLAGS.values()})
-    for name, default in SHIPPED.items():
-        setattr(kernel, name, default)
-    optim._GATHER.clear()
-    applied = {}
+    nb, warps, programs = LAUNCH
+    knobs, applied = {}, {}
     for part in filter(None, setting.split(",")):
         if part == "shipped":
             continue
         key, value = part.split("=")
-        if key == "gather":
-            optim._GATHER["ok"] = bool(int(value))
-        else:
-            setattr(kernel, _FLAGS[key], type(SHIPPED[_FLAGS[key]])(int(value)))
         applied[key] = int(value)
-    return applied
+        if key == "nb":
+            nb = int(value)
+        elif key == "warps":
+            warps = int(value)
+        else:  # recip, gather
+            knobs[key] = bool(int(value))
+    return {**knobs, "launch": (nb, warps, programs)}, applied
 
 
-def run(system: str, steps: int, warmup: int, parts: tuple = ("embed", "lora")) -> dict:
+def run(system: str, steps: int, warmup: int, parts: tuple = ("embed", "lora"), knobs: dict = None) -> dict:
+    """knobs: AdamW8bit keyword arguments for system ours (--sweep)."""
+    import functools
+
     import torch
     import bitsandbytes as bnb
-    from cpt.optim import _adamw_8bit_without_syncs, mark_split_master
+    from cpt.optim import mark_split_master
+    from cpt.optim.adamw8bit import AdamW8bit
 
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -79,12 +79,10 @@ def run(system: str, steps: int, warmup: int, parts: tuple = ("embed", "lora")) 
     head = torch.nn.Parameter(torch.randn(VOCAB, HIDDEN, device=dev, dtype=torch.bfloat16) * 0.02)
     lora = [torch.nn.Parameter(torch.randn(s, device=dev) * 0.01) for s in lora_shapes()]
     if system.startswith("ours"):
-        import cpt.kernels.adamw8bit as kernel
-
-        kernel.TABLES = kernel.ROW_BLOCKS = system == "ours"  # ours_search: the kernel without its shortcuts
         mark_split_master(emb)
         mark_split_master(head)
-        cls = _adamw_8bit_without_syncs()
+        shortcuts = system == "ours"  # ours_search: the kernel without its table and row-block shortcuts
+        cls = functools.partial(AdamW8bit, tables=shortcuts, row_blocks=shortcuts, **(knobs or {}))
     else:
         cls = bnb.optim.AdamW8bit
     groups = [{"params": [emb, head], "lr": 1e-6, "weight_decay": 0.0}, {"params": lora, "lr": 5e-6, "weight_decay": 0.0}]
@@ -146,7 +144,7 @@ def main() -> int:
              "layers). Baseline: bitsandbytes on bf16 embedding copies (dense gradients), one launch per tensor. Ours: "
              "float32 masters as bf16 + low half, embed_tokens with a row-sparse gradient (4096 tokens), LoRA in one flat pass. "
              "ours_search: the same without the kernel's two shortcuts (moments rounded by an 8-step binary search "
-             "instead of cpt.optim.BucketTable; a slot lookup per element instead of per block).", "",
+             "instead of cpt.optim.split_master.BucketTable; a slot lookup per element instead of per block).", "",
              "| system | ms per step (mean, min-max) | memory the optimizer added, GiB |", "|---|---|---|"]
     for s in ("baseline", "ours_search", "ours"):
         r = res[s]
@@ -168,13 +166,13 @@ def sweep(args, out: Path, head: dict) -> None:
 
     rows = []
     for setting in SWEEP:
-        row = {"setting": setting, "applied": configure(setting)}
+        knobs, applied = configure(setting)
+        row = {"setting": setting, "applied": applied}
         for part in ("embed", "lora"):
-            row[part] = run("ours", args.steps, args.warmup, parts=(part,))
+            row[part] = run("ours", args.steps, args.warmup, parts=(part,), knobs=knobs)
             torch.cuda.empty_cache()
         rows.append(row)
         print(setting, row["embed"]["ms_mean"], row["lora"]["ms_mean"], flush=True)
-    configure("shipped")
     res = {k: head[k] for k in ("command", "device", "torch")}
     res["command"] += "" if "--sweep" in res["command"] else " --sweep"
     res["rows"] = rows
@@ -184,7 +182,7 @@ def sweep(args, out: Path, head: dict) -> None:
 def write_sweep(res: dict, out: Path) -> None:
     lines = ["# The 8-bit AdamW kernel's settings, timed on the 8B setup's tensors", "",
              f"Command: `{res['command']}` on {res['device']}, torch {res['torch']}. Each setting changes the shipped "
-             "one (cpt.kernels.adamw8bit: RECIP, BLOCKS_PER_PROGRAM as nb, NUM_WARPS as warps; gather=0: the "
+             "one (cpt.optim.adamw8bit.AdamW8bit's arguments: recip, launch's blocks per program as nb and warps; gather=0: the "
              "adapters updated in chunks through a gradient buffer instead of one launch). embed: embed_tokens (row-sparse "
              "gradient) and lm_head as split float32 masters; lora: the 448 adapter tensors as one flat group.", "",
              *([res["note"], ""] if res.get("note") else []),

@@ -1,10 +1,10 @@
 """The price of making the embeddings' early update undoable, on a GPU: an UndoLog against a copy of the weights.
 
-cpt.host_state starts lm_head's 8-bit AdamW update (and embed_tokens' rows outside the batch) during the
+cpt.optim.host_state starts lm_head's 8-bit AdamW update (and embed_tokens' rows outside the batch) during the
 backward pass, before the loop knows whether the step is finite. A skipped step must be undone. The
 old way copied the weights out first (2 bytes per element to host memory, over a link the step
 already saturates); now the update itself checks, element by element, that its inverse gives the old
-weight back, and logs on the GPU the few it cannot (cpt.optim.UndoLog). This times, on one
+weight back, and logs on the GPU the few it cannot (cpt.optim.split_master.UndoLog). This times, on one
 128256 x 4096 matrix (an 8B Llama-3's lm_head) with a dense gradient:
 
 - plain: the update alone (the kernel the old way ran, beside its copy);
@@ -38,21 +38,22 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args()
     import torch
-    from cpt import optim
+    from cpt.optim import split_master as sm
+    from cpt.optim.adamw8bit import AdamW8bit
 
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     w = torch.randn(VOCAB, HIDDEN, device=dev, generator=gen) * 0.02
-    hi, lo = optim.split_float32(w)
+    hi, lo = sm.split_float32(w)
     del w
-    blocks = -(-VOCAB * HIDDEN // optim.BLOCK)
-    opt = optim._adamw_8bit_without_syncs()([torch.nn.Parameter(torch.zeros(1, device=dev))])
-    maps = opt._maps(dev)
-    state = {"lo": lo, "state1": torch.full((blocks * optim.BLOCK,), maps.zero1, dtype=torch.uint8, device=dev),
-             "state2": torch.full((blocks * optim.BLOCK,), maps.zero2, dtype=torch.uint8, device=dev),
+    blocks = -(-VOCAB * HIDDEN // sm.BLOCK)
+    opt = AdamW8bit([torch.nn.Parameter(torch.zeros(1, device=dev))])
+    maps, kernel = opt._maps(dev), opt.kernel  # bitsandbytes' 8-bit maps; the Triton update
+    state = {"lo": lo, "state1": torch.full((blocks * sm.BLOCK,), maps.zero1, dtype=torch.uint8, device=dev),
+             "state2": torch.full((blocks * sm.BLOCK,), maps.zero2, dtype=torch.uint8, device=dev),
              "absmax1": torch.zeros(blocks, device=dev), "absmax2": torch.zeros(blocks, device=dev)}
     backup = torch.empty(hi.shape, dtype=hi.dtype, pin_memory=True)
-    log = optim.UndoLog(dev)
+    log = sm.UndoLog(dev)
     times: dict = {k: [] for k in ("plain", "copy", "undoable", "undo")}
     exact, logged = [], []
     step = 0
@@ -61,7 +62,7 @@ def main() -> int:
         for variant in ("plain", "copy", "undoable"):
             step += 1
             g = torch.randn(VOCAB, HIDDEN, device=dev, generator=gen, dtype=torch.bfloat16)
-            hp = optim._hyper(0.9, 0.999, 1e-5, 1e-8, 0.0, step, dev)
+            hp = sm.hyperparameters(0.9, 0.999, 1e-5, 1e-8, 0.0, step, dev)
             old = {k: v.clone() for k, v in state.items()} if variant == "undoable" else None
             before = hi.clone() if variant == "undoable" else None
             torch.cuda.synchronize()
@@ -72,8 +73,8 @@ def main() -> int:
             else:
                 if variant == "undoable":
                     log.reset()
-                optim._update_split_rows(hi, state["lo"], g, None, state["state1"], state["state2"], state["absmax1"],
-                                         state["absmax2"], maps, hp, log=log if variant == "undoable" else None)
+                sm.update_split_rows(hi, state["lo"], g, None, state["state1"], state["state2"], state["absmax1"],
+                                     state["absmax2"], maps, hp, kernel=kernel, log=log if variant == "undoable" else None)
             b.record()
             torch.cuda.synchronize()
             if rep >= args.warmup:
@@ -81,8 +82,8 @@ def main() -> int:
             if variant == "undoable":  # take it back, check it, and go on from the update
                 made, new_lo = hi.clone(), state["lo"].clone()
                 a.record()
-                optim._undo_split_rows(hi, new_lo, old["lo"], g, None, old["state1"], old["state2"], old["absmax1"],
-                                       old["absmax2"], maps, hp)
+                sm.undo_split_rows(hi, new_lo, old["lo"], g, None, old["state1"], old["state2"], old["absmax1"],
+                                   old["absmax2"], maps, hp, kernel=kernel)
                 b.record()
                 log.apply(hi)
                 torch.cuda.synchronize()
@@ -93,7 +94,8 @@ def main() -> int:
                 hi.copy_(made)
     res = {"matrix": [VOCAB, HIDDEN], "device": torch.cuda.get_device_name(), "reps": args.reps,
            "ms_mean": {k: sum(v) / len(v) for k, v in times.items()}, "ms_min": {k: min(v) for k, v in times.items()},
-           "undo_exact_every_time": all(exact), "logged_per_update": logged}
+           "undo_exact_every_time": all(exact), "logged_per_update": logged,
+           "triton": not kernel.failed}  # False: the Triton kernel failed and PyTorch operations were timed
     m = res["ms_mean"]
     res["undoable_vs_plain"] = m["undoable"] / m["plain"]
     out = Path(args.out)

@@ -107,8 +107,8 @@ def corpus_dir(tmp_path, corpus) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def _cpu_math_settled():
-    """Tests compare runs bit for bit, some with models built without cpt.model.build_model: settle MKL's
+    """Tests compare runs bit for bit, some with models built without cpt.build.build_model: settle MKL's
     kernel choice once for the whole process (see settle_cpu_math)."""
-    from cpt.model import settle_cpu_math
+    from cpt.runtime import settle_cpu_math
 
     settle_cpu_math()

@@ -1,10 +1,5 @@
 """bench/memory_peak.py: replaying an allocator log finds the peak and what was alive at it."""
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-from memory_peak import GIB, format_composition, peak_composition  # noqa: E402
+from bench.memory_peak import GIB, format_composition, peak_composition
 
 
 def _ev(action, addr, size, file="/x/src/cpt/optim.py", line=1):

@@ -1,12 +1,7 @@
 """bench/trace_summary.py: busy time per stream, kernel groups and the busiest stream's gaps."""
 import gzip
 import json
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-from trace_summary import group, host_gaps, summarize, union  # noqa: E402
+from bench.trace_summary import group, host_gaps, summarize, union
 
 
 def _k(name, ts, dur, stream=7, cat="kernel"):

@@ -46,6 +46,12 @@ def test_groups_keep_their_lr_and_8bit_needs_bitsandbytes(monkeypatch):
               {"name": "embeddings", "params": [b], "lr": 1e-4, "weight_decay": 0.0}]
     opt = build_optimizer(groups, TrainConfig(), torch.device("cpu"))
     assert [(g["name"], g["lr"], g["weight_decay"]) for g in opt.param_groups] == [("adapter", 1e-3, 0.1), ("embeddings", 1e-4, 0.0)]
+    # The offload decision is the run plan's (a bool), never the config's "auto"; the 8-bit optimizer's
+    # knobs are not silently dropped by another optimizer.
+    with pytest.raises(TypeError, match="run plan's decision"):
+        build_optimizer(groups, TrainConfig(), torch.device("cpu"), offload_embedding_state="auto")
+    with pytest.raises(TypeError, match="gather: options of train.optim=adamw_8bit"):
+        build_optimizer(groups, TrainConfig(), torch.device("cpu"), gather=False)
     from cpt.config import ConfigError
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
     with pytest.raises(ConfigError, match="adamw_8bit needs bitsandbytes.*adamw_torch"):
@@ -67,7 +73,7 @@ def test_adamw_8bit_without_syncs_matches_bitsandbytes(monkeypatch):
     without a torch.cuda.synchronize() per tensor (on the GPU when there is one, else on
     bitsandbytes' CPU backend)."""
     bnb = pytest.importorskip("bitsandbytes")
-    from cpt.optim import _adamw_8bit_without_syncs
+    from cpt.optim.adamw8bit import AdamW8bit
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
@@ -88,7 +94,7 @@ def test_adamw_8bit_without_syncs_matches_bitsandbytes(monkeypatch):
         return params, opt, len(syncs)
 
     ref, ref_opt, _ = run(bnb.optim.AdamW8bit)
-    ours, opt, syncs = run(_adamw_8bit_without_syncs())
+    ours, opt, syncs = run(AdamW8bit)
     assert syncs == 0
     assert isinstance(opt, bnb.optim.AdamW8bit)
     assert any(s["state1"].dtype == torch.uint8 for s in opt.state.values())  # the 8-bit path ran
@@ -112,7 +118,9 @@ def test_split_masters_follow_bitsandbytes_on_float32_copies():
     """The trained-embedding path (bf16 weight + low half, our compiled blockwise update, sparse rows)
     tracks bitsandbytes' AdamW8bit run on float32 copies of the same matrices."""
     bnb = pytest.importorskip("bitsandbytes")
-    from cpt.optim import _adamw_8bit_without_syncs, join_float32, mark_split_master
+    from cpt.optim import mark_split_master
+    from cpt.optim.adamw8bit import AdamW8bit
+    from cpt.optim.split_master import join_float32
 
     g = torch.Generator().manual_seed(0)
     init = [torch.randn(1000, 96, generator=g) * 0.02, torch.randn(517, 64, generator=g) * 0.02]
@@ -123,7 +131,7 @@ def test_split_masters_follow_bitsandbytes_on_float32_copies():
         mark_split_master(p)
     kw = dict(betas=(0.9, 0.999), eps=1e-8)
     ref_opt = bnb.optim.AdamW8bit([{"params": ref, "lr": 1e-4, "weight_decay": 0.01}], **kw)
-    opt = _adamw_8bit_without_syncs()([{"params": ours, "lr": 1e-4, "weight_decay": 0.01}], **kw)
+    opt = AdamW8bit([{"params": ours, "lr": 1e-4, "weight_decay": 0.01}], **kw)
     for _ in range(4):
         rows = torch.randint(0, 1000, (300,), generator=g)
         vals = torch.randn(300, 96, generator=g).bfloat16().to(DEV)
@@ -138,7 +146,7 @@ def test_split_masters_follow_bitsandbytes_on_float32_copies():
         assert _relative_gap(master, r, start) < 0.02
         assert (master != start).float().mean() > 0.5
     state = opt.state_dict()
-    opt2 = _adamw_8bit_without_syncs()([{"params": ours, "lr": 1e-4, "weight_decay": 0.01}], **kw)
+    opt2 = AdamW8bit([{"params": ours, "lr": 1e-4, "weight_decay": 0.01}], **kw)
     opt2.load_state_dict(state)
     assert opt2.state[ours[0]]["lo"].dtype == torch.int16
     assert torch.equal(opt2.state[ours[0]]["lo"], opt.state[ours[0]]["lo"])
@@ -150,7 +158,7 @@ def test_flat_adapter_update_follows_bitsandbytes_and_its_checkpoints_are_interc
     """Many float32 tensors updated in one flat pass track bitsandbytes' per-tensor AdamW8bit; a state
     saved by one path loads into the other; a step where one tensor has no gradient uses the views."""
     bnb = pytest.importorskip("bitsandbytes")
-    from cpt.optim import _adamw_8bit_without_syncs
+    from cpt.optim.adamw8bit import AdamW8bit
 
     g = torch.Generator().manual_seed(0)
     shapes = [(128, 96), (64, 128), (300, 17), (40, 200), (8, 16)]  # the last is below min_8bit_size
@@ -162,7 +170,7 @@ def test_flat_adapter_update_follows_bitsandbytes_and_its_checkpoints_are_interc
 
     ref = [torch.nn.Parameter(t.clone()) for t in init]
     ours = [torch.nn.Parameter(t.clone()) for t in init]
-    ref_opt, opt = make(bnb.optim.AdamW8bit, ref), make(_adamw_8bit_without_syncs(), ours)
+    ref_opt, opt = make(bnb.optim.AdamW8bit, ref), make(AdamW8bit, ours)
     assert opt._flat and len(next(iter(opt._flat.values())).members) == 4
     grads = [[torch.randn(s, generator=g).to(DEV) for s in shapes] for _ in range(4)]
     for k, step in enumerate(grads):
@@ -179,7 +187,7 @@ def test_flat_adapter_update_follows_bitsandbytes_and_its_checkpoints_are_interc
     other = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     plain = make(bnb.optim.AdamW8bit, other)
     plain.load_state_dict(opt.state_dict())
-    back = make(_adamw_8bit_without_syncs(), [torch.nn.Parameter(r.detach().clone()) for r in ref])
+    back = make(AdamW8bit, [torch.nn.Parameter(r.detach().clone()) for r in ref])
     back.load_state_dict(ref_opt.state_dict())
     for p in back.param_groups[0]["params"][:4]:
         assert back.state[p]["state1"].data_ptr() != 0 and p.data.data_ptr() >= back._flat[0].master.data_ptr()
@@ -195,30 +203,28 @@ def test_flat_adapter_update_follows_bitsandbytes_and_its_checkpoints_are_interc
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-launch update is a CUDA kernel")
-def test_flat_adapter_update_in_one_launch_equals_the_chunked_update(monkeypatch):
+def test_flat_adapter_update_in_one_launch_equals_the_chunked_update():
     """The adapters' one-launch update (each member's gradient read where it lies) gives bit for bit what
     the chunked update through a flat gradient buffer gives, over several chunks and odd member sizes."""
     pytest.importorskip("triton")
-    from cpt import optim
-
-    monkeypatch.setattr(optim, "_CHUNK_ELEMENTS", 4096)  # several chunks
+    pytest.importorskip("bitsandbytes")
+    from cpt.optim.adamw8bit import AdamW8bit
     g = torch.Generator().manual_seed(3)
     shapes = [(128, 96), (64, 129), (300, 17), (40, 200), (1, 4100)]
     init = [torch.randn(s, generator=g).to(DEV) * 0.02 for s in shapes]
     grads = [[torch.randn(s, generator=g).to(DEV) for s in shapes] for _ in range(3)]
     results = []
     for one_launch in (True, False):
-        monkeypatch.setattr(optim, "_GATHER", {} if one_launch else {"ok": False})
         params = [torch.nn.Parameter(t.clone()) for t in init]
-        opt = optim._adamw_8bit_without_syncs()([{"params": params, "lr": 1e-3, "weight_decay": 0.1}],
-                                                betas=(0.9, 0.999), eps=1e-8)
+        opt = AdamW8bit([{"params": params, "lr": 1e-3, "weight_decay": 0.1}], betas=(0.9, 0.999), eps=1e-8,
+                        gather=one_launch, chunk_elements=4096)  # several chunks
         flat = opt._flat[0]
         assert len(flat.chunk_members) > 1
         for step in grads:
             for p, gr in zip(params, step):
                 p.grad = gr.clone()
             opt.step()
-        assert (flat.gathered is not None) == one_launch and optim._GATHER.get("ok", True) == one_launch
+        assert (flat.gathered is not None) == one_launch and opt.kernel.gather == one_launch
         assert all(not torch.equal(p.detach(), t) for p, t in zip(params, init))  # every member moved
         results.append([flat.master.clone(), flat.s1.clone(), flat.s2.clone(), flat.a1.clone(), flat.a2.clone()])
     for a, b in zip(*results):

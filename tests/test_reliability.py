@@ -25,11 +25,7 @@ from cpt.api import run_training
 from cpt.cli import main as cli_main
 from cpt.config import ConfigError, load_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-try:
-    from soak_resume import exact_metrics, final_state  # what a resumed run must repeat bit for bit
-finally:
-    sys.path.pop(0)
+from bench.soak_resume import exact_metrics, final_state  # what a resumed run must repeat bit for bit
 
 # Metrics that must match bitwise between an interrupted and an uninterrupted run (timings and
 # memory legitimately differ).

@@ -1,10 +1,11 @@
 """Float32 masters held as bf16 weight + int16 low half, their blockwise 8-bit AdamW update, and
-row-sparse embedding gradients (cpt.optim, cpt.model)."""
+row-sparse embedding gradients (cpt.optim.split_master, host_state, adamw8bit; cpt.model)."""
 import pytest
 import torch
 
-import cpt.optim as optim
-from cpt.optim import QuantMaps, clip_grad_norm_, join_float32, split_adamw8bit_step, split_float32
+import cpt.optim.split_master as sm
+from cpt.optim import ROW_SPARSE, SPLIT_MASTER, build_optimizer, clip_grad_norm_, mark_split_master
+from cpt.optim.split_master import QuantMaps, join_float32, split_adamw8bit_step, split_float32
 
 SIGNED = torch.cat([torch.linspace(-1, 0, 128), torch.linspace(0, 1, 129)[1:]])  # code 127 is exactly 0
 UNSIGNED = torch.linspace(0, 1, 256) ** 2
@@ -12,6 +13,17 @@ UNSIGNED = torch.linspace(0, 1, 256) ** 2
 
 def _maps():
     return QuantMaps(SIGNED, UNSIGNED, torch.device("cpu"))
+
+
+def _kernel(device):
+    """The optimizer's Triton kernel on CUDA (the updates' PyTorch operations elsewhere)."""
+    if torch.device(device).type != "cuda":
+        return None
+    pytest.importorskip("triton")
+    pytest.importorskip("bitsandbytes")
+    from cpt.optim.adamw8bit import Kernel
+
+    return Kernel()
 
 
 def test_split_is_exact_and_its_high_half_is_the_nearest_bf16():
@@ -50,8 +62,7 @@ def _reference_step(master, grad, m, v, lr, betas, eps, wd, step):
 
 
 @pytest.mark.parametrize("shape", [(64, 32), (37, 24)])  # the second is not a whole number of blocks
-def test_update_matches_a_plain_blockwise_8bit_adamw(shape, monkeypatch):
-    monkeypatch.setattr(optim, "_CHUNK_ELEMENTS", 300)  # several chunks per matrix
+def test_update_matches_a_plain_blockwise_8bit_adamw(shape):
     g = torch.Generator().manual_seed(1)
     master = torch.randn(shape, generator=g) * 0.02
     high, low = split_float32(master)
@@ -67,7 +78,8 @@ def test_update_matches_a_plain_blockwise_8bit_adamw(shape, monkeypatch):
             n = blocks * 256
             state = {"state1": torch.full((n,), 127, dtype=torch.uint8), "state2": torch.zeros(n, dtype=torch.uint8),
                      "absmax1": torch.zeros(blocks), "absmax2": torch.zeros(blocks), "lo": low.clone()}
-        split_adamw8bit_step(p, grad, state, _maps(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, step=step)
+        split_adamw8bit_step(p, grad, state, _maps(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, step=step,
+                             chunk_elements=300)  # several chunks per matrix
         ref_master, ref_m, ref_v = _reference_step(ref_master, grad, ref_m, ref_v, 1e-3, (0.9, 0.999), 1e-8, 0.1, step)
         ref_master = ref_master.float()
         n = master.numel()
@@ -88,9 +100,8 @@ def _fresh_state(shape):
             "absmax1": torch.zeros(blocks), "absmax2": torch.zeros(blocks), "lo": torch.zeros(shape, dtype=torch.int16)}
 
 
-def test_sparse_row_gradient_gives_exactly_the_dense_update(monkeypatch):
+def test_sparse_row_gradient_gives_exactly_the_dense_update():
     """Rows outside the batch still move (their moments decay), as with a dense zero gradient."""
-    monkeypatch.setattr(optim, "_CHUNK_ELEMENTS", 256)
     shape = (50, 16)
     g = torch.Generator().manual_seed(2)
     start = (torch.randn(shape, generator=g) * 0.02).bfloat16()
@@ -101,7 +112,7 @@ def test_sparse_row_gradient_gives_exactly_the_dense_update(monkeypatch):
         vals = torch.randn(12, shape[1], generator=g).bfloat16()
         sparse = torch.sparse_coo_tensor(rows[None], vals, shape)
         dense = sparse.coalesce().to_dense()  # repeated rows summed as the optimizer sums them
-        kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, step=step)
+        kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, step=step, chunk_elements=256)
         split_adamw8bit_step(dense_p, dense, dense_s, _maps(), **kw)
         split_adamw8bit_step(sparse_p, sparse, sparse_s, _maps(), **kw)
         assert torch.equal(dense_p, sparse_p)
@@ -112,11 +123,11 @@ def test_sparse_row_gradient_gives_exactly_the_dense_update(monkeypatch):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA"))])
-def test_rows_marked_skip_stay_exactly_as_they_were(monkeypatch, device):
+def test_rows_marked_skip_stay_exactly_as_they_were(device):
     """A slot of SKIP (the rows an early pass sets aside for the step) leaves the row's weight, low half,
     moment codes and block maxima untouched; every other row gets the update it gets without them. On
     CUDA the Triton kernel, on the CPU the PyTorch operations (chunked, so skipped rows span chunks)."""
-    monkeypatch.setattr(optim, "_CHUNK_ELEMENTS", 256 * 3)
+    kernel = _kernel(device)
     shape = (20, 512)
     gen = torch.Generator().manual_seed(9)
     start = (torch.randn(shape, generator=gen) * 0.02).bfloat16()
@@ -129,11 +140,12 @@ def test_rows_marked_skip_stay_exactly_as_they_were(monkeypatch, device):
         slot[torch.tensor([1, 4, 7, 9, 15, 18])] = torch.arange(6)
         skip = torch.tensor([0, 4, 5, 11, 12, 13, 19])  # with and without a gradient, at chunk edges
         marked = slot.clone()
-        marked[skip] = optim.SKIP
+        marked[skip] = sm.SKIP
         before = [t.clone() for t in (p_skip, s_skip["lo"], s_skip["state1"], s_skip["state2"], s_skip["absmax1"], s_skip["absmax2"])]
-        hp = optim._hyper(0.9, 0.999, 1e-3, 1e-8, 0.1, step, torch.device(device))
+        hp = sm.hyperparameters(0.9, 0.999, 1e-3, 1e-8, 0.1, step, torch.device(device))
         for p, st, sl in ((p_skip, s_skip, marked), (p_ref, s_ref, slot)):
-            optim._update_split_rows(p, st["lo"], values, sl.to(device), st["state1"], st["state2"], st["absmax1"], st["absmax2"], maps, hp)
+            sm.update_split_rows(p, st["lo"], values, sl.to(device), st["state1"], st["state2"], st["absmax1"], st["absmax2"],
+                                 maps, hp, kernel=kernel, chunk_elements=256 * 3)
         live = torch.ones(shape[0], dtype=torch.bool)
         live[skip] = False
         rows = [(before[0], p_skip, p_ref), (before[1], s_skip["lo"], s_ref["lo"])]
@@ -152,14 +164,14 @@ def test_rows_marked_skip_stay_exactly_as_they_were(monkeypatch, device):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA"))])
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "row_sparse"])
-def test_an_undoable_update_is_taken_back_bit_for_bit_without_a_copy(monkeypatch, device, sparse, caplog):
-    """cpt.optim.UndoLog: an update made undoable changes nothing in what it writes (but elements whose
-    step is not finite, left as they were), and `_undo_split_rows` + `UndoLog.apply` give every weight
+def test_an_undoable_update_is_taken_back_bit_for_bit_without_a_copy(device, sparse, caplog):
+    """split_master.UndoLog: an update made undoable changes nothing in what it writes (but elements whose
+    step is not finite, left as they were), and `undo_split_rows` + `UndoLog.apply` give every weight
     back bit for bit from the weights it made, the new low halves and the old states. The weights
     include zeros, signed zeros, subnormals and values far below the step (which the update rounds away:
     those are logged), a weight decay, SKIP rows, and NaN and infinite gradients. A log too small for
     them all restores the rest and says how many it could not."""
-    monkeypatch.setattr(optim, "_CHUNK_ELEMENTS", 256 * 3)
+    kw = dict(kernel=_kernel(device), chunk_elements=256 * 3)
     dev = torch.device(device)
     shape = (12, 512)
     gen = torch.Generator().manual_seed(4)
@@ -179,18 +191,18 @@ def test_an_undoable_update_is_taken_back_bit_for_bit_without_a_copy(monkeypatch
         if sparse:
             slot = torch.full((shape[0],), -1, dtype=torch.int64)
             slot[torch.tensor([0, 2, 3, 5, 8])] = torch.arange(5)
-            slot[torch.tensor([1, 9])] = optim.SKIP
+            slot[torch.tensor([1, 9])] = sm.SKIP
             g = g[torch.tensor([0, 2, 3, 5, 8])]
             slot = slot.to(dev)
         g = g.to(dev)
-        hp = optim._hyper(0.9, 0.999, 1e-2, 1e-8, 0.1, step, dev)
+        hp = sm.hyperparameters(0.9, 0.999, 1e-2, 1e-8, 0.1, step, dev)
         old = {k: v.clone() for k, v in st_undo.items()}
         before = p_undo.clone()
-        log = optim.UndoLog(dev, capacity=4096 if step < 3 else 40)
-        optim._update_split_rows(p_undo, st_undo["lo"], g, slot, st_undo["state1"], st_undo["state2"],
-                                 st_undo["absmax1"], st_undo["absmax2"], maps, hp, log=log)
-        optim._update_split_rows(p_ref, st_ref["lo"], g, slot, st_ref["state1"], st_ref["state2"],
-                                 st_ref["absmax1"], st_ref["absmax2"], maps, hp)
+        log = sm.UndoLog(dev, capacity=4096 if step < 3 else 40)
+        sm.update_split_rows(p_undo, st_undo["lo"], g, slot, st_undo["state1"], st_undo["state2"],
+                             st_undo["absmax1"], st_undo["absmax2"], maps, hp, log=log, **kw)
+        sm.update_split_rows(p_ref, st_ref["lo"], g, slot, st_ref["state1"], st_ref["state2"],
+                             st_ref["absmax1"], st_ref["absmax2"], maps, hp, **kw)
         count = int(log.count.item())
         frozen = torch.zeros(shape, dtype=torch.bool)
         if step == 3:
@@ -203,8 +215,8 @@ def test_an_undoable_update_is_taken_back_bit_for_bit_without_a_copy(monkeypatch
             assert torch.equal(st_undo[k].view(torch.uint8), st_ref[k].view(torch.uint8)), k
         assert count > 200 or step > 1  # the small stretch is rounded away (in the first step at least)
         made = p_undo.clone()
-        optim._undo_split_rows(p_undo, st_undo["lo"], old["lo"], g, slot, old["state1"], old["state2"],
-                               old["absmax1"], old["absmax2"], maps, hp)
+        sm.undo_split_rows(p_undo, st_undo["lo"], old["lo"], g, slot, old["state1"], old["state2"],
+                           old["absmax1"], old["absmax2"], maps, hp, **kw)
         with caplog.at_level("WARNING", logger="cpt"):
             log.apply(p_undo)
         if count <= log.capacity:
@@ -297,18 +309,18 @@ def test_model_holds_split_masters_and_sparse_embedding_gradients(tiny_model_dir
     from cpt.config import load_config
     from cpt.model import add_adapters, sparse_gradients, trained_embedding_modules
 
-    def build(*extra):
+    def build(split: bool):  # split: what the run plan asks for with train.optim=adamw_8bit in bf16
         cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "adapter.r=8", "model.max_seq_length=64",
-                                 "adapter.use_gradient_checkpointing=false", *extra])
+                                 "adapter.use_gradient_checkpointing=false"])
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
         for q in base.parameters():
             q.requires_grad_(False)
-        return add_adapters(base, cfg, torch.bfloat16)
+        return add_adapters(base, cfg.adapter, torch.bfloat16, split_masters=split, sparse_embedding_grad=split)
 
-    split = build("train.optim=adamw_8bit")
-    plain = build()
+    split = build(True)
+    plain = build(False)
     mods = trained_embedding_modules(split)
-    assert all(m.weight.dtype == torch.bfloat16 and getattr(m.weight, optim.SPLIT_MASTER, False) for m in mods.values())
+    assert all(m.weight.dtype == torch.bfloat16 and getattr(m.weight, SPLIT_MASTER, False) for m in mods.values())
     assert mods["embed_tokens"].sparse and sparse_gradients(split) and not sparse_gradients(plain)
     assert all(m.weight.dtype == torch.float32 for m in trained_embedding_modules(plain).values())
     ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(5))
@@ -333,10 +345,10 @@ def test_model_holds_split_masters_and_sparse_embedding_gradients(tiny_model_dir
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA")
 def test_triton_kernel_gives_the_pytorch_update():
-    """cpt.kernels.adamw8bit against the PyTorch definition: split masters with dense and row-sparse
+    """cpt.optim.adamw8bit's kernel against the PyTorch definition: split masters with dense and row-sparse
     gradients (matrix sizes that are not whole blocks included), and plain float32 buffers."""
-    pytest.importorskip("triton")
-    from cpt.kernels.adamw8bit import adamw8bit_update
+    kernel = _kernel("cuda")
+    from cpt.optim.adamw8bit import adamw8bit_update
 
     cuda = torch.device("cuda")
     maps = QuantMaps(SIGNED, UNSIGNED, cuda)
@@ -349,10 +361,9 @@ def test_triton_kernel_gives_the_pytorch_update():
         for step in range(1, 5):
             grad = _cuda_grad(shape, step, g)
             kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, step=step)
-            optim._TRITON["cuda"] = None  # the PyTorch operations
-            split_adamw8bit_step(ref_p, grad, ref_s, maps, **kw)
-            optim._TRITON["cuda"] = adamw8bit_update
-            split_adamw8bit_step(p, grad, s, maps, **kw)
+            split_adamw8bit_step(ref_p, grad, ref_s, maps, **kw)  # the PyTorch operations
+            split_adamw8bit_step(p, grad, s, maps, kernel=kernel, **kw)
+            assert not kernel.failed
             ours, ref = join_float32(p.detach(), s["lo"]), join_float32(ref_p.detach(), ref_s["lo"])
             # The GPU's division and square root round differently from PyTorch's in the last bit, which
             # can move a moment that lies on a midpoint to the neighbouring value: rare, and small.
@@ -360,7 +371,6 @@ def test_triton_kernel_gives_the_pytorch_update():
             assert float((ours - ref).norm() / (ref - start.float()).norm()) < 0.01
             assert (s["state1"] == ref_s["state1"]).float().mean() > 0.999
             assert (s["state2"] == ref_s["state2"]).float().mean() > 0.999
-    optim._TRITON.clear()
     n = 5000
     npad = -(-n // 256) * 256
     a = torch.zeros(npad, device=cuda)
@@ -372,8 +382,8 @@ def test_triton_kernel_gives_the_pytorch_update():
     for step in range(1, 4):
         gr = torch.zeros(npad, device=cuda)
         gr[:n] = torch.randn(n, generator=g).cuda()
-        hp = optim._hyper(0.9, 0.999, 1e-3, 1e-8, 0.0, step, cuda)
-        optim._dense_chunk(a, gr, *sa, maps.q1, maps.q2, maps.mid1, maps.mid2, hp)
+        hp = sm.hyperparameters(0.9, 0.999, 1e-3, 1e-8, 0.0, step, cuda)
+        sm.update_flat(a, gr, *sa, maps, hp)
         adamw8bit_update(b, None, gr, None, *sb, maps, hp)
         assert ((a - b).abs() <= 1e-7).float().mean() > 0.99 and (sa[0] == sb[0]).float().mean() > 0.999
         assert not a[n:].any() and not b[n:].any()  # padding starts at the code of 0 and stays 0
@@ -382,11 +392,11 @@ def test_triton_kernel_gives_the_pytorch_update():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA")
 @pytest.mark.parametrize("shape", [(4, 4, 0), (2, 2, 0), (1, 1, 7), (2, 1, 300)])
 def test_triton_kernel_launch_shapes_give_the_same_update(shape):
-    """cpt.kernels.adamw8bit launched with other blocks per program, warps, or a fixed number of looping
-    programs (cpt.host_state.SIDE_SHAPE) does bit for bit what the default launch does, for split
-    masters with dense and row-sparse gradients."""
-    pytest.importorskip("triton")
-    from cpt.kernels.adamw8bit import adamw8bit_update
+    """cpt.optim.adamw8bit's kernel launched with other blocks per program, warps, or a fixed number of
+    looping programs (AdamW8bit's launch and side_launch) does bit for bit what the default launch does,
+    for split masters with dense and row-sparse gradients."""
+    _kernel("cuda")
+    from cpt.optim.adamw8bit import LAUNCH, adamw8bit_update
 
     cuda = torch.device("cuda")
     maps = QuantMaps(SIGNED, UNSIGNED, cuda)
@@ -397,9 +407,9 @@ def test_triton_kernel_launch_shapes_give_the_same_update(shape):
         st = [{k: v.cuda() for k, v in _fresh_state(size).items()} for _ in range(2)]
         for step in range(1, 4):
             grad = _cuda_grad(size, step, g)
-            values, slot = optim._grad_table(hi[0], grad)
-            hp = optim._hyper(0.9, 0.999, 1e-3, 1e-8, 0.1, step, cuda)
-            for h, s, launch in zip(hi, st, (None, shape)):
+            values, slot = sm.grad_table(hi[0], grad)
+            hp = sm.hyperparameters(0.9, 0.999, 1e-3, 1e-8, 0.1, step, cuda)
+            for h, s, launch in zip(hi, st, (LAUNCH, shape)):
                 adamw8bit_update(h, s["lo"], values, slot, s["state1"], s["state2"], s["absmax1"], s["absmax2"], maps, hp,
                                  shape=launch)
         assert not torch.equal(hi[1], start)
@@ -413,11 +423,11 @@ def _dynamic_maps():
 
 @pytest.mark.parametrize("which", ["linear", "dynamic"])
 def test_bucket_table_rounds_exactly_as_bucketize(which):
-    """The GPU kernel rounds a moment to its 8-bit code with cpt.optim.BucketTable (a lookup keyed by the
+    """The GPU kernel rounds a moment to its 8-bit code with split_master.BucketTable (a lookup keyed by the
     value's leading bits, then a compare or two) instead of a binary search: the same arithmetic in
     PyTorch gives torch.bucketize's answer for every midpoint, its neighbouring floats, both zeros,
     +-1, subnormals, values beyond the map, and a spread of magnitudes down to 1e-35."""
-    from cpt.optim import BucketTable
+    from cpt.optim.split_master import BucketTable
 
     signed, unsigned = (SIGNED, UNSIGNED) if which == "linear" else _dynamic_maps()
     maps = QuantMaps(signed, unsigned, torch.device("cpu"))
@@ -473,15 +483,14 @@ def test_8bit_loop_with_split_masters_learns_and_resumes_exactly(tiny_model_dir,
     assert any("embed_tokens" in k and wa[k].dtype == torch.bfloat16 for k in wa)
 
 
-def test_host_resident_state_streams_to_the_same_update(monkeypatch):
+def test_host_resident_state_streams_to_the_same_update():
     """train.offload_embedding_state: the low halves and moment codes wait in host memory and pass
     through staging chunks (here many chunks and every staging buffer reused several times, one
     matrix that is not a whole number of blocks, one row-sparse gradient): bit for bit the update
     made where the states live."""
-    from cpt import host_state
+    from cpt.optim import host_state
 
-    monkeypatch.setattr(host_state, "CHUNK_ELEMENTS", 200)
-    monkeypatch.setattr(optim, "_CHUNK_ELEMENTS", 256)
+    stream = host_state.HostStream(chunk_elements=200)
     g = torch.Generator().manual_seed(11)
     shapes = [(37, 24), (50, 16)]
     starts = [(torch.randn(s, generator=g) * 0.02).bfloat16() for s in shapes]
@@ -494,13 +503,13 @@ def test_host_resident_state_streams_to_the_same_update(monkeypatch):
         sparse = torch.sparse_coo_tensor(rows[None], torch.randn(9, shapes[1][1], generator=g).bfloat16(), shapes[1])
         kws = [dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd, step=step) for wd in (0.1, 0.0)]
         for p, grad, s, kw in zip(here, (dense, sparse), here_s, kws):
-            split_adamw8bit_step(p, grad, s, _maps(), **kw)
+            split_adamw8bit_step(p, grad, s, _maps(), chunk_elements=256, **kw)
         jobs = []
         for p, grad, st, kw in zip(streamed, (dense, sparse), streamed_s, kws):
-            g_, slot = optim._grad_table(p, grad)
-            hp = optim._hyper(*kw["betas"], kw["lr"], kw["eps"], kw["weight_decay"], kw["step"], p.device)
+            g_, slot = sm.grad_table(p, grad)
+            hp = sm.hyperparameters(*kw["betas"], kw["lr"], kw["eps"], kw["weight_decay"], kw["step"], p.device)
             jobs.append(host_state.Job(p, st, st, hp, g_, slot))
-        host_state.launch(jobs, _maps())
+        stream.launch(jobs, _maps())
         for a, b, sa, sb in zip(here, streamed, here_s, streamed_s):
             assert torch.equal(a, b)
             for k in sa:
@@ -511,6 +520,8 @@ def test_host_resident_state_streams_to_the_same_update(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-resident states stream to a CUDA device")
 def test_optimizer_keeps_embedding_states_in_host_memory_and_checkpoints_them():
     pytest.importorskip("bitsandbytes")
+    from cpt.optim.adamw8bit import AdamW8bit
+
     g = torch.Generator().manual_seed(12)
     shapes = [(3000, 128), (3000, 128)]
     starts = [(torch.randn(s, generator=g) * 0.02).bfloat16().cuda() for s in shapes]
@@ -518,10 +529,8 @@ def test_optimizer_keeps_embedding_states_in_host_memory_and_checkpoints_them():
     def make(host):
         ps = [torch.nn.Parameter(s.clone()) for s in starts]
         for p in ps:
-            optim.mark_split_master(p)
-        opt = optim._adamw_8bit_without_syncs()([{"params": ps, "lr": 1e-3, "weight_decay": 0.0}])
-        opt.host_split_state = host
-        return ps, opt
+            mark_split_master(p)
+        return ps, AdamW8bit([{"params": ps, "lr": 1e-3, "weight_decay": 0.0}], host_split_state=host)
 
     def grads(step):
         gen = torch.Generator().manual_seed(100 + step)
@@ -540,7 +549,7 @@ def test_optimizer_keeps_embedding_states_in_host_memory_and_checkpoints_them():
         for a, b in zip(dev_p, host_p):
             assert torch.equal(a, b)
             sa, sb = dev_opt.state[a], host_opt.state[b]
-            for k in optim.HOST_KEYS:
+            for k in sm.HOST_KEYS:
                 assert sb[k].device.type == "cpu" and sb[k].is_pinned() and sa[k].is_cuda
                 assert torch.equal(sa[k].cpu(), sb[k]), k
             assert sb["absmax1"].is_cuda and torch.equal(sa["absmax1"], sb["absmax1"])
@@ -552,7 +561,7 @@ def test_optimizer_keeps_embedding_states_in_host_memory_and_checkpoints_them():
     res_opt.load_state_dict({k: v for k, v in saved.items()})
     for p in res_p:
         st = res_opt.state[p]
-        assert all(st[k].device.type == "cpu" and st[k].is_pinned() for k in optim.HOST_KEYS) and st["absmax2"].is_cuda
+        assert all(st[k].device.type == "cpu" and st[k].is_pinned() for k in sm.HOST_KEYS) and st["absmax2"].is_cuda
     for ps, opt in ((host_p, host_opt), (res_p, res_opt)):
         for p, gr in zip(ps, grads(9)):
             p.grad = gr
@@ -569,29 +578,30 @@ def test_offload_switch_says_when_it_has_nothing_to_move(caplog):
     from cpt.config import TrainConfig
 
     p = torch.nn.Parameter(torch.zeros(64, 64, dtype=torch.bfloat16))
-    optim.mark_split_master(p)
-    t = TrainConfig(optim="adamw_8bit", offload_embedding_state=True)
+    mark_split_master(p)
+    t = TrainConfig(optim="adamw_8bit")
     with caplog.at_level("WARNING", logger="cpt"):
-        opt = optim.build_optimizer([{"params": [p], "lr": 1e-3, "weight_decay": 0.0, "name": "embeddings"}], t,
-                                    torch.device("cpu"))
+        opt = build_optimizer([{"params": [p], "lr": 1e-3, "weight_decay": 0.0, "name": "embeddings"}], t,
+                              torch.device("cpu"), offload_embedding_state=True)
     assert not opt.host_split_state
     assert "offload_embedding_state has nothing to move" in caplog.text
 
 
-def _early_case(host: bool, seed: int = 21, device: str = "cpu"):
+def _early_case(host: bool, seed: int = 21, device: str = "cpu", **knobs):
     """Two split masters as in a model: a row-sparse embedding (a whole number of blocks per row) and
     a dense head, their gradients made by autograd (so that gradient hooks fire)."""
     pytest.importorskip("bitsandbytes")
+    from cpt.optim.adamw8bit import AdamW8bit
+
     g = torch.Generator().manual_seed(seed)
     vocab, width = 40, 256
     w = torch.randn(2, vocab, width, generator=g) * 0.02
     w[:, 3, :6] = torch.tensor([0.0, -0.0, 1e-30, -1e-12, 1e-9, -1e-40])  # rounded away by a step (undo logs them)
     emb, head = (torch.nn.Parameter(x.bfloat16().to(device)) for x in w)
     for p in (emb, head):
-        optim.mark_split_master(p)
-    setattr(emb, optim.ROW_SPARSE, True)
-    opt = optim._adamw_8bit_without_syncs()([{"params": [emb, head], "lr": 1e-3, "weight_decay": 0.0}])
-    opt.host_split_state = host
+        mark_split_master(p)
+    setattr(emb, ROW_SPARSE, True)
+    opt = AdamW8bit([{"params": [emb, head], "lr": 1e-3, "weight_decay": 0.0}], host_split_state=host, **knobs)
     return emb, head, opt
 
 
@@ -602,23 +612,19 @@ def _forward(emb, head, ids):
 
 @pytest.mark.parametrize("device", ["cpu", "cpu_thread", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="side streams, pinned memory and the Triton scatter need CUDA"))])
-def test_early_passes_give_the_step_bit_for_bit_and_a_skipped_step_leaves_everything(monkeypatch, device):
-    """cpt.host_state.EarlyStep on the CPU (the same code the GPU runs on side streams): embed_tokens'
+def test_early_passes_give_the_step_bit_for_bit_and_a_skipped_step_leaves_everything(device):
+    """cpt.optim.host_state.EarlyStep on the CPU (the same code the GPU runs on side streams): embed_tokens'
     rows outside the batch updated before the backward pass, lm_head's update as soon as its gradient
     is complete (no clipping) or at the step (clipping), the batch's rows at the step; a skipped step
     undone (after an early lm_head update, one of them with a NaN loss) without a copy of the weights;
     a gradient row the ids did not name done at the step. Weights and states equal, bit for bit,
     those of the same optimizer updating in place. cpu_thread: the early passes run in the Feeder's
     thread, as they are queued on a GPU, beside the backward pass."""
-    from cpt import host_state
-
-    monkeypatch.setattr(host_state, "CHUNK_ELEMENTS", 256 * 7)  # several chunks, buffers reused
-    if device == "cpu_thread":
-        monkeypatch.setattr(host_state, "THREAD_ON_CPU", True)
-        monkeypatch.setattr(host_state, "_FEEDERS", {})
-        device = "cpu"
+    thread = device == "cpu_thread"
+    device = "cpu" if thread else device
     ref_emb, ref_head, ref = _early_case(False, device=device)
-    emb, head, opt = _early_case(True, device=device)
+    # several chunks, buffers reused
+    emb, head, opt = _early_case(True, device=device, staging_elements=256 * 7, feeder_on_cpu=thread)
     gen = torch.Generator().manual_seed(5)
     logged = 0
     for step in range(8):
@@ -636,7 +642,7 @@ def test_early_passes_give_the_step_bit_for_bit_and_a_skipped_step_leaves_everyt
         for loss in losses:
             loss.backward()
         if skipped:
-            host_state.wait(emb.device)
+            opt.host_stream.wait(emb.device)
             assert not torch.equal(emb, before[0]) or step == 0  # the early pass did move them (step 0: no moments yet)
             assert torch.equal(head, before[1]) == (clipping or step == 4)  # lm_head's too, unless clipped or NaN
             logged += sum(int(x["log"].count.item()) for x in opt._early.spares.values())
@@ -660,13 +666,13 @@ def test_early_passes_give_the_step_bit_for_bit_and_a_skipped_step_leaves_everyt
                 assert opt.state[b]["lo"].is_pinned() and opt.state[b]["absmax1"].is_cuda
             assert ref.state[a]["step"] == opt.state[b]["step"]
     assert opt._early is not None and not opt._early.pending and logged > 0
-    assert (host_state._feeder(emb.device, make=False) is not None) == (host_state.THREAD_ON_CPU or device == "cuda")
+    assert (opt.host_stream.feeder(emb.device, make=False) is not None) == (thread or device == "cuda")
 
 
-def test_feeder_keeps_order_and_hands_a_failure_to_the_loop(monkeypatch):
+def test_feeder_keeps_order_and_hands_a_failure_to_the_loop():
     """host_state.Feeder: passes run in the order handed over, drain waits for them, and an error in
     the thread comes back to the loop's thread (once), naming the device; later passes run again."""
-    from cpt import host_state
+    from cpt.optim import host_state
 
     f = host_state.Feeder(torch.device("cpu"))
     seen = []
@@ -707,6 +713,33 @@ def test_feeder_keeps_order_and_hands_a_failure_to_the_loop(monkeypatch):
     assert gone() is None
 
 
+@pytest.mark.parametrize("end", ["close", "garbage"])
+def test_an_optimizer_takes_its_feeder_thread_with_it(end):
+    """The host-state thread, staging buffers and gradient hooks belong to one optimizer: close() ends
+    the thread, and so does letting go of the optimizer (the parameters it trained do not keep it)."""
+    import gc
+    import weakref
+
+    emb, head, opt = _early_case(True, feeder_on_cpu=True)
+    ids = torch.randint(0, 40, (3, 5), generator=torch.Generator().manual_seed(1))
+    loss = _forward(emb, head, ids)
+    opt.start_early(ids, False)
+    loss.backward()
+    opt.step()
+    thread = opt.host_stream.feeder(emb.device, make=False).thread
+    assert thread.is_alive()
+    if end == "close":
+        opt.close()
+        assert not opt.host_stream.feeders
+    else:
+        gone = weakref.ref(opt)
+        del opt
+        gc.collect()
+        assert gone() is None
+    thread.join(5)
+    assert not thread.is_alive()
+
+
 @pytest.mark.parametrize("thread", [False, True], ids=["inline", "feeder_thread"])
 def test_8bit_loop_with_host_resident_states_matches_the_plain_loop(tiny_wide_model_dir, corpus_dir, tmp_path, monkeypatch, thread, request):
     """The loop's side of train.offload_embedding_state (start the early passes before the last
@@ -714,10 +747,6 @@ def test_8bit_loop_with_host_resident_states_matches_the_plain_loop(tiny_wide_mo
     the optimizer treat host memory as 'off the device': losses and adapter bit for bit those of the
     plain run, a stopped-and-resumed run included; with the early passes in the Feeder's thread too."""
     pytest.importorskip("bitsandbytes")
-    from cpt import host_state
-
-    monkeypatch.setattr(host_state, "THREAD_ON_CPU", thread)
-    monkeypatch.setattr(host_state, "_FEEDERS", {})
     if thread:
         # On the CPU the Feeder's passes really run beside the backward pass, and two threads in
         # ATen at once can split a reduction differently (the last bits of a loss): one intra-op
@@ -746,7 +775,7 @@ def test_8bit_loop_with_host_resident_states_matches_the_plain_loop(tiny_wide_mo
     def losses(out):
         return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
-    from cpt import host_state
+    from cpt.optim import host_state
 
     plain_build = cpt_train.build_optimizer
     started = []
@@ -758,9 +787,13 @@ def test_8bit_loop_with_host_resident_states_matches_the_plain_loop(tiny_wide_mo
 
     monkeypatch.setattr(host_state.EarlyStep, "start", counted_start)
 
-    def host_build(groups, t, device):
-        opt = plain_build(groups, t, device)
+    built = []
+
+    def host_build(groups, t, device, **kw):
+        # the states "off the device" on the CPU too; the early passes in the Feeder's thread or inline
+        opt = plain_build(groups, t, device, feeder_on_cpu=thread, **kw)
         opt.host_split_state = True
+        built.append(opt)
         return opt
 
     for clip in (1.0, 0.0):
@@ -777,4 +810,6 @@ def test_8bit_loop_with_host_resident_states_matches_the_plain_loop(tiny_wide_mo
         started.clear()
         wa, wb = load_file(str(plain / "adapter_model.safetensors")), load_file(str(host / "adapter_model.safetensors"))
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-        assert bool(host_state._FEEDERS) == (thread or torch.cuda.is_available())  # the loop runs on a GPU where there is one
+        # the loop runs on a GPU where there is one
+        assert all(bool(o.host_stream.feeders) == (thread or torch.cuda.is_available()) for o in built) and built
+        built.clear()

@@ -46,7 +46,7 @@ def test_cli_train_learns_and_writes_hf_outputs(tiny_model_dir, corpus_dir, tmp_
 
 
 def test_frozen_base_unchanged_adapter_and_embeddings_changed(tiny_model_dir, corpus_dir, tmp_path):
-    from cpt.model import build_model
+    from cpt.build import build_model
     cfg = load_config(None, _overrides(tiny_model_dir, corpus_dir, tmp_path / "r", "train.max_steps=5"))
     from cpt.data import build_data
     from cpt.train import Trainer
@@ -158,10 +158,8 @@ def test_cuda_graphs_train_as_the_compiled_layers_do(tiny_model_dir, corpus_dir,
     row-sparse gradient is a view of one)."""
     if optim == "adamw_8bit":
         pytest.importorskip("bitsandbytes")
-    from cpt.kernels import compile as compile_mod
-    from cpt.kernels.compile import graphs_recorded
+    from cpt.speed import graphs_recorded
 
-    monkeypatch.setattr(compile_mod, "_FAILED", {})  # a failure of an earlier test would make these layers eager
     results = []
     for graphs in (False, True):
         out = tmp_path / f"g{int(graphs)}"
@@ -170,9 +168,10 @@ def test_cuda_graphs_train_as_the_compiled_layers_do(tiny_model_dir, corpus_dir,
                                            "adapter.use_gradient_checkpointing=true", "model.compile=true",
                                            f"train.gradient_accumulation_steps={accumulation}", f"train.optim={optim}",
                                            f"model.cuda_graphs={str(graphs).lower()}"))
-        run_training(cfg)
+        summary = run_training(cfg)
+        assert "compile_failed" not in summary, summary["compile_failed"]
         if graphs:  # 2 layers x (forward, backward), recorded in the second micro-batch
-            assert graphs_recorded(torch.cuda.current_device()) >= 4, compile_mod._FAILED
+            assert graphs_recorded(torch.cuda.current_device()) >= 4
         results.append(([r["loss"] for r in _metrics(out)], load_file(str(out / "adapter_model.safetensors"))))
     (loss_a, w_a), (loss_b, w_b) = results
     assert loss_b == pytest.approx(loss_a, rel=1e-3)
@@ -191,32 +190,12 @@ def test_cuda_graphs_need_compiled_layers():
     assert load_config(None, ["model.compile=false", "model.cuda_graphs=auto"]).model.cuda_graphs == "auto"  # off where nothing compiles
 
 
-def test_own_gradients_copies_dense_and_row_sparse_gradients_out_of_graph_memory(monkeypatch):
-    """What the loop relies on under CUDA graphs with accumulation (checked here on the CPU): after
-    own_gradients no gradient shares memory with the buffer autograd handed over, sparse ones included."""
-    import cpt.kernels.compile as compile_mod
-
-    dense, emb = torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(10, 4))
-    graph_out = torch.randn(5, 4)  # stands for a backward graph's output buffer
-    dense.grad = graph_out[:3]
-    emb.grad = torch.sparse_coo_tensor(torch.tensor([[1, 2, 2, 7, 9]]), graph_out, (10, 4))
-    monkeypatch.setattr(compile_mod, "graphs_in_use", lambda: False)  # other tests may have recorded graphs
-    compile_mod.own_gradients([dense, emb])  # no graphs in this process: nothing to do
-    assert dense.grad.data_ptr() == graph_out.data_ptr()
-    monkeypatch.setattr(compile_mod, "graphs_in_use", lambda: True)
-    compile_mod.own_gradients([dense, emb])
-    before = graph_out.clone()
-    graph_out.fill_(7.0)  # the next replay writes the buffer
-    assert torch.equal(dense.grad, before[:3])
-    assert torch.equal(emb.grad.to_dense(), torch.sparse_coo_tensor(torch.tensor([[1, 2, 2, 7, 9]]), before, (10, 4)).to_dense())
-
-
 def test_the_loop_lists_the_trained_parameters_once_not_every_step(tiny_model_dir, corpus_dir, tmp_path):
     """Walking an 8B LoRA model's ~2,700 modules for its parameters took the host ~6 ms per step while
-    the GPU waited (bench/NOTES.md, session 14): the loop lists them once. Calls of model.parameters()
+    the GPU waited (docs/performance.md): the loop lists them once. Calls of model.parameters()
     must not grow with the number of steps (here with gradient clipping on, which walks them too)."""
     from cpt.data import build_data
-    from cpt.model import build_model
+    from cpt.build import build_model
     from cpt.train import Trainer
 
     calls = {}
@@ -240,13 +219,41 @@ def test_the_loop_lists_the_trained_parameters_once_not_every_step(tiny_model_di
 def test_a_failed_compile_is_named_in_the_run_summary(tiny_model_dir, corpus_dir, tmp_path, monkeypatch):
     """If compiling the decoder layers failed (the layers then train plain, on a GPU much slower), the
     run's summary says why, not only a warning in the log (the report shows it: tests/test_report.py)."""
-    from cpt.kernels import compile as compiled
+    import cpt.speed
 
     out = tmp_path / "ok"
     run_training(load_config(None, _overrides(tiny_model_dir, corpus_dir, out, "train.max_steps=2")))
     assert "compile_failed" not in json.loads((out / "run_summary.json").read_text())
-    monkeypatch.setitem(compiled._FAILED, "inductor", "RuntimeError: no C compiler on this machine")
+    monkeypatch.setattr(cpt.speed.Speed, "compile_failed", property(lambda s: "RuntimeError: no C compiler on this machine"))
     out = tmp_path / "failed"
     run_training(load_config(None, _overrides(tiny_model_dir, corpus_dir, out, "train.max_steps=2")))
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["compile_failed"] == "RuntimeError: no C compiler on this machine"
+
+
+def test_the_saved_config_is_the_one_given_and_the_run_plan_sits_beside_it(tiny_model_dir, corpus_dir, tmp_path):
+    """The run plan's choices (kernels, recomputation, host memory) never rewrite the user's config: the
+    config.yaml of the run and of its checkpoints equals the one given, 'auto's included, and the
+    resolved plan is saved next to it as run_plan.json."""
+    import yaml
+
+    from cpt.plan import RunPlan
+
+    out = tmp_path / "run"
+    given = tmp_path / "given.yaml"
+    given.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(tiny_model_dir), "max_seq_length": 64},
+        "data": {"sources": [{"path": str(corpus_dir)}]},
+        "adapter": {"r": 8, "lora_alpha": 16},
+        "train": {"max_steps": 2, "per_device_train_batch_size": 2, "optim": "adamw_8bit"},
+        "output": {"output_dir": str(out), "save_steps": 1, "report": False},
+    }))
+    cfg = load_config(str(given))
+    expected = load_config(str(given)).to_dict()
+    run_training(cfg)
+    assert cfg.to_dict() == expected
+    for folder in (out, out / "checkpoint-2"):
+        assert load_config(str(folder / "config.yaml")).to_dict() == expected, folder
+        run = RunPlan.load(folder)
+        assert run.device == "cpu" and run.kernels == "none" and run.offload_embedding_state is False
+    assert expected["train"]["offload_embedding_state"] == "auto" and expected["adapter"]["host_activations"] == "auto"

@@ -19,7 +19,18 @@ from typing import Any, Optional
 
 import torch
 
+from cpt.build import build_model
 from cpt.config import AdapterConfig, Config, ConfigError, ModelConfig, _all_keys, config_from_dict, validate
+from cpt.data import build_data
+from cpt.data.inspect import labeled_warning
+from cpt.distributed import build_accelerator, loading_place
+from cpt.evaluate import Evaluator, load_eval_sets
+from cpt.model import (add_adapters, check_against_model, check_device, enable_gradient_checkpointing, load_base_model,
+                       load_model_config, load_tokenizer)
+from cpt.plan.rules import checkpointing_mode
+from cpt.report import write_report
+from cpt.runtime import local_device, resolve_dtype
+from cpt.train import Trainer, resume_point
 
 log = logging.getLogger("cpt")
 
@@ -31,15 +42,8 @@ def is_bfloat16_supported() -> bool:
 def run_training(cfg: Config, *, model: Any = None, tokenizer: Any = None, train_dataset: Any = None,
                  device: Optional[torch.device] = None) -> dict:
     """Config in, trained adapter out: model -> data -> evaluator -> trainer. Returns the run summary."""
-    from cpt.data import build_data
-    from cpt.evaluate import Evaluator, load_eval_sets
-    from cpt.model import build_model
-    from cpt.train import Trainer, resume_point
-
     validate(cfg)
     resume_point(cfg.output)  # refuse a foreign output_dir before minutes of model loading
-    from cpt.distributed import build_accelerator, loading_place
-
     # First the accelerator: under torchrun / accelerate launch it starts the process group and gives
     # each rank its own GPU, which is where that rank's model must be loaded.
     accelerator = build_accelerator(cfg, device)
@@ -50,8 +54,6 @@ def run_training(cfg: Config, *, model: Any = None, tokenizer: Any = None, train
     data = build_data(cfg, bundle.tokenizer, train_dataset=train_dataset, rank=accelerator.process_index,
                       world_size=accelerator.num_processes)
     if data.stats.get("verdict"):
-        from cpt.data.inspect import labeled_warning
-
         warning = labeled_warning(data.stats["verdict"])
         if warning:
             log.warning(warning)
@@ -72,6 +74,11 @@ def run_training(cfg: Config, *, model: Any = None, tokenizer: Any = None, train
     trainer = Trainer(cfg, bundle, data, evaluator=evaluator, accelerator=accelerator)
     summary = trainer.train()
     summary["data"] = {k: v for k, v in data.stats.items() if k != "verdict"}
+    if accelerator.is_main_process and not summary["interrupted"] and cfg.output.report:
+        try:
+            summary["report"] = str(write_report(cfg.output.output_dir))
+        except Exception as e:  # a plotting problem must never cost the trained adapter
+            log.warning("could not write the report: %s", e)
     return summary
 
 
@@ -96,9 +103,6 @@ class CPTModel:
     @staticmethod
     def from_pretrained(model_name: str, max_seq_length: int = 2048, dtype: Any = None, load_in_4bit: bool = False,
                         gguf_file: Optional[str] = None, device: Any = None, **kwargs: Any):
-        from cpt.model import (check_against_model, check_device, load_base_model, load_model_config, load_tokenizer,
-                               resolve_dtype)
-
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).replace("torch.", "")
         unknown = [k for k in kwargs if k not in ModelConfig.__dataclass_fields__]
@@ -106,8 +110,6 @@ class CPTModel:
             raise ConfigError(f"CPTModel.from_pretrained: unknown argument {unknown[0]!r}; valid: {', '.join(ModelConfig.__dataclass_fields__)}")
         mcfg = ModelConfig(name_or_path=model_name, max_seq_length=max_seq_length, dtype=dtype or "auto",
                            load_in_4bit=load_in_4bit, gguf_file=gguf_file, **kwargs)
-        from cpt.distributed import local_device
-
         device = torch.device(device) if device is not None else local_device()
         cfg = Config(model=mcfg)
         check_device(cfg, device)
@@ -121,8 +123,6 @@ class CPTModel:
                        lora_dropout: float = 0.0, bias: str = "none", use_gradient_checkpointing: Any = True,
                        random_state: int = 3407, use_rslora: bool = True, method: str = "lora", **kwargs: Any):
         """Add LoRA/rsLoRA adapters; embed_tokens/lm_head in target_modules are trained in full (float32 masters)."""
-        from cpt.model import add_adapters, enable_gradient_checkpointing
-
         if use_gradient_checkpointing == "unsloth":
             use_gradient_checkpointing = True
         acfg = AdapterConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
@@ -136,10 +136,12 @@ class CPTModel:
         if acfg.method == "lora":
             for p in model.parameters():
                 p.requires_grad_(False)
-        enable_gradient_checkpointing(model, acfg.use_gradient_checkpointing)
+        if checkpointing_mode(acfg.use_gradient_checkpointing) != "off":
+            enable_gradient_checkpointing(model)
         compute = next(model.parameters()).dtype
         compute = compute if compute.is_floating_point else torch.bfloat16
-        model = add_adapters(model, cfg, compute)
+        # The optimizer is not known yet: the embeddings keep plain float32 masters (the run plan follows).
+        model = add_adapters(model, acfg, compute)
         model._cpt_model_config = mcfg
         model._cpt_adapter_config = acfg
         return model

@@ -196,7 +196,7 @@ def _delegate(name: str, argv: list[str]) -> int:
     if name == "report":
         from cpt.report import report_main
         return report_main(argv)
-    from cpt.plan import plan_main
+    from cpt.plan.decide import plan_main
     return plan_main(argv)
 
 

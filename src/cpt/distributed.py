@@ -32,48 +32,19 @@ from typing import Any, Literal, Optional
 import torch
 from torch import nn
 
+from cpt import checkpoint as ckpt
 from cpt.config import Config, ConfigError
+from cpt.model import load_trainable_state, param_groups, save_trained, trainable_state
+from cpt.runtime import launched_with_fsdp, launched_world_size, local_device, mixed_precision, resolve_dtype, same_device
 
 log = logging.getLogger("cpt")
 
 Strategy = Literal["single", "ddp", "fsdp"]
 
 
-def launched_with_fsdp() -> bool:
-    """`accelerate launch --use_fsdp` (or an accelerate config with FSDP) sets this variable."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-
-
-def launched_world_size() -> int:
-    """How many processes the launcher (torchrun / accelerate launch) started; 1 without one."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def same_device(a: torch.device, b: torch.device) -> bool:
-    """Whether two devices are the same one: accelerate names a lone GPU `cuda` (no index) while the
-    tensors on it say `cuda:0`, and torch.device('cuda') != torch.device('cuda', 0)."""
-    if a.type != b.type:
-        return False
-    current = torch.cuda.current_device() if a.type == "cuda" else 0
-    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
-
-
-def local_device() -> torch.device:
-    """This process's device before any Accelerator exists: under torchrun / accelerate launch the
-    GPU numbered LOCAL_RANK, so that a model loaded early (the Python API) lands on its own GPU."""
-    from cpt.model import default_device
-
-    local = os.environ.get("LOCAL_RANK")
-    if local is not None and torch.cuda.is_available():
-        return torch.device("cuda", int(local) % torch.cuda.device_count())
-    return default_device()
-
-
 def mixed_precision_mode(cfg: Config, device: torch.device, dtype: torch.dtype) -> str:
     """'no', 'bf16' or 'fp16' (the same rule as single-process training)."""
-    from cpt.train import mixed_precision
-
-    return mixed_precision(cfg, device, dtype)
+    return mixed_precision(device, dtype, bf16=cfg.train.bf16, fp16=cfg.train.fp16)
 
 
 def build_accelerator(cfg: Config, device: Optional[torch.device] = None) -> Any:
@@ -84,7 +55,6 @@ def build_accelerator(cfg: Config, device: Optional[torch.device] = None) -> Any
     It is built before the model so that each rank loads its model onto its own GPU."""
     from accelerate import Accelerator
 
-    from cpt.model import resolve_dtype
 
     device = torch.device(device) if device is not None else local_device()
     mp = mixed_precision_mode(cfg, device, resolve_dtype(cfg.model.dtype, device))
@@ -132,7 +102,6 @@ def loading_place(cfg: Config, accelerator: Any, device: Optional[torch.device])
         return cfg, device
     import copy
 
-    from cpt.model import resolve_dtype
 
     built = copy.deepcopy(cfg)
     built.model.dtype = str(resolve_dtype(cfg.model.dtype, accelerator.device)).replace("torch.", "")
@@ -239,7 +208,6 @@ class Parallel:
         world = int(accelerator.num_processes)
         if _fsdp_wanted(cfg) and world > 1:
             shard_model(bundle.model, cfg, accelerator)
-            from cpt.model import param_groups
 
             bundle.groups = param_groups(bundle.model, cfg)
             bundle.device = accelerator.device  # it may have been built in host memory (loading_place)
@@ -310,7 +278,6 @@ class Parallel:
         rngs = self._gather_rng()
         inner = self.accelerator.unwrap_model(model)
         if self.sharded:
-            from cpt.model import trainable_state
 
             everything = self.gather_trained(inner)
             trained = {n: everything[n] for n in trainable_state(inner)}
@@ -318,13 +285,11 @@ class Parallel:
             return Snapshot(trained, optim, rngs, adapter=everything) if self.is_main else None
         if not self.is_main:
             return None
-        from cpt.model import trainable_state
 
         # Every rank holds the same full tensors: the main process writes its own, uncopied.
         return Snapshot(trainable_state(inner), _named_optimizer_state(inner, optimizer), rngs)
 
     def _gather_rng(self) -> list[dict]:
-        from cpt import checkpoint as ckpt
 
         mine = {"rng": ckpt.rng_state(), "torch": ckpt.torch_rng_state()}
         if self.world_size == 1:
@@ -336,7 +301,6 @@ class Parallel:
     def save_trained(self, model: nn.Module, path: Path, tokenizer: Any, trained: Optional[dict]) -> None:
         """The adapter (or the whole model in full mode) in the same Hugging Face format as a
         single-process run. Main process only; under FSDP `trained` comes from `gather_trained`."""
-        from cpt.model import save_trained
 
         inner = self.accelerator.unwrap_model(model)
         if not self.sharded:
@@ -358,7 +322,6 @@ class Parallel:
 
     def restore_rng(self, path: Path, saved: dict) -> None:
         """Restore this rank's random streams when the checkpoint was written on as many ranks."""
-        from cpt import checkpoint as ckpt
 
         written_on = int(saved.get("world_size", 1))
         if written_on != self.world_size:
@@ -381,7 +344,6 @@ class Parallel:
     def load_trained(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Copy full trained tensors (from trainable.safetensors) into the model, sharding them
         under FSDP. Every rank reads the file and calls this (a collective under FSDP)."""
-        from cpt.model import load_trainable_state, trainable_state
 
         model = self.accelerator.unwrap_model(model)
         if not self.sharded:
@@ -467,7 +429,7 @@ def shard_model(model: nn.Module, cfg: Config, accelerator: Any) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    from cpt.kernels import decoder_layers
+    from cpt.speed import decoder_layers
 
     t = cfg.train
     device_type = accelerator.device.type

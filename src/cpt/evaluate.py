@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from cpt.config import Config, ConfigError, EvalSetConfig, SourceConfig, load_config
 from cpt.data import read_documents
 from cpt.data.sources import SUFFIXES
-from cpt.host_state import to_device
+from cpt.runtime import to_device
 
 log = logging.getLogger("cpt")
 

@@ -1,15 +1,19 @@
-"""The training loop: one readable function from batch to optimizer step.
+"""The training loop: `Trainer.train` (the run: log, evaluate, save, stop) around `Trainer._step` (one
+optimizer step from micro-batches to update).
 
 Each optimizer step pulls `gradient_accumulation_steps` micro-batches, counts their real (non-ignored)
 target tokens across all ranks, and divides every micro-batch's summed loss by that count, so the
 step's gradient is the token mean however the tokens fall into micro-batches. Then it clips, checks
 that loss and gradient are finite (skipping the update if not), steps, logs, evaluates and saves.
+Speed features never appear here by name: the run plan's step hooks (cpt.speed.hooks) are called at
+fixed points of the step, and reporting is the caller's.
 
     cpt train examples/quickstart.yaml train.max_steps=20
     python -m pytest tests/test_train.py -q
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,12 +28,12 @@ from typing import Any, Optional
 import torch
 
 from cpt import checkpoint as ckpt
+from cpt.build import ModelBundle
 from cpt.config import Config, ConfigError, OutputConfig
 from cpt.distributed import Parallel, build_accelerator, plain
-from cpt.model import ModelBundle, sparse_gradients
-from cpt.host_state import to_device
-from cpt.kernels.compile import mark_step, own_gradients
-from cpt.optim import build_optimizer, build_scheduler, clip_grad_norm_
+from cpt.optim import build_optimizer, build_scheduler
+from cpt.runtime import to_device
+from cpt.speed.hooks import StepHooks
 
 log = logging.getLogger("cpt")
 
@@ -49,17 +53,6 @@ class TrainState:
     data: dict = field(default_factory=dict)
     best_metric: Optional[float] = None  # output.metric_for_best_model at best_step (lower is better)
     best_step: Optional[int] = None
-
-
-def mixed_precision(cfg: Config, device: torch.device, dtype: torch.dtype) -> str:
-    t = cfg.train
-    if device.type != "cuda":
-        return "no"
-    if t.fp16 or (t.fp16 is None and t.bf16 is None and dtype == torch.float16):
-        return "fp16"
-    if t.bf16 or (t.bf16 is None and dtype == torch.bfloat16):
-        return "bf16"
-    return "no"
 
 
 def total_steps(cfg: Config, data: Any, world_size: int) -> int:
@@ -114,13 +107,14 @@ class Trainer:
         self.total_steps = total_steps(cfg, data, self.world)
         # Under FSDP the model is sharded here, so that the optimizer is built on the shards.
         self.parallel = Parallel.setup(cfg, bundle, self.accelerator)
-        optimizer = build_optimizer(bundle.groups, cfg.train, bundle.device)
+        optimizer = build_optimizer(bundle.groups, cfg.train, bundle.device,
+                                    offload_embedding_state=bundle.plan.offload_embedding_state)
         self.scheduler = build_scheduler(optimizer, cfg.train, self.total_steps)
         self.model, self.optimizer = self.parallel.prepare(bundle.model, optimizer)
-        self.sparse_grads = sparse_gradients(bundle.model)
-        if self.sparse_grads and self.world > 1:
+        if bundle.plan.sparse_embedding_grad and self.world > 1:
             raise ConfigError("row-sparse embedding gradients were set up for one process but this run has "
                               f"{self.world}; build the model after the launcher has set WORLD_SIZE")
+        self.hooks = StepHooks(bundle.speed, self.model, self.optimizer, self.accelerator, self.world)
         self.state = TrainState()
         self.metrics_file: Optional[Any] = None
         self.tb: Any = None
@@ -177,7 +171,7 @@ class Trainer:
         state = {**self.state.__dict__, "rng": snap.rngs[0]["rng"], "total_steps": self.total_steps,
                  "world_size": self.world}
         ckpt.write_json(folder / "trainer_state.json", state)
-        self.cfg.save(folder / "config.yaml")
+        self._save_config(folder)
 
     def save(self) -> Optional[Path]:
         self.accelerator.wait_for_everyone()
@@ -234,7 +228,7 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        self.cfg.save(self.out / "config.yaml")
+        self._save_config(self.out)
         self._truncate_metrics(self.out / "metrics.jsonl", self.state.step)
         self.metrics_file = open(self.out / "metrics.jsonl", "a")
         if "tensorboard" in self.cfg.output.report_to:
@@ -243,6 +237,11 @@ class Trainer:
                 self.tb = SummaryWriter(str(self.out / "tensorboard"))
             except ImportError:
                 log.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
+
+    def _save_config(self, folder: Path) -> None:
+        """The config as the user gave it, and beside it the run plan that was applied."""
+        self.cfg.save(folder / "config.yaml")
+        self.bundle.plan.save(folder)
 
     @staticmethod
     def _truncate_metrics(path: Path, step: int) -> None:
@@ -304,7 +303,9 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> dict:
-        cfg, t, acc = self.cfg, self.cfg.train, self.accelerator
+        """The run: resume, then steps until total_steps, logging, evaluating and saving on the way; a stop
+        signal saves and returns. Returns the run summary (also written to run_summary.json)."""
+        cfg, t = self.cfg, self.cfg.train
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         from accelerate.utils import set_seed
@@ -321,84 +322,31 @@ class Trainer:
         if self.state.step == 0 and cfg.eval.eval_at_start:
             self._evaluate()
 
-        model, optimizer, scheduler = self.model, self.optimizer, self.scheduler
-        inner_opt = getattr(optimizer, "optimizer", optimizer)
-        early = inner_opt.start_early if getattr(inner_opt, "host_split_state", False) and self.world == 1 else None
         batches = self.data.train.batches(t.per_device_train_batch_size)
         stop = ckpt.StopSignal(cfg.output.save_grace_seconds)
-        progress = _Progress(self.total_steps, self.state.step, enabled=acc.is_main_process)
-        window_tokens, window_start, window_loss, window_n = 0, time.perf_counter(), 0.0, 0
+        progress = _Progress(self.total_steps, self.state.step, enabled=self.accelerator.is_main_process)
+        window = _Window()
         run_start = time.perf_counter() - self.state.elapsed_s
         last_saved = self.state.step if start is not None else -1
-        model.train()
-        # The trained parameters, listed once: walking an 8B LoRA model's ~2,700 modules for them took the
-        # host ~6 ms per step while the GPU waited (bench/NOTES.md, session 14). Distributed wrappers
-        # (FSDP's gradient clipping) want the model's own list.
-        trained = [q for q in model.parameters() if q.requires_grad] if self.world == 1 else None
+        self.model.train()
         with stop, progress:
             while self.state.step < self.total_steps:
                 micro = [next(batches) for _ in range(t.gradient_accumulation_steps)]
-                n_local = sum(target_tokens(b["labels"]) for b in micro)
-                n_items = int(acc.reduce(torch.tensor(n_local, device=acc.device), "sum")) if self.world > 1 else n_local
-                step_loss = torch.zeros((), device=acc.device)
-                for i, b in enumerate(micro):
-                    mark_step()  # model.cuda_graphs: the previous pass's graph outputs are free to reuse
-                    b = {k: to_device(v, acc.device) for k, v in b.items()}
-                    sync = i == len(micro) - 1
-                    with (acc.no_sync(model) if not sync and self.world > 1 else _null()):
-                        # DDP averages gradients over ranks; scale back so the step is the global token mean.
-                        loss = self.bundle.loss_fn(model, b, max(n_items, 1)) * self.world
-                        if sync and early is not None:
-                            # Host-resident embedding states: what needs no gradient starts now, beside
-                            # the backward pass (cpt.host_state).
-                            early(torch.cat([m["input_ids"].reshape(-1) for m in micro]), t.max_grad_norm > 0)
-                        acc.backward(loss)
-                        if i == 0 and not sync:
-                            own_gradients(trained or model.parameters())  # model.cuda_graphs: out of the graphs' memory
-                    step_loss += loss.detach() / self.world
-                max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-                # Row-sparse embedding gradients (one process only) need their rows summed before the norm.
-                grad_norm = (clip_grad_norm_(trained or model.parameters(), max_norm) if self.sparse_grads
-                             else acc.clip_grad_norm_(trained or model.parameters(), max_norm))
-                loss_value = float(acc.reduce(step_loss, "sum")) if self.world > 1 else float(step_loss)
-                grad_value = float(plain(grad_norm)) if grad_norm is not None else float("nan")
-                finite = math.isfinite(loss_value) and (math.isfinite(grad_value) or acc.mixed_precision == "fp16")
-                if finite:
-                    optimizer.step()
-                    self.state.nonfinite_in_a_row = 0
-                else:
-                    if early is not None:
-                        inner_opt.abandon_early()
-                    self.state.nonfinite_in_a_row += 1
-                    self.state.nonfinite_total += 1
-                    log.warning("step %d: non-finite loss %s / grad norm %s; update skipped (%d in a row)",
-                                self.state.step + 1, loss_value, grad_value, self.state.nonfinite_in_a_row)
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
+                loss, grad_norm, finite, n_items = self._step(micro)
                 self.state.step += 1
                 self.state.tokens_seen += n_items
-                window_tokens += sum(int(b["input_ids"].numel()) for b in micro) * self.world
-                if finite:
-                    window_loss, window_n = window_loss + loss_value, window_n + 1
+                self.state.nonfinite_in_a_row = 0 if finite else self.state.nonfinite_in_a_row + 1
+                self.state.nonfinite_total += int(not finite)
+                if not finite:
+                    log.warning("step %d: non-finite loss %s / grad norm %s; update skipped (%d in a row)",
+                                self.state.step, loss, grad_norm, self.state.nonfinite_in_a_row)
+                window.add(sum(int(b["input_ids"].numel()) for b in micro) * self.world, loss if finite else None)
 
                 giving_up = self.state.nonfinite_in_a_row >= t.max_nonfinite_steps
                 if self.state.step % cfg.output.logging_steps == 0 or self.state.step == self.total_steps or giving_up:
-                    now = time.perf_counter()
-                    record = {
-                        "step": self.state.step,
-                        "loss": window_loss / window_n if window_n else float("nan"),
-                        "grad_norm": grad_value,
-                        "lr": {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)},
-                        "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                        "tokens": self.state.tokens_seen,
-                        "elapsed_s": now - run_start,
-                        "memory_gib": self._memory_gib(),
-                        "nonfinite_skipped": self.state.nonfinite_total,
-                        "epoch": self._epoch(),
-                    }
+                    record = self._record(window, grad_norm, run_start)
                     self._log(record)
                     progress.update(self.state.step, record)
-                    window_tokens, window_start, window_loss, window_n = 0, now, 0.0, 0
                 else:
                     progress.update(self.state.step, None)
                 self.state.elapsed_s = time.perf_counter() - run_start
@@ -426,6 +374,56 @@ class Trainer:
                 self.save()
         return self._finish(interrupted=False)
 
+    def _step(self, micro: list[dict]) -> tuple[float, float, bool, int]:
+        """One optimizer step over the micro-batches: forward and backward each, clip, update (or skip a
+        non-finite step). Every micro-batch's summed loss is divided by the step's real target tokens
+        across all ranks, so the gradient is the step's token mean. Returns (loss, grad norm, finite,
+        target tokens)."""
+        t, acc, hooks = self.cfg.train, self.accelerator, self.hooks
+        n_local = sum(target_tokens(b["labels"]) for b in micro)
+        n_items = int(acc.reduce(torch.tensor(n_local, device=acc.device), "sum")) if self.world > 1 else n_local
+        step_loss = torch.zeros((), device=acc.device)
+        for i, batch in enumerate(micro):
+            last = i == len(micro) - 1
+            hooks.before_forward()
+            batch = {k: to_device(v, acc.device) for k, v in batch.items()}
+            with acc.no_sync(self.model) if not last and self.world > 1 else contextlib.nullcontext():
+                # DDP averages gradients over ranks; scale back so the step is the global token mean.
+                loss = self.bundle.loss_fn(self.model, batch, max(n_items, 1)) * self.world
+                hooks.before_backward(micro, last, clipping=t.max_grad_norm > 0)
+                acc.backward(loss)
+                hooks.after_backward(i, last)
+            step_loss += loss.detach() / self.world
+        grad_norm = hooks.clip_grad_norm(t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+        loss_value = float(acc.reduce(step_loss, "sum")) if self.world > 1 else float(step_loss)
+        grad_value = float(plain(grad_norm)) if grad_norm is not None else float("nan")
+        finite = math.isfinite(loss_value) and (math.isfinite(grad_value) or acc.mixed_precision == "fp16")
+        if finite:
+            self.optimizer.step()
+        else:
+            hooks.skip()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss_value, grad_value, finite, n_items
+
+    def _record(self, window: "_Window", grad_norm: float, run_start: float) -> dict:
+        """The metrics line for the steps since the last one (metrics.jsonl, TensorBoard, progress)."""
+        now = time.perf_counter()
+        record = {
+            "step": self.state.step,
+            "loss": window.mean_loss(),
+            "grad_norm": grad_norm,
+            "lr": {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)},
+            "tokens_per_s": window.tokens / max(now - window.start, 1e-9),
+            "tokens": self.state.tokens_seen,
+            "elapsed_s": now - run_start,
+            "memory_gib": self._memory_gib(),
+            "nonfinite_skipped": self.state.nonfinite_total,
+            "epoch": self._epoch(),
+        }
+        window.reset(now)
+        return record
+
     def _epoch(self) -> Optional[float]:
         per_epoch = self.data.train.blocks_per_epoch
         if not per_epoch:
@@ -439,11 +437,7 @@ class Trainer:
                    "train_runtime_s": self.state.elapsed_s, "interrupted": interrupted,
                    "nonfinite_skipped": self.state.nonfinite_total,
                    "tokens_per_s": self.state.tokens_seen / max(self.state.elapsed_s, 1e-9),
-                   **self.bundle.trainable_summary()}
-        from cpt.kernels.compile import _FAILED
-
-        if _FAILED:  # model.compile fell back to the plain layers mid-run (a warning then; here for good)
-            summary["compile_failed"] = "; ".join(_FAILED.values())
+                   **self.bundle.trainable_summary(), **self.hooks.summary()}
         if not interrupted:
             summary["eval"] = self._evaluate()
             self._track_best(summary["eval"])
@@ -453,7 +447,7 @@ class Trainer:
             trained = self.parallel.gather_trained(self.model)  # every rank: FSDP gathers shards
             if acc.is_main_process:
                 self.parallel.save_trained(self.model, self.out, self.bundle.tokenizer, trained)
-                self.cfg.save(self.out / "config.yaml")
+                self._save_config(self.out)
                 if self.evaluator is not None:
                     summary["eval_table"] = self.evaluator.summary_table()
         if acc.is_main_process:
@@ -462,22 +456,26 @@ class Trainer:
                 self.metrics_file.close()
             if self.tb is not None:
                 self.tb.close()
-            if not interrupted and self.cfg.output.report:
-                try:
-                    from cpt.report import write_report
-                    summary["report"] = str(write_report(self.out))
-                except Exception as e:  # a plotting problem must never cost the trained adapter
-                    log.warning("could not write the report: %s", e)
         acc.wait_for_everyone()
         return summary
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
+class _Window:
+    """Tokens and finite losses since the last metrics line."""
 
-    def __exit__(self, *a: Any) -> None:
-        return None
+    def __init__(self) -> None:
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float) -> None:
+        self.tokens, self.loss_sum, self.losses, self.start = 0, 0.0, 0, now
+
+    def add(self, tokens: int, loss: Optional[float]) -> None:
+        self.tokens += tokens
+        if loss is not None:
+            self.loss_sum, self.losses = self.loss_sum + loss, self.losses + 1
+
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.losses if self.losses else float("nan")
 
 
 class _Progress:

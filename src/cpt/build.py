@@ -1,0 +1,107 @@
+"""Building a run's model: load, decide the run plan, add adapters, apply the plan, name the groups.
+
+The one place where the stages meet: the model stage loads and adapts, the plan stage decides from
+the config, the model's shape and the hardware, the speed stage converts the model once. What comes
+out is a ModelBundle: the model ready to train, its tokenizer, the loss function, the parameter groups,
+the RunPlan that was applied and the per-run Speed object (whose hooks the loop calls).
+
+    python -m pytest tests/test_build.py -q
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from cpt import speed as speed_stage
+from cpt.config import Config, ConfigError
+from cpt.model import (GROUP_EMBEDDINGS, SPLIT_MASTER, add_adapters, check_against_model, check_device,
+                       enable_gradient_checkpointing, load_base_model, load_model_config, load_tokenizer, param_groups,
+                       sparse_gradients)
+from cpt.plan.decide import decide, format_run_plan
+from cpt.plan.run_plan import RunPlan
+from cpt.runtime import default_device, resolve_dtype, settle_cpu_math
+
+log = logging.getLogger("cpt")
+
+
+@dataclass
+class ModelBundle:
+    model: nn.Module
+    tokenizer: Any
+    loss_fn: Callable
+    device: torch.device
+    dtype: torch.dtype
+    groups: list[dict] = field(default_factory=list)
+    plan: RunPlan = field(default_factory=RunPlan)
+    speed: Any = None  # cpt.speed.Speed: the hooks the loop calls, and what was applied
+
+    @property
+    def is_peft(self) -> bool:
+        return hasattr(self.model, "peft_config")
+
+    def trainable_summary(self) -> dict:
+        total = sum(p.numel() for p in self.model.parameters())
+        counted = {id(p): p for p in self.model.parameters() if p.requires_grad}
+        per_group = {g["name"]: sum(p.numel() for p in g["params"]) for g in self.groups}
+        return {"total_params": total, "trainable_params": sum(p.numel() for p in counted.values()),
+                **{f"{k}_params": v for k, v in per_group.items()}}
+
+
+def _as_built(run: RunPlan, model: nn.Module) -> RunPlan:
+    """A model whose adapters were added before the run plan existed (the Python API's get_peft_model
+    runs before the optimizer is known): the plan follows how its embeddings are actually held."""
+    split = any(getattr(p, SPLIT_MASTER, False) for p in model.parameters())
+    sparse = sparse_gradients(model)
+    if (split, sparse) == (run.split_masters, run.sparse_embedding_grad):
+        return run
+    return dataclasses.replace(run, split_masters=split, sparse_embedding_grad=sparse, offload_embedding_state=(
+        run.offload_embedding_state and split), reasons=(*run.reasons, "adapters were added before the run plan: "
+                                                         f"split masters {'on' if split else 'off'} as built"))
+
+
+def build_model(cfg: Config, device: Optional[torch.device] = None, model: Optional[nn.Module] = None,
+                tokenizer: Any = None, **speed_options: Any) -> ModelBundle:
+    """Load (or take) the model and tokenizer, check limits, decide the run plan, add adapters, apply the
+    plan, make the parameter groups. `speed_options` go to cpt.speed.apply (benchmarks' switches)."""
+    device = torch.device(device) if device is not None else default_device()
+    check_device(cfg, device)
+    settle_cpu_math()
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    if model is None:
+        check_against_model(cfg, load_model_config(cfg.model))
+        model = load_base_model(cfg.model, device, dtype)
+    else:
+        check_against_model(cfg, model.config)
+        if not getattr(model, "is_loaded_in_4bit", False):
+            model.to(device)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows; "
+                          "they do not belong together")
+    run = decide(cfg, model.config, device)
+    if getattr(model, "_cpt_adapter_config", None) is None:  # the Python API may have added them already
+        if cfg.adapter.method == "lora":
+            for p in model.parameters():
+                p.requires_grad_(False)
+        if run.recomputes:
+            enable_gradient_checkpointing(model)
+        model = add_adapters(model, cfg.adapter, dtype, split_masters=run.split_masters,
+                             sparse_embedding_grad=run.sparse_embedding_grad)
+    else:
+        run = _as_built(run, model)
+    speed = speed_stage.apply(model, run, **speed_options)
+    log.info("%s", format_run_plan(run))
+    bundle = ModelBundle(model=model, tokenizer=tokenizer, loss_fn=speed.loss_fn, device=device, dtype=dtype,
+                         plan=run, speed=speed)
+    bundle.groups = param_groups(model, cfg)
+    if cfg.trains_embeddings and not any(g["name"] == GROUP_EMBEDDINGS for g in bundle.groups):
+        raise ConfigError("adapter.target_modules names embed_tokens/lm_head but no embedding parameter is trainable; "
+                          "does this model name them differently?")
+    return bundle

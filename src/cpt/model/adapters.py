@@ -1,0 +1,167 @@
+"""Adapters: LoRA/rsLoRA on the projections, embed_tokens / lm_head trained in full, float32 masters.
+
+The continued-pretraining recipe lives here: `embed_tokens` / `lm_head` are trained through peft's
+`modules_to_save`, as float32 master copies so that small updates (lr 1e-6) do not round away in bf16.
+With the 8-bit optimizer in bf16 the float32 master is held split: the bf16 weight here, its 16-bit
+low half in the optimizer state (cpt.optim); the parameter is marked so the optimizer knows. Tied
+embeddings stay tied. Whether to split, and whether embed_tokens' gradient is row-sparse, is the run
+plan's choice (cpt.plan), passed in.
+
+    python -m pytest tests/test_model.py -q
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from cpt.config import EMBEDDING_MODULES, AdapterConfig, ConfigError
+
+# Marks on a trained bf16 embedding parameter (read by cpt.optim): the high half of a float32 master,
+# and (embed_tokens) a gradient that covers only the rows a batch used.
+SPLIT_MASTER = "_cpt_split_master"
+ROW_SPARSE = "_cpt_row_sparse"
+
+
+def mark_split_master(p: torch.Tensor) -> None:
+    """Let the 8-bit optimizer treat this bf16 parameter as the high half of a float32 master."""
+    if p.dtype != torch.bfloat16 or p.ndim != 2:
+        raise ValueError(f"split masters are 2-d bf16 weights, not {p.dtype} {tuple(p.shape)}")
+    setattr(p, SPLIT_MASTER, True)
+
+
+def _cast_output(dtype: torch.dtype) -> Callable:
+    def hook(module, args, output):
+        return output.to(dtype) if torch.is_tensor(output) and output.is_floating_point() else output
+    return hook
+
+
+def _cast_input_to_weight(module, args):
+    # A float32 head fed bf16 hidden states outside autocast (CPU bf16 runs); under autocast the matmul
+    # still runs in the autocast dtype.
+    x = args[0]
+    if torch.is_tensor(x) and x.dtype != module.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        return (x.to(module.weight.dtype), *args[1:])
+    return None
+
+
+def trained_embedding_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules that hold the trained embed_tokens / lm_head copies (peft wrappers resolved)."""
+    out = {}
+    for name, mod in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in EMBEDDING_MODULES and hasattr(mod, "modules_to_save"):
+            out[leaf] = mod.modules_to_save[mod.active_adapter if isinstance(mod.active_adapter, str) else mod.active_adapters[0]]
+    return out
+
+
+def add_adapters(model: nn.Module, a: AdapterConfig, compute_dtype: torch.dtype, *, split_masters: bool = False,
+                 sparse_embedding_grad: bool = False) -> nn.Module:
+    """LoRA/rsLoRA on the projections; embed_tokens/lm_head in target_modules become full trained copies.
+    `split_masters`: their float32 masters are held as the bf16 weight (marked here) plus a low half in the
+    optimizer; `sparse_embedding_grad`: an untied embed_tokens then gets gradients for the used rows only."""
+    if a.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if a.embedding_master_dtype == "float32" and compute_dtype != torch.float32:
+            # Train in float32 masters; autocast runs the matmuls in the compute dtype.
+            model.float()
+        return model
+
+    from peft import LoraConfig, get_peft_model
+
+    lora_targets = [m for m in a.target_modules if m not in EMBEDDING_MODULES]
+    full = [m for m in a.target_modules if m in EMBEDDING_MODULES]
+    tied = bool(getattr(model.config, "tie_word_embeddings", False)) or _weights_shared(model)
+    if tied and full and set(full) != set(EMBEDDING_MODULES):
+        # A tied model has one matrix: training the input side trains the output side too.
+        full = list(EMBEDDING_MODULES)
+    extra = {"ensure_weight_tying": True} if tied and full else {}
+    lcfg = LoraConfig(
+        r=a.r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, bias=a.bias, use_rslora=a.use_rslora,
+        target_modules=lora_targets or None, modules_to_save=full or None, task_type="CAUSAL_LM", **extra)
+    torch.manual_seed(a.random_state)  # LoRA A initialisation
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        model = get_peft_model(model, lcfg)
+    if not lora_targets:
+        raise ConfigError("adapter.target_modules has no LoRA projection (only embeddings); add e.g. q_proj, v_proj or use adapter.method=full")
+    if a.embedding_master_dtype == "float32":
+        for leaf, mod in trained_embedding_modules(model).items():
+            if split_masters:
+                # bf16 weight + low half in the optimizer state: float32 masters at bf16 gradient cost.
+                mod.to(torch.bfloat16)
+                mark_split_master(mod.weight)
+                if leaf == "embed_tokens" and not tied and sparse_embedding_grad:
+                    mod.sparse = True  # a gradient for the rows the batch used, not a dense 0.5B matrix
+                    setattr(mod.weight, ROW_SPARSE, True)
+                continue
+            if mod.weight.dtype != torch.float32:
+                mod.float()
+            if leaf == "embed_tokens" and compute_dtype != torch.float32:
+                # Lookups are exact in float32; hand the layers their usual dtype.
+                mod.register_forward_hook(_cast_output(compute_dtype))
+            if leaf == "lm_head":
+                mod.register_forward_pre_hook(_cast_input_to_weight)
+    for n, p in model.named_parameters():
+        if p.requires_grad and p.dtype != torch.float32 and p.is_floating_point() and not getattr(p, SPLIT_MASTER, False):
+            p.data = p.data.float()  # every trained tensor has a float32 master
+    return model
+
+
+def sparse_gradients(model: nn.Module) -> bool:
+    """Whether some trained embedding produces row-sparse gradients (the loop clips them itself)."""
+    return any(getattr(m, "sparse", False) for m in trained_embedding_modules(model).values())
+
+
+def _weights_shared(model: nn.Module) -> bool:
+    try:
+        return model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    except AttributeError:
+        return False
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """transformers' own (non-reentrant) checkpointing of every decoder layer. Which layers really
+    recompute, and how, is the run plan's choice, applied later by cpt.speed."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
+
+
+def save_trained(model: nn.Module, path: str | Path, tokenizer: Any = None) -> None:
+    """Adapter in PEFT format (LoRA + trained embeddings, float32) or, in full mode, a whole HF model."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # peft looks for the base's config.json to see whether the vocabulary changed; a GGUF base has
+        # none, and the trained embeddings are saved in full either way.
+        warnings.filterwarnings("ignore", message="Could not find a config file")
+        model.save_pretrained(path, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable tensor by name, exactly as held (float32 masters)."""
+    seen, out = set(), {}
+    for n, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out[n] = p.detach()
+    return out
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n in trainable_state(model) if n not in state]
+    if missing:
+        raise ValueError(f"checkpoint lacks trained tensors {missing[:3]}...; was it written by another configuration?")
+    with torch.no_grad():
+        for n, t in state.items():
+            if n not in params:
+                raise ValueError(f"checkpoint tensor {n!r} has no place in this model; was it written by another configuration?")
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
