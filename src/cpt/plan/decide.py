@@ -107,13 +107,13 @@ def decide(cfg: Config, model_config: Any, device: torch.device | str, *, world_
     budget = _budget(cfg, gpu_total)
     gpu_total = gpu_total or 80.0
     layers = shape_from_config(model_config).layers
-    # Host layers need cpt's own LoRA projections inside compiled layers on a GPU, and a process of their
-    # own (liger's SwiGLU hides the MLP outputs; other ranks' copies share the host link).
-    host_possible = (cuda and compile_ and kernels == "cpt" and checkpointing == "recompute" and world == 1
+    # Host layers need cpt's own LoRA projections inside compiled layers on a GPU (liger's SwiGLU hides
+    # the MLP outputs). Under DDP each process copies its own, as if each GPU had a host link of its own.
+    host_possible = (cuda and compile_ and kernels == "cpt" and checkpointing == "recompute"
                      and a.method == "lora" and "gate_proj" in a.target_modules)
     lean = dataclasses.replace(cfg, adapter=dataclasses.replace(
         a, host_activations=a.host_activations if host_possible else 0))
-    can_offload = cuda and split and world == 1
+    can_offload = cuda and split
     est = lambda offload, **kw: plan(lean, model_config, gpu_memory_gib=gpu_total, offload_embedding_state=offload, **kw)
 
     offload = t.offload_embedding_state is True and can_offload
@@ -124,8 +124,10 @@ def decide(cfg: Config, model_config: Any, device: torch.device | str, *, world_
     elif budget is None:  # the lean configuration: everything recomputes, the host link carries what it can
         recompute_layers = layers
         if t.offload_embedding_state == "auto" and can_offload:
+            # Under DDP the update runs whole at the step (nothing early), which the estimate does not count:
+            # there the states move only when the run would not fit otherwise.
             on, off = est(True, recompute_layers=layers), est(False, recompute_layers=layers)
-            offload = (on["tokens_per_s"] >= OFFLOAD_SPEED_TOLERANCE * off["tokens_per_s"]
+            offload = ((world == 1 and on["tokens_per_s"] >= OFFLOAD_SPEED_TOLERANCE * off["tokens_per_s"])
                        or off["peak_gib"] > FIT_MARGIN * gpu_total)
             reasons.append("train.offload_embedding_state=auto: " + (
                 "on (embedding states in host memory: the estimate loses under 3% of speed)" if offload else

@@ -211,7 +211,7 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
         mem["optimizer states"] = (n_trained_emb + n_lora) * state_bytes
         if split and offload_embedding_state:
             # Low halves and moment codes in host memory (twice: the early passes write a second set,
-            # cpt.host_state); on the GPU stay the block maxima (twice), three staging chunks (embed_tokens'
+            # cpt.optim.host_state); on the GPU stay the block maxima (twice), three staging chunks (embed_tokens'
             # rows set aside for the step are read back only then, after the backward pass's peak).
             host = n_trained_emb * (2 + state_bytes) * 2
             mem["trained embeddings"] = n_trained_emb * 2
