@@ -14,8 +14,8 @@ def _cfg(model_dir, *extra):
 
 
 def test_the_plan_is_applied_and_the_loss_comes_from_it(tiny_model_dir):
-    """Checkpointing on: every layer recomputes (no budget); kernels none on a CPU: the plain loss."""
-    b = build_model(_cfg(tiny_model_dir), device=CPU)
+    """A budget too small for any kept layer: every layer recomputes; kernels none on a CPU: the plain loss."""
+    b = build_model(_cfg(tiny_model_dir, "adapter.recompute_budget_gib=0.0001"), device=CPU)
     assert b.plan.checkpointing == "recompute" and b.plan.keep_layers == 0 and b.plan.kernels == "none"
     layers = b.model.get_base_model().model.layers
     assert all(layer.gradient_checkpointing for layer in layers)
@@ -27,6 +27,15 @@ def test_the_plan_is_applied_and_the_loss_comes_from_it(tiny_model_dir):
 def test_a_budget_keeps_the_lowest_layers_activations(tiny_model_dir):
     b = build_model(_cfg(tiny_model_dir, "adapter.recompute_budget_gib=500"), device=CPU)
     assert b.plan.keep_layers == 2
+    assert not any(layer.gradient_checkpointing for layer in b.model.get_base_model().model.layers)
+
+
+def test_on_the_cpu_a_model_that_fits_recomputes_nothing(tiny_model_dir):
+    """Recomputation only costs time on a CPU: with no budget, layers keep their activations while the
+    estimate stays under half the host memory (a tiny model: all of them)."""
+    b = build_model(_cfg(tiny_model_dir), device=CPU)
+    assert b.plan.checkpointing == "recompute" and b.plan.keep_layers == 2
+    assert any("on the CPU" in r for r in b.plan.reasons)
     assert not any(layer.gradient_checkpointing for layer in b.model.get_base_model().model.layers)
 
 

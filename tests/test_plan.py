@@ -311,7 +311,7 @@ def test_a_row_whose_layers_failed_to_compile_says_so():
     assert "FAILED" in label and "not permitted" in label and "CUDA graphs" not in label.split("),")[-1]
 
 
-def test_estimates_stand_beside_the_committed_h200_measurements():
+def test_estimates_stand_beside_the_committed_measurements():
     """`cpt plan` for every row of bench/results/gpu_throughput.json (the issue asks for 15%): each of
     our bf16/nf4 rows, as configured there (recomputing and host layers as the run reports them), is
     within 10% of the measured tokens/s and 5% of the measured peak."""
@@ -335,12 +335,12 @@ def test_estimates_stand_beside_the_committed_h200_measurements():
             assert abs(est["tokens_per_s"] / row["tokens_per_s"] - 1) < 0.10, (mode, system, est["tokens_per_s"])
             assert abs(est["peak_gib"] / row["peak_gib"] - 1) < 0.05, (mode, system, est["peak_gib"])
             checked += 1
-    assert checked >= 4  # ours and the capped row, in both modes
+    assert checked >= 2  # at least ours, in both modes
 
 
 def test_capped_rows_get_the_layers_they_ran_with_and_worker_peaks_stand():
-    """The capped rows of bench/results/gpu_throughput.json ran with the kept and host layers the memory
-    plan picks for their budget today; and each capped worker run
+    """The capped rows measured on an H200 (tests/data/gpu_throughput_capped_rows.json) ran with the kept
+    and host layers the memory plan picks for their budget today; and each capped worker run
     (gpu_throughput_capped_workers.json: 1 or 2 kept layers, 10-24 host layers, both modes) peaked within
     2% of the plan's estimate. The plan once left the kept layers' activations out of the backward
     peak: it put 2 kept 4-bit layers at 11.5 GiB, which peaked at 12.04 over an 11.74 cap."""
@@ -348,7 +348,7 @@ def test_capped_rows_get_the_layers_they_ran_with_and_worker_peaks_stand():
     from pathlib import Path
 
     bench, root = _bench()
-    res = json.loads((root / "bench" / "results" / "gpu_throughput.json").read_text())
+    res = json.loads((root / "tests" / "data" / "gpu_throughput_capped_rows.json").read_text())
     for mode in ("bf16", "nf4"):
         row = res[mode]["ours_budget"]
         cfg = bench.ours_config(Path("unused"), mode, 2048, 2, 1, recompute_budget=row["budget_gib"], offload_embedding_state="auto")

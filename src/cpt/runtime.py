@@ -60,6 +60,11 @@ def gpu_memory_gib(device: torch.device) -> Optional[float]:
     return torch.cuda.get_device_properties(device).total_memory / 2**30
 
 
+def host_memory_gib() -> float:
+    """This machine's physical memory in GiB."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """auto: bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU."""
     if dtype != "auto":

@@ -30,13 +30,17 @@ from cpt.plan.estimate import FIT_MARGIN, format_plan, plan, shape_from_config
 from cpt.plan.rules import (checkpointing_mode, fsdp_wanted, host_layer_indices, liger_available, use_compile,
                             use_cuda_graphs, use_split_masters)
 from cpt.plan.run_plan import RunPlan
-from cpt.runtime import gpu_memory_gib, launched_world_size, resolve_dtype
+from cpt.runtime import gpu_memory_gib, host_memory_gib, launched_world_size, resolve_dtype
 
 log = logging.getLogger("cpt")
 
-# In the lean configuration, the embeddings' states go to host memory unless the estimate says that
-# costs more than this share of the step's speed (small models, whose steps are short).
-OFFLOAD_SPEED_TOLERANCE = 0.97
+# In the lean configuration the embeddings' states go to host memory (3.9 GiB of an 8B model's GPU
+# memory) unless the estimate says the step would wait for their copies more than this share of its
+# speed (one micro-batch per step with clipping; small models, whose steps are short).
+OFFLOAD_SPEED_TOLERANCE = 0.90
+# On a CPU, recomputation only costs time: layers keep their activations while the estimate stays under
+# this share of the host's memory.
+CPU_MEMORY_SHARE = 0.5
 
 
 def _budget(cfg: Config, gpu_total: Optional[float]) -> Optional[float]:
@@ -105,6 +109,10 @@ def decide(cfg: Config, model_config: Any, device: torch.device | str, *, world_
     # The estimate counts GPU memory; on a CPU it still orders the choices, and a numeric budget caps them.
     gpu_total = gpu_total_gib if gpu_total_gib is not None else (gpu_memory_gib(device) if cuda else None)
     budget = _budget(cfg, gpu_total)
+    if budget is None and not cuda and checkpointing == "recompute":
+        budget = CPU_MEMORY_SHARE * host_memory_gib()
+        reasons.append(f"on the CPU: layers keep their activations while the estimate stays under {budget:.0f} GiB "
+                       "(half the host memory; adapter.recompute_budget_gib sets another cap)")
     gpu_total = gpu_total or 80.0
     layers = shape_from_config(model_config).layers
     # Host layers need cpt's own LoRA projections inside compiled layers on a GPU (liger's SwiGLU hides
@@ -130,7 +138,7 @@ def decide(cfg: Config, model_config: Any, device: torch.device | str, *, world_
             offload = ((world == 1 and on["tokens_per_s"] >= OFFLOAD_SPEED_TOLERANCE * off["tokens_per_s"])
                        or off["peak_gib"] > FIT_MARGIN * gpu_total)
             reasons.append("train.offload_embedding_state=auto: " + (
-                "on (embedding states in host memory: the estimate loses under 3% of speed)" if offload else
+                "on (embedding states in host memory: the estimate loses under 10% of speed)" if offload else
                 "off (in host memory the step would wait for the copies)"))
         host_n = est(offload, recompute_layers=layers)["host_layers"]
     else:  # a memory budget: keep activations in the lowest layers while the estimate stays under it
@@ -142,13 +150,14 @@ def decide(cfg: Config, model_config: Any, device: torch.device | str, *, world_
         if checkpointing == "offload":
             host_n = 0
         peak = est(offload, recompute_layers=recompute_layers, host_layers=host_n)["peak_gib"]
-        if peak > budget:
+        if peak > budget and cfg.adapter.recompute_budget_gib is not None:
             log.warning("adapter.recompute_budget_gib=%.2f: even with every decoder layer recomputing, cpt plan "
                         "estimates a %.2f GiB peak; lower per_device_train_batch_size or model.max_seq_length, or use "
                         "train.offload_embedding_state / use_gradient_checkpointing=offload / model.load_in_4bit to "
                         "fit under it", budget, peak)
-        reasons.append(f"adapter.recompute_budget_gib={budget:.1f}: {layers - recompute_layers} of {layers} layers "
-                       "keep their activations")
+        if cfg.adapter.recompute_budget_gib is not None:
+            reasons.append(f"adapter.recompute_budget_gib={budget:.1f}: {layers - recompute_layers} of {layers} "
+                           "layers keep their activations")
     keep = layers - recompute_layers
     host = tuple(host_layer_indices(list(range(keep, layers)), layers, host_n)) if host_n else ()
     if host and a.host_activations == "auto":
