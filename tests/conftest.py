@@ -112,3 +112,23 @@ def _cpu_math_settled():
     from cpt.runtime import settle_cpu_math
 
     settle_cpu_math()
+
+
+def pytest_report_header(config):
+    from dependencies import FAST_MOVING, describe
+
+    return "cpt follows: " + describe(FAST_MOVING)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test of a feature that rests on a fast-moving library says which versions it ran on."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.when == "call":
+        from dependencies import FEATURES, describe
+
+        feature = FEATURES.get(item.module.__name__.rsplit(".", 1)[-1])
+        if feature is not None:
+            report.sections.append(("cpt: what this test covers",
+                                    f"{feature[0]}, which rests on {describe(feature[1])}"))

@@ -87,12 +87,17 @@ def test_environment_tokens_are_redacted_whatever_their_shape(monkeypatch):
 
 
 def test_demo_corpus_is_the_same_in_every_process(tmp_path):
-    """The demo's corpus is gathered from live docstrings: two processes must produce identical files."""
+    """The demo's corpus is gathered from live docstrings: two processes, with different environment
+    variables, must produce identical files, and no variable's value may reach the corpus (cgi's
+    functions take `environ=os.environ` as a default)."""
+    import os
     import subprocess
     import sys
     code = "import sys; from pathlib import Path; from cpt.demo import build_corpus; build_corpus(Path(sys.argv[1]))"
-    for d in ("a", "b"):
-        subprocess.run([sys.executable, "-c", code, str(tmp_path / d)], check=True, timeout=300)
+    for d, extra in (("a", {}), ("b", {"CPT_DEMO_PROBE": "hf_not-a-real-token-but-secret"})):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / d)], check=True, timeout=300,
+                       env={**os.environ, **extra})
     for name in ("train.jsonl", "domain_eval.jsonl", "general_eval.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+        assert b"not-a-real-token" not in (tmp_path / "b" / name).read_bytes()
     assert (tmp_path / "a" / "train.jsonl").stat().st_size > 100_000

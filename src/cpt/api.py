@@ -15,18 +15,24 @@ See examples/seed.py.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from cpt.build import build_model
+from cpt.checkpoint import COMPLETE, unwritable_dir
 from cpt.config import AdapterConfig, Config, ConfigError, ModelConfig, _all_keys, config_from_dict, validate
 from cpt.data import build_data
+from cpt.data.cache import cache_root
 from cpt.data.inspect import labeled_warning
+from cpt.data.sources import DataError, is_streaming, resolve_files
 from cpt.distributed import build_accelerator, loading_place
 from cpt.evaluate import Evaluator, load_eval_sets
 from cpt.model import (add_adapters, check_against_model, check_device, enable_gradient_checkpointing, load_base_model,
                        load_model_config, load_tokenizer)
+from cpt.model.load import sole_gguf
 from cpt.plan.rules import checkpointing_mode
 from cpt.report import write_report
 from cpt.runtime import local_device, resolve_dtype
@@ -39,11 +45,74 @@ def is_bfloat16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def check_paths(cfg: Config, train_dataset: Any = None, base_model: bool = True) -> None:
+    """The run's locations, before anything heavy: the output folder and the token cache can be written
+    (a file in the way, no permission, a read-only or full disk), every local data and eval path names
+    files, and a local `model.name_or_path` holds a base model (when `base_model`: none was passed in).
+    Raises ConfigError naming the key, the path and what to do."""
+    if base_model:
+        _check_base_model(cfg.model)
+    out = Path(cfg.output.output_dir).expanduser()
+    if (out / COMPLETE).is_file():
+        raise ConfigError(f"output.output_dir={str(out)!r} is a checkpoint of another run: to continue that run, set "
+                          f"output.output_dir={str(out.parent)!r} (output.resume: auto picks its newest checkpoint) or "
+                          f"output.resume={str(out)!r}; otherwise choose another output_dir")
+    problem = unwritable_dir(out, "output.output_dir")
+    d = cfg.data
+    cached = [s for s in ([train_dataset] if train_dataset is not None else d.sources) if not is_streaming(s, d.streaming)]
+    if not problem and cached:  # only sources read whole write token shards
+        problem = unwritable_dir(cache_root(d.cache_dir), "data.cache_dir")
+    if problem:
+        raise ConfigError(problem)
+    if train_dataset is None and not d.sources:
+        raise ConfigError("no training data: give data.path (a file, folder or glob) or data.dataset")
+    for key, path in ([(f"data.sources[{i}].path", s.path) for i, s in enumerate(d.sources) if s.path]
+                      + [(f"eval.sets[{i}].path", s.path) for i, s in enumerate(cfg.eval.sets) if s.path]):
+        try:
+            resolve_files(path)
+        except DataError as e:
+            raise ConfigError(f"{key}: {e}") from None
+
+
+_BASE = "give a model folder (config.json and weights), a .gguf file or a folder holding one, or a hub name (org/name)"
+
+
+def _check_base_model(m: ModelConfig) -> None:
+    """A local model.name_or_path that holds no base model, named here rather than in transformers'
+    `Unrecognized model` traceback. A name that does not exist and could be a hub id is left to the hub."""
+    name = m.name_or_path
+    p = Path(name).expanduser()
+    if m.gguf_file and os.sep in m.gguf_file:
+        p = Path(m.gguf_file).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"model.gguf_file={m.gguf_file!r}: no such file")
+        return
+    where = f"model.name_or_path={name!r}"
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise ConfigError(f"{where} is a file, not a model: {_BASE}")
+    elif p.is_dir():
+        if m.gguf_file:
+            if not (p / m.gguf_file).is_file():
+                raise ConfigError(f"model.gguf_file={m.gguf_file!r}: no such file in {p}")
+        elif not (p / "config.json").is_file():
+            if any((q / "adapter_config.json").is_file() for q in (p, p / "adapter")):
+                raise ConfigError(f"{where} is a trained adapter, not a base model: give the model it was trained "
+                                  "from (and output.resume to continue its run), or merge it first with `cpt merge`")
+            if not sole_gguf(p, "model.gguf_file"):
+                raise ConfigError(f"{where} holds no model (no config.json, no .gguf file): {_BASE}")
+    elif (name.startswith(("/", ".", "~")) or name.count("/") > 1 or p.suffix in (".gguf", ".json", ".safetensors")
+          or ("/" in name and Path(name.split("/")[0]).is_dir())):  # outputs/run where outputs/ exists
+        raise ConfigError(f"{where}: no such file or folder; {_BASE}")
+
+
 def run_training(cfg: Config, *, model: Any = None, tokenizer: Any = None, train_dataset: Any = None,
                  device: Optional[torch.device] = None) -> dict:
     """Config in, trained adapter out: model -> data -> evaluator -> trainer. Returns the run summary."""
     validate(cfg)
-    resume_point(cfg.output)  # refuse a foreign output_dir before minutes of model loading
+    # Everything that can be checked in seconds is checked before minutes of model loading.
+    resume_point(cfg.output)  # a foreign output_dir
+    check_paths(cfg, train_dataset, base_model=model is None)
     # First the accelerator: under torchrun / accelerate launch it starts the process group and gives
     # each rank its own GPU, which is where that rank's model must be loaded.
     accelerator = build_accelerator(cfg, device)

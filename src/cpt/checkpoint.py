@@ -11,6 +11,7 @@ writes or deletes checkpoint folders.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -129,6 +130,44 @@ def remove_partial(output_dir: str | Path) -> list[Path]:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
+
+
+def unwritable_dir(path: str | Path, key: str) -> Optional[str]:
+    """Why the output folder `path` (config key `key`) cannot be written, as a message naming the key, the
+    path and what to do; None when it can. Catches a file in the way (at the path or above it), a folder
+    without write permission, a read-only file system and a full disk. Callers check this before loading
+    anything heavy, so that the problem costs seconds, not a model load and a traceback.
+
+    Nothing is created: a missing folder is made when the run writes its first file, so a run that fails
+    a later check leaves no empty folder behind. The probe file goes into the nearest folder that exists,
+    which is where the missing ones would be made."""
+    p = Path(path).expanduser()
+    where = f"{key}={str(path)!r}"
+    if p.exists() and not p.is_dir():
+        return f"{where} is a file, not a folder: choose another {key}, or move the file away"
+    existing = next((q for q in (p, *p.parents) if q.exists() or q.is_symlink()), Path("."))
+    if not existing.is_dir():
+        return (f"{where}: {existing} is not a folder (a file or a broken link), so none can be made under it; "
+                f"choose another {key}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{where}: {existing} is not writable by this user; fix its permissions or choose another {key}"
+    probe = existing / f".cpt-write-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        why = {errno.ENOSPC: "the disk is full: free some space", errno.EDQUOT: "the disk quota is used up: free some space",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied: fix the permissions",
+               errno.EPERM: "permission denied: fix the permissions"}.get(e.errno, e.strerror or str(e))
+        return f"{where}: cannot write in {existing} ({why}), or choose another {key}"
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return None
 
 
 def clear_checkpoints(output_dir: str | Path) -> None:

@@ -228,6 +228,12 @@ def _guard(run) -> int:
     except (FileNotFoundError, FileExistsError) as e:
         print(f"cpt: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # A folder that cannot be read or written, a full disk, a hub that cannot be reached: str(e) names
+        # the path or the cause. The traceback is for -v (logged at debug level).
+        logging.getLogger("cpt").debug("traceback", exc_info=True)
+        print(f"cpt: {e} (run with -v for the traceback)", file=sys.stderr)
+        return 2
     except Exception as e:
         from cpt.checkpoint import CheckpointError
         from cpt.train import NonFiniteError

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -215,7 +216,16 @@ def redact(obj: Any) -> Any:
     return obj
 
 
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+
+
 def _type_name(tp: Any) -> str:
+    if tp in _TYPE_WORDS:
+        return _TYPE_WORDS[tp]
+    if typing.get_origin(tp) is list:
+        return "a list"
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -253,6 +263,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
+        if value is None and not key.endswith("]"):  # a section whose keys are all commented out
+            value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return _build(tp, value, key)
@@ -269,11 +281,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str):
             try:
-                return float(value)  # YAML reads "5e-6" as a string
+                value = float(value)  # YAML reads "5e-6" as a string
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # a NaN or infinite rate, ratio or weight poisons the whole run
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -308,9 +322,13 @@ def _suggest(word: str, names: list[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
     if close:
         return f" Did you mean {(prefix + '.' if prefix else '') + close[0]!r}?"
-    elsewhere = _all_keys().get(word)
-    if elsewhere:
-        return f" It belongs in {elsewhere[0]!r}."
+    homes = _all_keys()
+    if word in homes:
+        return f" It belongs in {homes[word][0]!r}."
+    # A misspelt key in the wrong place, or a flat override (`max_step=3`) that found no section.
+    close = difflib.get_close_matches(word, list(homes), n=1, cutoff=0.75)
+    if close:
+        return f" Did you mean {' or '.join(repr(h) for h in homes[close[0]])}?"
     return f" Valid keys: {', '.join(names)}."
 
 
@@ -348,7 +366,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} must look like key=value, e.g. train.max_steps=100")
     key, _, value = text.partition("=")
     key = key.strip().lstrip("-")
-    parsed = yaml.safe_load(value) if value.strip() else None
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
+                          f"if it is text, quote it: {key}=\"'{value}'\"") from None
     parts = key.split(".")
     if len(parts) == 1:
         homes = _all_keys().get(parts[0])
@@ -363,34 +385,89 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     raw = _normalise(yaml.safe_load(yaml.safe_dump(raw or {})))
     for ov in overrides:
         parts, value = parse_override(ov)
-        node = raw
-        for p in parts[:-1]:
-            if p.isdigit() and isinstance(node, list):
-                node = node[int(p)]
-                continue
-            if not isinstance(node.get(p), (dict, list)):
+        if any(p.isdigit() for p in parts):
+            raw = _normalise(raw)  # `data.path=...` given before is data.sources[0] by now
+        node: Any = raw
+        for depth, p in enumerate(parts):
+            where = ".".join(parts[:depth])
+            if isinstance(node, list):
+                if not p.isdigit() or int(p) >= len(node):
+                    raise ConfigError(f"override {ov!r}: {where} is a list of {len(node)}; address an entry as "
+                                      f"{where}.<0..{len(node) - 1}>.<key>, or set {where}=[...] as a whole")
+                p = int(p)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"override {ov!r}: {where} is {node!r}, which has no entry {p!r}; set {where}=... as a whole")
+            if depth == len(parts) - 1:
+                node[p] = value
+                break
+            if isinstance(node, dict) and not isinstance(node.get(p), (dict, list)):
+                if parts[depth + 1].isdigit():
+                    here = ".".join(parts[:depth + 1])
+                    raise ConfigError(f"override {ov!r}: {here} is not given as a list here; set {here}=[...] as a whole")
                 node[p] = {}
             node = node[p]
-        if isinstance(node, list):
-            node[int(parts[-1])] = value
-        else:
-            node[parts[-1]] = value
+    return raw
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping (plain YAML keeps the last one silently)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    first: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
+            continue
+        key = loader.construct_object(key_node)
+        try:
+            if key in first:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: {key!r} is given twice in the same section "
+                                  f"(first on line {first[key]}); keep one")
+            first[key] = key_node.start_mark.line + 1
+        except TypeError:  # an unhashable key: construct_mapping names it
+            pass
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_yaml_file(path: str | os.PathLike) -> dict:
+    """The mapping a YAML config file holds, or a ConfigError naming the file (and line) and what to do."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        inside = p / "config.yaml"
+        hint = f" (a run's config is {inside})" if inside.is_file() else ""
+        raise ConfigError(f"config file {str(p)!r} is a folder: give the path of a YAML file{hint}")
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found: check the path")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (undecodable byte at offset {e.start}); a config is a YAML text file") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot be read ({e.strerror}); check its permissions") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{p}, {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{p}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(p)
+        what = "; ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+        raise ConfigError(f"{where}: not valid YAML ({what}); fix the file there") from None
+    if raw is None:
+        raise ConfigError(f"{p} is empty: write the sections to change (model, adapter, data, train, eval, output), "
+                          "or leave the file out to start from the defaults with key=value overrides")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections (model, adapter, data, train, eval, "
+                          f"output), not a {type(raw).__name__}")
     return raw
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML file (or start from defaults), apply `key=value` overrides, validate."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections (model, adapter, data, train, eval, output)")
+    raw = read_yaml_file(path) if path is not None else {}
     try:
         return config_from_dict(apply_overrides(raw, overrides or []))
     except ConfigError as e:
@@ -455,14 +532,38 @@ def validate(cfg: Config) -> None:
                           "masters); use train.fsdp_offload_params to keep optimizer state in host memory there")
     if t.max_nonfinite_steps < 1:
         raise ConfigError("train.max_nonfinite_steps must be >= 1")
+    for key, ok, rule in _bounds(cfg):
+        if not ok:
+            section, leaf = key.split(".")
+            raise ConfigError(f"{key} must be {rule}, got {getattr(getattr(cfg, section), leaf)!r}")
+    b = a.recompute_budget_gib
+    if (isinstance(b, str) and b != "auto") or (isinstance(b, (int, float)) and b <= 0):
+        raise ConfigError(f"adapter.recompute_budget_gib: {b!r} is not a positive number of GiB, 'auto' or null")
+    unknown = [r for r in o.report_to if r not in ("tensorboard", "none")]
+    if unknown:
+        raise ConfigError(f"output.report_to: {unknown[0]!r} is not a logger cpt writes to (tensorboard; metrics.jsonl "
+                          "is always written); remove it")
+    if o.metric_for_best_model:
+        set_name, _, metric = o.metric_for_best_model.partition("/")
+        if not set_name or metric not in ("loss", "perplexity", "bits_per_byte"):
+            raise ConfigError(f"output.metric_for_best_model={o.metric_for_best_model!r} is not '<set>/<metric>' with "
+                              "metric one of loss, perplexity, bits_per_byte (e.g. 'domain/bits_per_byte')")
+        if not e.eval_steps:
+            raise ConfigError("output.metric_for_best_model needs evaluation during training: set eval.eval_steps > 0")
     for i, s in enumerate(d.sources):
         if bool(s.path) == bool(s.dataset):
             raise ConfigError(f"data.sources[{i}]: give exactly one of path or dataset")
         if s.weight <= 0:
             raise ConfigError(f"data.sources[{i}].weight must be > 0")
+    names = [s.name for s in e.sets]
     for i, s in enumerate(e.sets):
         if bool(s.path) == bool(s.dataset):
             raise ConfigError(f"eval.sets[{i}] ({s.name}): give exactly one of path or dataset")
+        if s.max_docs is not None and s.max_docs < 1:
+            raise ConfigError(f"eval.sets[{i}].max_docs must be >= 1 (or null for every document), got {s.max_docs}")
+        if s.name in names[:i]:
+            raise ConfigError(f"eval.sets[{i}].name {s.name!r} is also eval.sets[{names.index(s.name)}]'s: their results "
+                              "would mix; give each set its own name")
     if not 0 <= e.holdout_fraction < 1:
         raise ConfigError("eval.holdout_fraction must be in [0, 1)")
     if o.save_total_limit is not None and o.save_total_limit < 1:
@@ -473,6 +574,37 @@ def validate(cfg: Config) -> None:
         raise ConfigError("output.save_steps must be >= 0")
     if isinstance(o.resume, str) and o.resume not in ("auto", "true", "false") and not Path(o.resume).exists():
         raise ConfigError(f"output.resume: checkpoint {o.resume!r} does not exist")
+
+
+def _bounds(cfg: Config) -> list[tuple[str, bool, str]]:
+    """(key, within its range, the range in words): a value outside its range would fail deep in the run,
+    after the model has loaded, or train on silently with a meaningless setting."""
+    m, a, d, t, o, e = cfg.model, cfg.adapter, cfg.data, cfg.train, cfg.output, cfg.eval
+    return [
+        ("model.name_or_path", bool(m.name_or_path.strip()), "a Hugging Face model name or a local folder"),
+        ("adapter.lora_alpha", a.lora_alpha > 0, "> 0"),
+        ("train.num_train_epochs", t.num_train_epochs > 0, "> 0"),
+        ("train.weight_decay", t.weight_decay >= 0, ">= 0"),
+        ("train.adam_beta1", 0 <= t.adam_beta1 < 1, "in [0, 1)"),
+        ("train.adam_beta2", 0 <= t.adam_beta2 < 1, "in [0, 1)"),
+        ("train.adam_epsilon", t.adam_epsilon > 0, "> 0"),
+        ("train.warmup_steps", t.warmup_steps >= 0, ">= 0"),
+        ("train.min_lr_ratio", 0 <= t.min_lr_ratio <= 1, "in [0, 1]"),
+        ("train.decay_ratio", 0 < t.decay_ratio <= 1, "in (0, 1]"),
+        ("train.max_grad_norm", t.max_grad_norm >= 0, ">= 0 (0 disables clipping)"),
+        ("train.seed", 0 <= t.seed < 2**32, "in [0, 2**32) (NumPy's seed range)"),
+        ("data.dataset_num_proc", d.dataset_num_proc >= 1, ">= 1"),
+        ("data.max_docs", d.max_docs is None or d.max_docs >= 1, ">= 1 (or null for every document)"),
+        ("data.dataset_text_field", bool(d.dataset_text_field.strip()), "a column name"),
+        ("eval.eval_steps", e.eval_steps >= 0, ">= 0 (0: only at start and end)"),
+        ("eval.holdout_max_docs", e.holdout_max_docs >= 0, ">= 0"),
+        ("eval.max_eval_tokens", e.max_eval_tokens is None or e.max_eval_tokens >= 1, ">= 1 (or null for no limit)"),
+        ("eval.per_device_eval_batch_size", e.per_device_eval_batch_size >= 1, ">= 1"),
+        ("eval.max_new_tokens", e.max_new_tokens >= 1, ">= 1"),
+        ("eval.forgetting_limit", e.forgetting_limit >= 0, ">= 0"),
+        ("output.output_dir", bool(o.output_dir.strip()), "a folder path"),
+        ("output.save_grace_seconds", o.save_grace_seconds >= 0, ">= 0"),
+    ]
 
 
 def help_fields() -> str:

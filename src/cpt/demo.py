@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import os
 import pkgutil
 import re
 import sys
@@ -41,6 +42,25 @@ def smollm2_folder() -> Path:
     return folder
 
 
+class _Shown:
+    """A default value shown by name in a signature."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _signature(obj) -> str:
+    """obj's signature as documentation shows it, the same in every process: a default that is the
+    process's environment (cgi's `environ=os.environ`) is named, never printed (it would put this
+    machine's variables, tokens included, into the corpus), and memory addresses are dropped."""
+    sig = inspect.signature(obj)
+    params = [p.replace(default=_Shown("os.environ")) if p.default is os.environ else p for p in sig.parameters.values()]
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", str(sig.replace(parameters=params)))
+
+
 def module_documentation(name: str) -> Optional[str]:
     """One document: a module's docstring and those of its public classes and functions."""
     with warnings.catch_warnings():
@@ -62,9 +82,7 @@ def module_documentation(name: str) -> Optional[str]:
         if not d:
             continue
         try:
-            # Default values such as functions print with their memory address: drop it, so the
-            # corpus (and the demo's numbers) are the same in every run.
-            sig = re.sub(r" at 0x[0-9a-fA-F]+", "", str(inspect.signature(obj)))
+            sig = _signature(obj)
         except (TypeError, ValueError):
             sig = "(...)"
         kind = "class" if inspect.isclass(obj) else "def"

@@ -17,6 +17,7 @@ import datetime as _dt
 import html
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -487,10 +488,35 @@ def report_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="cpt report", description="Write report.html and plots/*.png for a run folder.")
     p.add_argument("output_dir", help="The run's output_dir (holds metrics.jsonl, eval.jsonl, config.yaml).")
     args = p.parse_args(argv)
+    problem = _not_a_run_folder(Path(args.output_dir))
+    if problem:
+        print(f"cpt report: error: {problem}", file=sys.stderr)
+        return 2
     try:
         path = write_report(args.output_dir)
-    except (FileNotFoundError, OSError) as e:
-        print(f"cpt report: error: {e}", file=sys.stderr)
+    except OSError as e:  # a folder that cannot be written: the report goes nowhere else
+        print(f"cpt report: error: cannot write the report into {args.output_dir}: {e.strerror or e}", file=sys.stderr)
         return 2
     print(f"report: {path}")
     return 0
+
+
+RUN_FILES = ("metrics.jsonl", "eval.jsonl", "config.yaml", "run_summary.json")
+
+
+def _not_a_run_folder(out: Path) -> str | None:
+    """Why `out` is not a run's output_dir (what to give instead), or None. A page built from a folder
+    that holds none of a run's files would only say that nothing was logged, and write into it."""
+    if not out.exists():
+        return f"{out}: no such run folder; give a run's output_dir"
+    if not out.is_dir():
+        return f"{out} is a file; give the run's output_dir, the folder that holds {RUN_FILES[0]}"
+    in_run = (out / "COMPLETE").is_file() or (out.parent / RUN_FILES[0]).is_file()
+    if re.fullmatch(r"checkpoint-\d+", out.name) and in_run:
+        # A checkpoint holds a config.yaml too; the report is of the run and belongs in the run's folder.
+        return f"{out} is a checkpoint; the report is of the whole run: cpt report {out.parent}"
+    if any((out / f).is_file() for f in RUN_FILES):
+        return None
+    runs = sorted(str(d) for d in out.iterdir() if d.is_dir() and any((d / f).is_file() for f in RUN_FILES))
+    inside = f"; the runs inside it: {', '.join(runs[:5])}{' ...' if len(runs) > 5 else ''}" if runs else ""
+    return f"{out} is not a run folder (it holds none of {', '.join(RUN_FILES)}){inside}"

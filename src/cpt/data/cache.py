@@ -7,9 +7,11 @@ Layout of one entry, `<root>/<key>/`:
 
 `key` hashes the source's fingerprint (file names, sizes, mtimes; or the dataset fingerprint), the
 tokenizer's, and every setting that changes the tokens (text field, filters, max_docs, add_eos),
-so a changed source or tokenizer builds a new entry. An entry is built in a temporary folder and
-renamed into place, so a crash never leaves a half-written entry that a later run would trust;
-a lock file keeps several ranks of one host from building the same entry twice.
+so a changed source or tokenizer builds a new entry. `data.strict` changes what is accepted, not the
+tokens: an entry records the rows its build skipped, and a strict run refuses an entry that skipped
+any, failing at the first bad row as it would have with no cache. An entry is built in a temporary
+folder and renamed into place, so a crash never leaves a half-written entry that a later run would
+trust; a lock file keeps several ranks of one host from building the same entry twice.
 
     python -c "from cpt.data.cache import cache_root; print(cache_root(None))"
 """
@@ -99,10 +101,10 @@ def open_or_build(root: Path, key_parts: dict, docs: Callable[[], Iterator[Doc]]
     key = cache_key(key_parts)
     final = root / key
     if (final / "meta.json").exists():
-        return TokenShards(final), True
+        return _checked(TokenShards(final), report), True
     with _locked(root / f"{key}.lock"):
         if (final / "meta.json").exists():  # another rank built it while we waited
-            return TokenShards(final), True
+            return _checked(TokenShards(final), report), True
         tmp = root / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             _build(tmp, key_parts, docs, encoder, report, label, extra_meta() if extra_meta else {})
@@ -116,6 +118,14 @@ def open_or_build(root: Path, key_parts: dict, docs: Callable[[], Iterator[Doc]]
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return TokenShards(final), False
+
+
+def _checked(shards: TokenShards, report: ReadReport) -> TokenShards:
+    """An entry built without data.strict may hold a source with skipped rows; what a run accepts is not
+    part of the key (a clean source's entry serves strict and lenient runs alike), so it is checked here."""
+    m = shards.meta
+    report.check_cached(m.get("skipped", {}), m.get("first_skipped", {}), m.get("first_skipped_detail", {}))
+    return shards
 
 
 def _build(tmp: Path, key_parts: dict, docs: Callable[[], Iterator[Doc]], encoder: Encoder,
@@ -152,7 +162,8 @@ def _build(tmp: Path, key_parts: dict, docs: Callable[[], Iterator[Doc]], encode
     np.save(tmp / "offsets.npy", np.frombuffer(offsets, dtype=np.int64))
     meta = {"format": FORMAT_VERSION, "source": label, "key_parts": key_parts, "dtype": encoder.dtype.name,
             "n_docs": len(offsets) - 1, "n_tokens": total, "shards": shards, "skipped": dict(report.counts),
-            "first_skipped": dict(report.first), "filtered": report.filtered, "build_seconds": round(time.time() - t0, 2), **extra}
+            "first_skipped": dict(report.first), "first_skipped_detail": dict(report.first_detail),
+            "filtered": report.filtered, "build_seconds": round(time.time() - t0, 2), **extra}
     with open(tmp / "meta.json.tmp", "w") as f:
         json.dump(meta, f, indent=1, default=str)
         f.flush()

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from cpt.config import Config, ConfigError, SourceConfig, load_config
-from cpt.data.sources import (SUFFIXES, DataWarning, FileText, ReadReport, iter_rows, load_hf, parse_filters,
-                              resolve_files, source_label)
+from cpt.data.sources import (SUFFIXES, DataWarning, FileText, ReadReport, csv_header_problem, is_datasets_folder,
+                              iter_rows, load_hf, other_files, parquet_file, parse_filters, resolve_files, shorten,
+                              source_label)
 
 PROMPT_FIELDS = ("instruction", "prompt", "question", "query", "input", "context", "problem", "human", "user")
 RESPONSE_FIELDS = ("output", "response", "answer", "completion", "chosen", "target", "solution", "assistant",
@@ -67,7 +68,9 @@ def _as_source(source: Any) -> Any:
     if isinstance(source, (str, Path)):
         s = str(source)
         p = Path(s).expanduser()
-        if p.exists() and not (p.is_dir() and any((p / m).exists() for m in ("dataset_info.json", "dataset_dict.json"))):
+        if is_datasets_folder(p):
+            return SourceConfig(dataset=s)
+        if p.exists():
             return SourceConfig(path=s)
         looks_like_path = s.startswith(("/", ".", "~")) or any(
             s.lower().endswith(x) or s.lower().endswith(x + ".gz") for x in SUFFIXES)
@@ -86,16 +89,17 @@ def _row_count(source: Any) -> int | None:
             if name.endswith((".txt", ".md", ".txt.gz", ".md.gz")):
                 total += 1
             elif name.endswith(".parquet"):
-                import pyarrow.parquet as pq
-
-                total += pq.ParquetFile(f).metadata.num_rows
+                total += parquet_file(f).metadata.num_rows
             elif name.endswith(".jsonl"):
-                with open(f, "rb") as fh:
-                    n, last = 0, b"\n"
-                    for chunk in iter(lambda: fh.read(1 << 24), b""):
-                        n += chunk.count(b"\n")
-                        last = chunk[-1:]
-                    total += n + (last != b"\n")  # blank lines are counted too: an upper bound then
+                try:
+                    with open(f, "rb") as fh:
+                        n, last = 0, b"\n"
+                        for chunk in iter(lambda: fh.read(1 << 24), b""):
+                            n += chunk.count(b"\n")
+                            last = chunk[-1:]
+                except OSError:
+                    return None  # the count is advisory; reading the rows names an unreadable file
+                total += n + (last != b"\n")  # blank lines are counted too: an upper bound then
             else:
                 return None
         return total
@@ -147,15 +151,17 @@ def _verdict(fields: dict[str, dict], text_field: str | None, text_chars: list[i
         others = [k for k in fields if k != text_field]
         meta = [k for k in others if any(h in k.lower() for h in META_HINTS)]
         if meta:
-            evidence.append(f"metadata fields: {', '.join(meta)}")
+            evidence.append(f"metadata fields: {', '.join(map(_short_name, meta))}")
         rest = [k for k in others if k not in meta]
         if rest:
-            evidence.append(f"other fields: {', '.join(rest)} (no prompt/response, chat or label pattern)")
+            evidence.append(f"other fields: {', '.join(map(_short_name, rest))} "
+                            "(no prompt/response, chat or label pattern)")
         long_others = [k for k in strings if k != text_field]
         if long_others:
-            evidence.append(f"note: {', '.join(long_others)} also hold long text")
+            evidence.append(f"note: {', '.join(map(_short_name, long_others))} also hold long text")
         return {"kind": "unlabeled", "label": "unlabeled (continued-pretraining material)", "evidence": evidence}
-    evidence.append("no usable text field" + (f"; long string fields: {', '.join(strings)}" if strings else ""))
+    evidence.append("no usable text field" + (f"; long string fields: {', '.join(map(_short_name, strings))}"
+                                              if strings else ""))
     return {"kind": "unknown", "label": "unknown (no text field found)", "evidence": evidence}
 
 
@@ -184,8 +190,23 @@ def inspect_source(source: Any, tokenizer: Any = None, cfg: Config | None = None
     filters = parse_filters(source.filters if isinstance(source, SourceConfig) else [])
     report = ReadReport(source_label(source))
     fields: dict[str, dict] = {}
-    texts: list[str] = []
-    n = 0
+    chars: list[int] = []
+    tokens: list[int] | None = [] if tokenizer is not None else None
+    pending: list[str] = []  # texts waiting to be tokenised: counts are kept, never the sampled texts
+    encoder = None
+    if tokenizer is not None:
+        from cpt.data.tokenize import Encoder
+
+        encoder = Encoder(tokenizer, add_eos=False)
+
+    def count_tokens() -> None:
+        if encoder is not None and pending:
+            tokens.extend(len(x) for x in encoder.encode(pending))
+        pending.clear()
+
+    files = resolve_files(source.path) if isinstance(source, SourceConfig) and source.path else []
+    problem = None
+    pending_chars = n = 0
     n_empty = n_nonstr = n_filtered = 0
     seen: set[bytes] = set()
     dups = 0
@@ -196,12 +217,14 @@ def inspect_source(source: Any, tokenizer: Any = None, cfg: Config | None = None
         loaded = None
         if isinstance(source, SourceConfig) and source.dataset:
             loaded = load_hf(source, streaming=bool(source.streaming))
-        for row, where, _loc in iter_rows(source, report=report, loaded=loaded, streaming=True):
+        for row, where, loc in iter_rows(source, report=report, loaded=loaded, streaming=True):
             if n >= sample_rows:
                 exhausted = False
                 break
             n += 1
             is_files = isinstance(row, FileText)
+            if n == 1 and files and files[loc["file"]].name.lower().endswith((".csv", ".csv.gz")):
+                problem = csv_header_problem(files[loc["file"]], list(row), [text_field])
             for k, v in row.items():
                 info = fields.setdefault(k, {"types": Counter(), "non_null": 0, "values": Counter(), "max_str_len": 0,
                                              "str_len_sum": 0, "str_n": 0, "chat_like": False, "roles": set()})
@@ -239,7 +262,13 @@ def inspect_source(source: Any, tokenizer: Any = None, cfg: Config | None = None
             if h in seen:
                 dups += 1
             seen.add(h)
-            texts.append(text)
+            chars.append(len(text))
+            pending.append(text)
+            pending_chars += len(text)
+            if pending_chars >= 1 << 20:
+                count_tokens()
+                pending_chars = 0
+        count_tokens()
 
     field_out: dict[str, dict] = {}
     for k, info in fields.items():
@@ -251,13 +280,7 @@ def inspect_source(source: Any, tokenizer: Any = None, cfg: Config | None = None
                         "chat_like": info["chat_like"], "roles": sorted(info["roles"]),
                         "examples": [v for v, _ in info["values"].most_common(6) if v != "\0overflow"]}
     has_text = is_files or text_field in fields
-    chars = [len(t) for t in texts]
-    tokens: list[int] | None = None
-    if tokenizer is not None and texts:
-        from cpt.data.tokenize import Encoder
-
-        enc = Encoder(tokenizer, add_eos=False)
-        tokens = [len(x) for x in enc.encode(texts)]
+    tokens = tokens or None
     rows = n if exhausted else _row_count(loaded if loaded is not None else source)
     verdict = _verdict(field_out, ("text" if is_files else text_field) if has_text else None, chars, n)
     result: dict[str, Any] = {
@@ -281,10 +304,22 @@ def inspect_source(source: Any, tokenizer: Any = None, cfg: Config | None = None
     }
     if not has_text:
         cands = [k for k, v in field_out.items() if v["types"].get("string")]
-        result["text_field_candidates"] = sorted(cands, key=lambda k: -field_out[k]["mean_str_len"])
+        result["text_field_candidates"] = [_short_name(k) for k in
+                                           sorted(cands, key=lambda k: -field_out[k]["mean_str_len"])]
+    if problem:
+        result["problem"] = problem
+    if files and Path(source.path).expanduser().is_dir():
+        ignored = other_files(Path(source.path).expanduser())
+        if ignored:
+            result["ignored_files"] = [str(f) for f in ignored]
     if cfg is not None:
-        result["budget"] = _budget(result, cfg, tokens, len(texts))
+        result["budget"] = _budget(result, cfg, tokens, len(chars))
     return result
+
+
+def _short_name(k: Any) -> str:
+    """A field name for display: a CSV whose first line is a document has that document as a field name."""
+    return k if isinstance(k, str) and len(k) <= 40 else shorten(k, 40)
 
 
 def _budget(result: dict, cfg: Config, tokens: list[int] | None, n_docs_sampled: int) -> dict:
@@ -334,6 +369,7 @@ def _fmt_q(q: dict | None) -> str:
 
 def render_inspection(result: dict, console: Any) -> None:
     """Print `inspect_source`'s result as rich tables."""
+    from rich.markup import escape
     from rich.table import Table
 
     rows = result["rows"]
@@ -347,7 +383,7 @@ def render_inspection(result: dict, console: Any) -> None:
         ft.add_column(c)
     for k, v in result["fields"].items():
         types = ", ".join(f"{t} ({n})" if len(v["types"]) > 1 else t for t, n in v["types"].items())
-        ft.add_row(k, types, f"{v['non_null']:,}", "-" if v["distinct"] is None else f"{v['distinct']:,}",
+        ft.add_row(_short_name(k), types, f"{v['non_null']:,}", "-" if v["distinct"] is None else f"{v['distinct']:,}",
                    ", ".join(v["examples"][:3]) if v["distinct"] is not None and v["max_str_len"] <= 40 else "")
     console.print(ft)
     lt = Table(title="text field length (min / median / p95 / max)")
@@ -360,8 +396,15 @@ def render_inspection(result: dict, console: Any) -> None:
     console.print(f"empty rows: {result['empty_rows']:,}   non-string text: {result['non_string_rows']:,}   "
                   f"duplicates: {result['duplicate_rows']:,}   filtered out: {result['filtered_rows']:,}"
                   + (f"   unreadable: {bad}" if bad else ""))
-    if result.get("text_field_candidates"):
-        console.print(f"[yellow]text field not found; string fields: {', '.join(result['text_field_candidates'])}[/yellow]")
+    if result.get("problem"):
+        console.print(f"[yellow]{escape(result['problem'])}[/yellow]")
+    elif result.get("text_field_candidates"):
+        console.print(f"[yellow]text field not found; string fields: "
+                      f"{escape(', '.join(result['text_field_candidates']))}[/yellow]")
+    if result.get("ignored_files"):
+        ig = result["ignored_files"]
+        console.print(f"[yellow]ignored {len(ig)} file(s) cpt does not read, e.g. {escape(ig[0])}; it reads "
+                      f"{' '.join(SUFFIXES)} (optionally .gz)[/yellow]")
     v = result["verdict"]
     color = {"unlabeled": "green", "labeled_pairs": "yellow", "classification": "yellow"}.get(v["kind"], "red")
     console.print(f"verdict: [bold {color}]{v['label']}[/bold {color}]")

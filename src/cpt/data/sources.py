@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
@@ -62,19 +63,31 @@ class ReadReport:
     source: str
     counts: dict[str, int] = field(default_factory=dict)
     first: dict[str, str] = field(default_factory=dict)
+    first_detail: dict[str, str] = field(default_factory=dict)
     filtered: int = 0
     strict: bool = False
 
     LABELS = {"empty": "empty or whitespace-only", "non_string": "non-string text", "bad_utf8": "invalid UTF-8",
               "bad_json": "malformed JSON", "missing_field": "missing text field",
-              "repaired_utf8": "invalid UTF-8 (bytes replaced)"}
+              "bad_csv": "malformed CSV row", "repaired_utf8": "invalid UTF-8 (bytes replaced)"}
 
     def skip(self, kind: str, where: str, detail: str = "") -> None:
         if self.strict:
-            raise DataError(f"{where}: {self.LABELS[kind]}{(': ' + detail) if detail else ''} "
-                            "(data.strict is on; turn it off to skip such rows and count them)")
+            raise self.strict_error(kind, where, detail)
         self.counts[kind] = self.counts.get(kind, 0) + 1
         self.first.setdefault(kind, where)
+        self.first_detail.setdefault(kind, detail)
+
+    def strict_error(self, kind: str, where: str, detail: str = "") -> DataError:
+        return DataError(f"{where}: {self.LABELS.get(kind, kind)}{(': ' + detail) if detail else ''} "
+                         "(data.strict is on; turn it off to skip such rows and count them)")
+
+    def check_cached(self, counts: dict[str, int], first: dict[str, str], detail: dict[str, str]) -> None:
+        """Under data.strict, refuse a token cache whose (non-strict) build skipped rows: the strict run
+        must fail at the first bad row exactly as it would have with no cache."""
+        if self.strict and counts:
+            kind = next(iter(counts))  # kinds are recorded in the order first met: this is the first bad row
+            raise self.strict_error(kind, first.get(kind, self.source), detail.get(kind, ""))
 
     @property
     def skipped(self) -> int:
@@ -166,9 +179,18 @@ def resolve_files(path: str) -> list[Path]:
     if p.is_file():
         files = [p]
     elif p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and _suffix(f) in SUFFIXES)
+        if is_datasets_folder(p):
+            # its dataset_info.json would otherwise be read as rows, and its .arrow files not at all
+            raise DataError(f"{path}: this is a `datasets` folder (save_to_disk): give it as the source's "
+                            f"`dataset: {path}` instead of `path:`")
+        try:
+            files = sorted(f for f in p.rglob("*") if f.is_file() and _suffix(f) in SUFFIXES)
+        except OSError as e:
+            raise DataError(f"{path}: folder cannot be listed ({e.strerror or e}): check its permissions") from None
         if not files:
-            raise DataError(f"{path}: folder holds no {'/'.join(SUFFIXES)} files (.gz allowed)")
+            other = other_files(p)
+            raise DataError(f"{path}: folder holds no {'/'.join(SUFFIXES)} files (.gz allowed)"
+                            + (f"; it holds {_describe_files(other)}: convert them to one of those" if other else ""))
     elif any(c in path for c in "*?["):
         files = sorted(Path(f) for f in glob.glob(os.path.expanduser(path), recursive=True) if Path(f).is_file())
         if not files:
@@ -182,6 +204,36 @@ def resolve_files(path: str) -> list[Path]:
     return files
 
 
+_DATASETS_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+
+
+def is_datasets_folder(p: Path) -> bool:
+    """A `datasets` save_to_disk folder. A folder of JSON documents may hold a `state.json` of its own:
+    a marker counts only beside the .arrow files it describes (or a DatasetDict's dataset_dict.json)."""
+    if not p.is_dir():
+        return False
+    return (p / "dataset_dict.json").exists() or (
+        any((p / m).exists() for m in _DATASETS_MARKERS) and any(p.glob("*.arrow")))
+
+
+def other_files(folder: Path) -> list[Path]:
+    """Files in a source folder that cpt does not read (hidden files aside): reported, never silently dropped."""
+    try:
+        return sorted(f for f in folder.rglob("*") if f.is_file() and _suffix(f) not in SUFFIXES
+                      and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+    except OSError:
+        return []
+
+
+def _describe_files(files: list[Path]) -> str:
+    kinds: dict[str, int] = {}
+    for f in files:
+        k = "".join(f.suffixes[-2:]).lower() or f.name
+        kinds[k] = kinds.get(k, 0) + 1
+    shown = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])[:6])
+    return f"{len(files)} file(s) of other types ({shown}{', ...' if len(kinds) > 6 else ''})"
+
+
 def _suffix(f: Path) -> str:
     name = f.name.lower()
     if name.endswith(".gz"):
@@ -193,6 +245,38 @@ def _open_bytes(f: Path) -> io.BufferedIOBase:
     return gzip.open(f, "rb") if f.name.lower().endswith(".gz") else open(f, "rb")
 
 
+_SIGNATURES = (
+    (b"PAR1", "a Parquet file", "name it .parquet"),
+    (b"\x1f\x8b", "gzip-compressed", "add .gz to its name (e.g. data.jsonl.gz)"),
+    (b"PK\x03\x04", "a ZIP archive (.zip, .docx, .xlsx, .odt, ...)", "export its text as .txt, .jsonl or .csv"),
+    (b"%PDF", "a PDF", "extract its text first (e.g. pdftotext) into .txt"),
+    (b"ARROW1", "an Arrow file", "load it with `datasets` (a `dataset:` source) or convert it to .parquet"),
+    (b"\xff\xfe\x00\x00", "UTF-32 text", "convert it to UTF-8 (iconv -f UTF-32 -t UTF-8)"),
+    (b"\xff\xfe", "UTF-16 text", "convert it to UTF-8 (iconv -f UTF-16 -t UTF-8)"),
+    (b"\xfe\xff", "UTF-16 text", "convert it to UTF-8 (iconv -f UTF-16 -t UTF-8)"),
+)
+_BOM = b"\xef\xbb\xbf"
+
+
+def _check_head(f: Path, head: bytes) -> None:
+    """Refuse a text-format file whose first bytes say it is something else: read as text, it would
+    become garbage documents or a pile of skipped rows instead of an error naming the file."""
+    for magic, what, fix in _SIGNATURES:
+        if head.startswith(magic):
+            raise DataError(f"{f}: the file is {what}, which cpt does not read as {_suffix(f)}: {fix}")
+    if b"\x00" in head[:8192]:
+        raise DataError(f"{f}: holds NUL bytes, so it is binary or UTF-16/32 text, which cpt does not read as "
+                        f"{_suffix(f)}: convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8) or remove it from "
+                        "the source")
+
+
+def _peek(fh: Any) -> bytes:
+    try:
+        return fh.peek(8192)[:8192]
+    except (AttributeError, io.UnsupportedOperation):
+        return b""
+
+
 def _line_of(data: bytes, pos: int) -> int:
     return data.count(b"\n", 0, pos) + 1
 
@@ -200,12 +284,14 @@ def _line_of(data: bytes, pos: int) -> int:
 def _iter_text_file(f: Path, report: ReadReport) -> Iterator[dict]:
     with _open_bytes(f) as fh:
         data = fh.read()
+    _check_head(f, data[:8192])
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         # A whole file is one document: replacing a stray byte keeps the document, dropping it would not.
         report.skip("repaired_utf8", f"{f}:{_line_of(data, e.start)}", "bytes replaced with U+FFFD")
-        text = data.decode("utf-8", errors="replace")
+        text = data.decode("utf-8-sig", errors="replace")
+    del data  # a huge one-document file: hold its text only, not its bytes as well
     yield FileText(text=text)
 
 
@@ -217,6 +303,8 @@ def _iter_jsonl(f: Path, report: ReadReport, row: int, byte: int | None) -> Iter
         if byte is not None and seekable:
             fh.seek(byte)
             lineno = row
+        else:
+            _check_head(f, _peek(fh))
         offset = fh.tell() if seekable else None
         for raw in fh:
             start = offset
@@ -225,6 +313,8 @@ def _iter_jsonl(f: Path, report: ReadReport, row: int, byte: int | None) -> Iter
             lineno += 1
             if lineno <= row:
                 continue  # compressed file: no seeking, read up to the saved row
+            if lineno == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]  # Windows editors start UTF-8 files with a byte-order mark
             where = f"{f}:{lineno}"
             if not raw.strip():
                 continue  # blank separator lines are not rows
@@ -247,8 +337,9 @@ def _iter_jsonl(f: Path, report: ReadReport, row: int, byte: int | None) -> Iter
 def _iter_json(f: Path, report: ReadReport) -> Iterator[dict]:
     with _open_bytes(f) as fh:
         data = fh.read()
+    _check_head(f, data[:8192])
     try:
-        obj = json.loads(data.decode("utf-8"))
+        obj = json.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         raise DataError(f"{f}:{_line_of(data, e.start)}: invalid UTF-8 in a .json file") from None
     except json.JSONDecodeError as e:
@@ -256,7 +347,10 @@ def _iter_json(f: Path, report: ReadReport) -> Iterator[dict]:
             for obj, _, _ in _iter_jsonl(f, report, 0, None):
                 yield obj
             return
-        raise DataError(f"{f}:{e.lineno}: malformed JSON: {e.msg}") from None
+        raise DataError(f"{f}:{e.lineno}: malformed JSON: {e.msg}"
+                        + (" (the file is empty)" if not data.strip() else
+                           " (truncated or not JSON: fix the file, or remove it from the source)")) from None
+    del data
     if isinstance(obj, dict):
         lists = [v for v in obj.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -271,17 +365,61 @@ def _iter_json(f: Path, report: ReadReport) -> Iterator[dict]:
         yield r
 
 
-def _iter_csv(f: Path, report: ReadReport) -> Iterator[dict]:
+def _iter_csv(f: Path, report: ReadReport, columns: list[str] | None) -> Iterator[dict]:
     csv.field_size_limit(sys.maxsize)
-    opener = gzip.open if f.name.lower().endswith(".gz") else open
-    with opener(f, "rt", encoding="utf-8", errors="surrogateescape", newline="") as fh:
-        reader = csv.DictReader(fh)
-        for r in reader:
-            bad = next((k for k, v in r.items() if isinstance(v, str) and _has_surrogates(v)), None)
-            if bad is not None:
-                report.skip("bad_utf8", f"{f}:{reader.line_num}", f"in column {bad!r}")
-                continue
-            yield r
+    with _open_bytes(f) as raw:
+        _check_head(f, _peek(raw))
+        fh = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        # strict: an unclosed quote (a truncated file) or stray text after a quoted cell is an error
+        # naming the line, not a row that silently swallows the rest of the file
+        reader = csv.DictReader(fh, strict=True)
+        line = 1  # where the row being read starts (a quoted cell may span lines)
+        try:
+            if reader.fieldnames is not None and columns:
+                _check_csv_header(f, reader.fieldnames, columns)
+            line = reader.line_num + 1
+            for r in reader:
+                where, line = f"{f}:{line}", reader.line_num + 1
+                if None in r:
+                    # an unquoted comma in the text: the cells past the header's would be dropped silently
+                    report.skip("bad_csv", where, f"{len(reader.fieldnames) + len(r[None])} cells, the header names "
+                                f"{len(reader.fieldnames)} (quote cells that hold commas)")
+                    continue
+                if any(v is None for v in r.values()):
+                    report.skip("bad_csv", where, f"fewer cells than the {len(reader.fieldnames)} the header names")
+                    continue
+                bad = next((k for k, v in r.items() if isinstance(v, str) and _has_surrogates(v)), None)
+                if bad is not None:
+                    report.skip("bad_utf8", where, f"in column {bad!r}")
+                    continue
+                yield r
+        except csv.Error as e:
+            raise DataError(f"{f}:{line}: malformed CSV: {e} (a truncated file or an unclosed quote: "
+                            "fix the quoting, or remove the file from the source)") from None
+
+
+def shorten(text: Any, n: int = 60) -> str:
+    """A value quoted for a message, cut to about `n` characters: a header row that is really a document
+    must not print the whole document."""
+    s = repr(text)
+    return s if len(s) <= n else s[: n - 3] + "...'"
+
+
+def csv_header_problem(f: Path, fieldnames: list[str], columns: list[str]) -> str | None:
+    """What is wrong when a CSV's header row names none of `columns`, or None."""
+    missing = [c for c in columns if c not in fieldnames]
+    if not missing:
+        return None
+    found = shorten(",".join(map(str, fieldnames)))
+    return (f"{f}: has no header row naming the column {missing[0]!r} (its first line reads {found}). "
+            f"The first line of a CSV names its columns: add a header line (e.g. `{missing[0]}`), or set the "
+            "source's text_field (or data.dataset_text_field) to the column that holds the text")
+
+
+def _check_csv_header(f: Path, fieldnames: list[str], columns: list[str]) -> None:
+    problem = csv_header_problem(f, fieldnames, columns)
+    if problem:
+        raise DataError(problem)
 
 
 def _has_surrogates(s: str) -> bool:
@@ -292,30 +430,72 @@ def _has_surrogates(s: str) -> bool:
         return True
 
 
-def _iter_parquet(f: Path, columns: list[str] | None, row: int) -> Iterator[dict]:
+def parquet_file(f: Path) -> Any:
+    """pyarrow's ParquetFile, or a DataError naming the file when it is truncated or not Parquet."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(f)
+    try:
+        return pq.ParquetFile(f)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{f}: not a readable Parquet file ({_first_line(e)}); it is truncated (an interrupted "
+                        "download or copy) or not Parquet at all: write or download it again, or remove it "
+                        "from the source") from None
+
+
+def _first_line(e: BaseException) -> str:
+    """The first sentence of an exception's message: library messages run on with advice for their own users."""
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return line.split(". ")[0].rstrip(".")
+
+
+def _iter_parquet(f: Path, columns: list[str] | None, row: int) -> Iterator[dict]:
+    import pyarrow as pa
+
+    pf = parquet_file(f)
     names = pf.schema_arrow.names
     if columns is not None:
         missing = [c for c in columns if c not in names]
         if missing:
-            raise DataError(f"{f}: no column {missing[0]!r}; columns are: {', '.join(names)}")
+            raise DataError(f"{f}: no column {missing[0]!r}; the columns are: {_names(names)}. Set the source's "
+                            "text_field (or data.dataset_text_field) to the column that holds the text")
     skip = row
     for g in range(pf.num_row_groups):
         n = pf.metadata.row_group(g).num_rows
         if skip >= n:
             skip -= n  # the saved position lies past this row group: never read it
             continue
-        table = pf.read_row_group(g, columns=columns)
+        try:
+            table = pf.read_row_group(g, columns=columns)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{f}: row group {g} cannot be read ({_first_line(e)}); the file is damaged: write or "
+                            "download it again, or remove it from the source") from None
         for r in table.slice(skip).to_pylist():
             yield r
         skip = 0
 
 
+def _names(names: Iterable[Any], n: int = 20) -> str:
+    names = list(names)
+    shown = ", ".join(shorten(k, 40) if not isinstance(k, str) or len(k) > 37 else k for k in names[:n])
+    return (shown + (f", ... ({len(names)} in all)" if len(names) > n else "")) or "(none)"
+
+
 def _iter_file_rows(f: Path, report: ReadReport, columns: list[str] | None, row: int,
                     byte: int | None) -> Iterator[tuple[dict, str, int, int | None]]:
     """(row, where, row number, byte offset) from one file, starting at `row` (or `byte` for JSON lines)."""
+    try:
+        yield from _file_rows(f, report, columns, row, byte)
+    except (OSError, EOFError, zlib.error) as e:
+        gz = f.name.lower().endswith(".gz") and not isinstance(e, PermissionError)
+        fix = ("the compressed file is truncated or not gzip: download or compress it again" if gz else
+               "check that it exists, is readable and is complete")
+        raise DataError(f"{f}: cannot be read ({type(e).__name__}: {_first_line(e)}); {fix}, "
+                        "or remove it from the source") from None
+
+
+def _file_rows(f: Path, report: ReadReport, columns: list[str] | None, row: int,
+               byte: int | None) -> Iterator[tuple[dict, str, int, int | None]]:
     kind = _suffix(f)
     if kind == ".jsonl":
         for r, i, b in _iter_jsonl(f, report, row, byte):
@@ -327,7 +507,7 @@ def _iter_file_rows(f: Path, report: ReadReport, columns: list[str] | None, row:
     elif kind == ".json":
         it, where = _iter_json(f, report), lambda i: f"{f}: row {i}"
     elif kind == ".csv":
-        it, where = _iter_csv(f, report), lambda i: f"{f}: row {i + 1}"
+        it, where = _iter_csv(f, report, columns), lambda i: f"{f}: row {i + 1}"
     else:
         it, where = _iter_parquet(f, columns, row), lambda i: f"{f}: row {i}"
         for i, r in enumerate(it, start=row):
@@ -369,8 +549,12 @@ def load_hf(source: SourceConfig, streaming: bool) -> Any:
 
     name = source.dataset
     p = Path(name).expanduser()
-    if p.is_dir() and any((p / m).exists() for m in ("dataset_info.json", "dataset_dict.json", "state.json")):
-        ds = datasets.load_from_disk(str(p))
+    if p.is_dir() and any((p / m).exists() for m in _DATASETS_MARKERS):
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except (FileNotFoundError, ValueError, OSError, KeyError) as e:
+            raise DataError(f"{name}: this `datasets` folder cannot be loaded ({type(e).__name__}: {_first_line(e)}); "
+                            "it is incomplete or damaged: save it again with save_to_disk") from None
         if isinstance(ds, datasets.DatasetDict):
             split = (_SLICE.match(source.split) or re.match(r"(.*)", source.split)).group(1)
             if split not in ds:
@@ -455,6 +639,11 @@ def iter_rows(source: SourceConfig | Any, *, columns: list[str] | None = None, s
     report = report or ReadReport(source_label(source))
     if isinstance(source, SourceConfig) and source.path:
         files = resolve_files(source.path)
+        folder = Path(source.path).expanduser()
+        other = other_files(folder) if folder.is_dir() and not start else []
+        if other:
+            warnings.warn(f"{source.path}: ignored {_describe_files(other)}, first {other[0]}; cpt reads "
+                          f"{' '.join(SUFFIXES)} (optionally .gz)", DataWarning, stacklevel=2)
         order = file_order if file_order is not None else list(range(len(files)))
         k0 = int(start["file"]) if start else 0
         for k in range(k0, len(order)):
@@ -496,8 +685,8 @@ def iter_docs(source: SourceConfig | Any, default_text_field: str = "text", *, m
                 raise DataError(f"{where}: filters {[f.text for f in filters]} need columns, and a .txt/.md file has none")
             text = row["text"]  # .txt/.md: the file is the document whatever the text field is called
         elif not checked and field_ not in row:
-            raise DataError(f"{where}: no text field {field_!r}; the fields are: {', '.join(map(str, row)) or '(none)'}. "
-                            "Set data.dataset_text_field or the source's text_field.")
+            raise DataError(f"{where}: no text field {field_!r}; the fields are: {_names(row)}. "
+                            "Set data.dataset_text_field or the source's text_field to the field that holds the text.")
         elif field_ not in row:
             report.skip("missing_field", where, f"no field {field_!r}")
             continue
@@ -507,7 +696,7 @@ def iter_docs(source: SourceConfig | Any, default_text_field: str = "text", *, m
             missing = [f for f in filters if f.column not in row]
             if missing:
                 raise DataError(f"{where}: filter {missing[0].text!r}: no column {missing[0].column!r}; "
-                                f"the fields are: {', '.join(map(str, row))}")
+                                f"the fields are: {_names(row)}")
         checked = True
         if filters and not all(f(row, where) for f in filters):
             report.filtered += 1

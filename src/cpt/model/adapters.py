@@ -11,6 +11,7 @@ plan's choice (cpt.plan), passed in.
 """
 from __future__ import annotations
 
+import difflib
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -75,6 +76,7 @@ def add_adapters(model: nn.Module, a: AdapterConfig, compute_dtype: torch.dtype,
 
     lora_targets = [m for m in a.target_modules if m not in EMBEDDING_MODULES]
     full = [m for m in a.target_modules if m in EMBEDDING_MODULES]
+    _check_targets(model, lora_targets)
     tied = bool(getattr(model.config, "tie_word_embeddings", False)) or _weights_shared(model)
     if tied and full and set(full) != set(EMBEDDING_MODULES):
         # A tied model has one matrix: training the input side trains the output side too.
@@ -110,6 +112,24 @@ def add_adapters(model: nn.Module, a: AdapterConfig, compute_dtype: torch.dtype,
         if p.requires_grad and p.dtype != torch.float32 and p.is_floating_point() and not getattr(p, SPLIT_MASTER, False):
             p.data = p.data.float()  # every trained tensor has a float32 master
     return model
+
+
+def _check_targets(model: nn.Module, targets: list[str]) -> None:
+    """Every LoRA target must name some module, by peft's rule (the whole name or its last parts): peft
+    wraps the ones it finds and keeps the others in the saved adapter config, so a typo trains less than
+    asked, silently."""
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if not missing:
+        return
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                     if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"} - set(EMBEDDING_MODULES))
+    hints = []
+    for t in missing:
+        close = difflib.get_close_matches(t, linear, n=1)
+        hints.append(f"{t!r} (did you mean {close[0]!r}?)" if close else repr(t))
+    raise ConfigError(f"adapter.target_modules: {', '.join(hints)} matches no module of this model; "
+                      f"its linear layers are {', '.join(linear) or 'none'}")
 
 
 def sparse_gradients(model: nn.Module) -> bool:

@@ -1,4 +1,4 @@
-"""Memory and speed estimate of a run before it starts: `cpt plan CONFIG [key=value ...]`.
+"""Memory and speed estimate of one set of run choices, from the model's shape alone (no weights).
 
 Peak GPU memory is counted from the model's shape (read from its config.json, no weights loaded):
 frozen weights (bf16, or NF4 with its quantisation constants), the frozen originals peft keeps of
