@@ -11,6 +11,13 @@ measurement. Writes bench/results/gpu_throughput.{md,json} (or --out).
     python bench/gpu_throughput.py                       # everything (about 8 minutes on one H200)
     python bench/gpu_throughput.py --rows bf16 --runs 1  # a subset
     python bench/gpu_throughput.py --worker ours --mode bf16 --result /tmp/r.json   # one row
+
+Other families (`--family qwen3,mistral`: a Qwen3-8B, Mistral-7B or Gemma-2-9B shape, random weights) run
+the bf16 and nf4 rows, baseline and ours, and write bench/results/gpu_throughput_families.{md,json}; the
+Llama rows and their file are untouched by them. `--tiny --device cpu` on a worker is a dry run of its
+plumbing on a 2-layer model of the family's kind (tests/test_bench_gpu_throughput.py).
+
+    python bench/gpu_throughput.py --family qwen3,mistral --rows bf16,nf4 --warmup 2 --steps 6
 """
 from __future__ import annotations
 
@@ -44,6 +51,27 @@ ANCHOR = {"bf16": {"baseline": {"tokens_per_s": 6751, "peak_gib": 28.9}, "unslot
 TARGETS = {"bf16": {"speedup": 1.8, "memory_ratio": 0.75}, "nf4": {"speedup": 1.75, "memory_ratio": 0.65}}
 BUDGET_MARGIN_GIB = 0.1  # the ours_budget row's cap sits this far under the memory target
 LONG_LADDER = [8192, 16384, 32768, 65536, 131072]
+# The other families' rows: transformers' config class and a realistic shape (published configs' sizes,
+# random weights). attn: the attention both systems use (transformers has no SDPA for Gemma 2).
+FAMILIES = {
+    "llama": {"config": "LlamaConfig", "shape": LLAMA_8B, "name": "Llama-3.1-8B shape", "attn": "sdpa"},
+    "qwen3": {"config": "Qwen3Config", "name": "Qwen3-8B shape", "attn": "sdpa", "shape": dict(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=128, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
+        tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645, hidden_act="silu")},
+    "mistral": {"config": "MistralConfig", "name": "Mistral-7B-v0.3 shape", "attn": "sdpa", "shape": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        vocab_size=32768, rms_norm_eps=1e-5, rope_theta=1000000.0, max_position_embeddings=32768, sliding_window=None,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, hidden_act="silu")},
+    "gemma2": {"config": "Gemma2Config", "name": "Gemma-2-9B shape", "attn": "eager", "shape": dict(
+        hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8,
+        head_dim=256, vocab_size=256000, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=8192,
+        query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+        tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0, hidden_activation="gelu_pytorch_tanh")},
+}
+# --tiny: the family's kind at toy size (a dry run of a worker's plumbing on a CPU).
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=512, bos_token_id=1, eos_token_id=1, pad_token_id=0)
 PEAK_TFLOPS = 989.0  # H200 SXM dense bf16 datasheet; the anchor's MFU uses the same
 
 
@@ -52,7 +80,8 @@ PEAK_TFLOPS = 989.0  # H200 SXM dense bf16 datasheet; the anchor's MFU uses the 
 
 def _sync() -> None:
     import torch
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():  # (a --device cpu dry run has nothing to wait for)
+        torch.cuda.synchronize()
 
 
 def _gib(n: float) -> float:
@@ -69,20 +98,44 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>", unk_token="<unk>", pad_token="<|eos|>")
 
 
-def build_model_dir(path: Path) -> None:
-    """Random Llama-3.1-8B-shaped weights (transformers' own init, seed 0), saved as bf16 safetensors."""
+def family_config(family: str = "llama", tiny: bool = False):
+    """The transformers config of a family's benchmark shape (or, tiny, of its kind at toy size)."""
+    import transformers
+
+    spec = FAMILIES[family]
+    return getattr(transformers, spec["config"])(**{**spec["shape"], **(TINY if tiny else {})})
+
+
+def build_model_dir(path: Path, family: str = "llama", tiny: bool = False, device: str = "cuda") -> None:
+    """Random weights of the family's shape (transformers' own init, seed 0), saved as bf16 safetensors."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    cfg = LlamaConfig(**LLAMA_8B)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
+    cfg = family_config(family, tiny)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(path, max_shard_size="4GB")
     _tokenizer().save_pretrained(path)
+
+
+def token_high(family: str = "llama", tiny: bool = False) -> int:
+    """Random token ids are drawn below this: TOKEN_HIGH, or the vocabulary where it is smaller."""
+    return min(TOKEN_HIGH, family_config(family, tiny).vocab_size)
+
+
+def family_flops_per_token(family: str, seq: int, recompute_layers: Optional[int] = None, host_layers: int = 0) -> float:
+    """`flops_per_token` for another family's shape (every layer recomputing unless told)."""
+    from cpt.plan import model_flops_per_token, shape_from_config
+
+    s = shape_from_config(family_config(family))
+    return model_flops_per_token(hidden=s.hidden, layers=s.layers, heads=s.heads, kv_heads=s.kv_heads,
+                                 intermediate=s.intermediate, vocab=s.vocab, r=R, seq=seq, head_dim=s.head_dim,
+                                 fused=s.fused, recompute_layers=s.layers if recompute_layers is None else recompute_layers,
+                                 host_layers=host_layers)
 
 
 def flops_per_token(seq: int, recompute_layers: int, host_layers: int = 0) -> float:
@@ -94,10 +147,10 @@ def flops_per_token(seq: int, recompute_layers: int, host_layers: int = 0) -> fl
                                  r=R, n_lora_targets=7, seq=seq, recompute_layers=recompute_layers, host_layers=host_layers)
 
 
-def _batches(n: int, batch: int, seq: int, seed: int, device) -> list:
+def _batches(n: int, batch: int, seq: int, seed: int, device, high: int = TOKEN_HIGH) -> list:
     import torch
     g = torch.Generator(device="cpu").manual_seed(seed)
-    return [torch.randint(0, TOKEN_HIGH, (batch, seq), generator=g).to(device) for _ in range(n)]
+    return [torch.randint(0, high, (batch, seq), generator=g).to(device) for _ in range(n)]
 
 
 def _embedding_snapshot(named: dict) -> dict:
@@ -143,13 +196,13 @@ def _profile_step(step_fn, path: Path, gpu_only: bool = False) -> None:
 # ---------------------------------------------------------------------------- baseline (the anchor, exactly)
 
 
-def baseline_setup(model_dir: Path, mode: str):
+def baseline_setup(model_dir: Path, mode: str, attn: str = "sdpa"):
     import bitsandbytes as bnb
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kw: dict[str, Any] = {"dtype": torch.bfloat16, "attn_implementation": "sdpa"}
+    kw: dict[str, Any] = {"dtype": torch.bfloat16, "attn_implementation": attn}
     if mode == "nf4":
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                        bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
@@ -190,12 +243,12 @@ def _baseline_step(model, opt):
 def worker_baseline(args) -> dict:
     import torch
 
-    model, opt, emb_named = baseline_setup(Path(args.model_dir), args.mode)
+    model, opt, emb_named = baseline_setup(Path(args.model_dir), args.mode, FAMILIES[args.family]["attn"])
     model.train()
     _sync()
     torch.cuda.reset_peak_memory_stats()
     n = args.warmup + args.steps
-    data = _batches(n, args.batch, args.seq, seed=1, device="cuda")
+    data = _batches(n, args.batch, args.seq, seed=1, device="cuda", high=token_high(args.family, args.tiny))
     before = _embedding_snapshot(emb_named)
     seen = set()
 
@@ -222,9 +275,11 @@ def _result(args, times: list[float], losses: list[float], **extra) -> dict:
     timed = times[args.warmup:]
     mean = sum(timed) / len(timed)
     tokens = args.batch * args.seq
+    cuda = torch.cuda.is_available()
     return {"system": args.worker, "mode": args.mode, "seq": args.seq, "batch": args.batch,
             "tokens_per_s": tokens / mean, "step_s_mean": mean, "step_s_min": min(timed), "step_s_max": max(timed),
-            "peak_gib": _gib(torch.cuda.max_memory_allocated()), "peak_reserved_gib": _gib(torch.cuda.max_memory_reserved()),
+            "peak_gib": _gib(torch.cuda.max_memory_allocated()) if cuda else 0.0,
+            "peak_reserved_gib": _gib(torch.cuda.max_memory_reserved()) if cuda else 0.0,
             "step_s": timed, "losses": losses, "warmup": args.warmup, "steps": args.steps, **extra}
 
 
@@ -233,11 +288,11 @@ def _result(args, times: list[float], losses: list[float], **extra) -> dict:
 
 def ours_config(model_dir: Path, mode: str, seq: int, batch: int, steps: int, recompute_budget: Optional[str] = None,
                 checkpointing: Any = True, compile: str = "auto", offload_embedding_state: Any = "auto",
-                cuda_graphs: Any = None, host_activations: Any = None):
+                cuda_graphs: Any = None, host_activations: Any = None, attn: str = "sdpa"):
     from cpt.config import config_from_dict
     raw = {
         "model": {"name_or_path": str(model_dir), "max_seq_length": seq, "dtype": "bfloat16",
-                  "load_in_4bit": mode == "nf4", "attn_implementation": "sdpa", "kernels": "auto",
+                  "load_in_4bit": mode == "nf4", "attn_implementation": attn, "kernels": "auto",
                   "compile": compile, **({} if cuda_graphs is None else {"cuda_graphs": cuda_graphs})},
         "adapter": {"r": R, "lora_alpha": ALPHA, "lora_dropout": 0.0, "use_rslora": True,
                     "target_modules": LORA_TARGETS + ["embed_tokens", "lm_head"],
@@ -260,8 +315,9 @@ class _RandomTokens:
     """The data object cpt's Trainer reads: random token blocks. Each new batch request marks a step
     boundary: synchronise there and note the time (the anchor synchronises around each step too)."""
 
-    def __init__(self, batch: int, seq: int, seed: int, profile: "tuple[int, Path] | None" = None):
-        self.batch, self.seq, self.seed = batch, seq, seed
+    def __init__(self, batch: int, seq: int, seed: int, profile: "tuple[int, Path] | None" = None,
+                 high: int = TOKEN_HIGH):
+        self.batch, self.seq, self.seed, self.high = batch, seq, seed, high
         self.blocks_per_epoch = None
         self.marks: list[float] = []
         self.seen: set[int] = set()
@@ -271,7 +327,7 @@ class _RandomTokens:
         import torch
         g = torch.Generator().manual_seed(self.seed)
         while True:
-            ids = torch.randint(0, TOKEN_HIGH, (batch_size, self.seq), generator=g)
+            ids = torch.randint(0, self.high, (batch_size, self.seq), generator=g)
             self.seen.update(ids.flatten().tolist())
             _sync()
             self.marks.append(time.perf_counter())
@@ -316,7 +372,8 @@ def worker_ours(args) -> dict:
                       recompute_budget=args.recompute_budget, checkpointing=args.checkpointing, compile=args.compile,
                       offload_embedding_state=args.offload_embedding_state, cuda_graphs=args.cuda_graphs,
                       host_activations=None if args.host_activations is None else
-                      (args.host_activations if args.host_activations == "auto" else int(args.host_activations)))
+                      (args.host_activations if args.host_activations == "auto" else int(args.host_activations)),
+                      attn=FAMILIES[args.family]["attn"])
     speed_options: dict = {}  # cpt.speed.apply's options for the experiments below
     if args.host_lead is not None:
         speed_options["host_lead"] = args.host_lead
@@ -375,14 +432,16 @@ def worker_ours(args) -> dict:
         # host launches the hundreds of small LoRA updates.
         bundle.groups.sort(key=lambda g: g["name"] != "embeddings")
     _sync()
-    torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     if args.memory_trace:
         traced_from = torch.cuda.memory_allocated()
         torch.cuda.memory._record_memory_history(enabled="all", stacks="python", max_entries=5_000_000)
     emb_named = {k: m.weight for k, m in trained_embedding_modules(bundle.model).items()}
     before = _embedding_snapshot(emb_named)
     data = _RandomTokens(args.batch, args.seq, seed=1,
-                         profile=(args.warmup + 1, Path(args.profile_loop)) if args.profile_loop else None)
+                         profile=(args.warmup + 1, Path(args.profile_loop)) if args.profile_loop else None,
+                         high=token_high(args.family, args.tiny))
     trainer = cpt_train.Trainer(cfg, bundle, SimpleNamespace(train=data))
     # Checkpoint and adapter writing are not part of a training step's speed: skip the disk.
     trainer.save = lambda: None
@@ -422,7 +481,7 @@ def worker_ours(args) -> dict:
     dynamo = {"compile_failed": failed, "graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
               "break_reasons": [k[:300] for k in counters["graph_break"]][:5],
               "cudagraph_skips": counters["inductor"]["cudagraph_skips"], "cuda_graphs_recorded": graphs_recorded()}
-    res = _result(args, times, losses, setup_s=setup_s, kernels=speed.applied, layers=plan_layers,
+    res = _result(args, times, losses, setup_s=setup_s, kernels=speed.applied, fallbacks=speed.fallbacks, layers=plan_layers,
                   dynamo=dynamo, offload_embedding_state=bundle.plan.offload_embedding_state,
                   run_plan=bundle.plan.to_dict())
     from cpt.optim import master_weight
@@ -630,12 +689,12 @@ def _run_worker(argv: list[str], log_dir: Path, name: str, timeout: float) -> Op
 
 def _plan_estimate(model_dir: Path, mode: str, seq: int, batch: int, recompute_budget: Any = None,
                    checkpointing: Any = True, system: str = "ours", offload_embedding_state: Any = "auto",
-                   host_activations: Any = None) -> dict:
+                   host_activations: Any = None, attn: str = "sdpa") -> dict:
     """`cpt plan` for a row: the run plan decided for an H200 (one process), and its estimate."""
     from cpt.model import load_model_config
     from cpt.plan import decide, estimate_for
     cfg = ours_config(model_dir, mode, seq, batch, 1, recompute_budget=recompute_budget, checkpointing=checkpointing,
-                      offload_embedding_state=offload_embedding_state, host_activations=host_activations)
+                      offload_embedding_state=offload_embedding_state, host_activations=host_activations, attn=attn)
     mc = load_model_config(cfg.model)
     run = decide(cfg, mc, "cuda", world_size=1, gpu_total_gib=139.8)
     est = estimate_for(cfg, run, mc, 139.8, system=system)
@@ -650,6 +709,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: a dry run of the worker's plumbing
     p.add_argument("--mode", default="bf16", choices=["bf16", "nf4"])
+    p.add_argument("--family", default="llama", help="comma list of " + ", ".join(FAMILIES) + ": llama alone is the "
+                   "reference benchmark (gpu_throughput.md); others run their bf16/nf4 rows into gpu_throughput_families.md")
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the family's kind at toy size (dry runs)
     p.add_argument("--seq", type=int, default=SEQ)
     p.add_argument("--batch", type=int, default=MICRO_BATCH)
     p.add_argument("--warmup", type=int, default=3)
@@ -688,7 +750,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--reuse-skip-low", type=int, default=0, help="ours (experiment): the lowest N recomputing layers dequantize inside the op again")
     p.add_argument("--embeddings-first", action="store_true", help="ours: embedding group first in the optimizer (experiment row)")
     p.add_argument("--time-limit", type=float, default=150.0, help="long-context worker: seconds for the ladder")
-    p.add_argument("--model-dir", default="/tmp/cpt-bench/llama-3.1-8b-random")
+    p.add_argument("--model-dir", default=None, help="the random model's folder (default /tmp/cpt-bench/<family>-random)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--logs", default=None, help="folder for worker logs and profiles (default: OUT/logs)")
     p.add_argument("--rows", default="bf16,nf4,memory,long", help="comma list of: bf16, nf4, memory, long, offload (ours with train.offload_embedding_state beside ours in the bf16/nf4 rows), "
@@ -704,11 +766,130 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.checkpointing in ("true", "false"):
             args.checkpointing = args.checkpointing == "true"
         fn = {"baseline": worker_baseline, "ours": worker_ours, "long": worker_long}[args.worker]
+        args.model_dir = args.model_dir or _model_dir(args.family)
         res = fn(args)
-        res["device"] = torch.cuda.get_device_name(0)
+        res["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+        res["family"] = args.family
         Path(args.result).write_text(json.dumps(res, indent=1))
         return 0
+    if args.family != "llama":
+        return drive_families(args)
+    args.model_dir = args.model_dir or _model_dir("llama")
     return drive(args)
+
+
+def _model_dir(family: str) -> str:
+    return "/tmp/cpt-bench/llama-3.1-8b-random" if family == "llama" else f"/tmp/cpt-bench/{family}-random"
+
+
+def drive_families(args) -> int:
+    """The bf16 / nf4 rows (baseline and ours, --runs times) of each family in --family, one after the
+    other, into OUT/gpu_throughput_families.{md,json}; a family's earlier rows there are replaced."""
+    import torch
+    out = Path(args.out)
+    logs = Path(args.logs) if args.logs else out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    path = out / "gpu_throughput_families.json"
+    results = json.loads(path.read_text()) if path.is_file() else {"families": {}}
+    t0 = time.perf_counter()
+    modes = [m for m in ("bf16", "nf4") if m in args.rows.split(",")]
+    for family in args.family.split(","):
+        if family not in FAMILIES or family == "llama":
+            raise SystemExit(f"--family: {family!r} is not one of {', '.join(f for f in FAMILIES if f != 'llama')} "
+                             "(llama runs alone: the reference benchmark)")
+        model_dir = Path(args.model_dir or _model_dir(family))
+        t_build = time.perf_counter()
+        build_model_dir(model_dir, family)
+        torch.cuda.empty_cache()
+        print(f"{family}: model folder ready in {time.perf_counter() - t_build:.0f} s", flush=True)
+        common = ["--family", family, "--model-dir", str(model_dir), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+        entry: dict[str, Any] = {"model": FAMILIES[family]["name"] + ", random weights", "command":
+                                 "python bench/gpu_throughput.py " + " ".join(sys.argv[1:]),
+                                 "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                                 "setup": {"micro_batch": MICRO_BATCH, "seq": SEQ, "r": R, "warmup_steps": args.warmup,
+                                           "timed_steps": args.steps, "runs": args.runs}}
+        for mode in modes:
+            runs: dict[str, list] = {"baseline": [], "ours": []}
+            for run in range(args.runs):
+                for system in (["baseline", "ours"] if run % 2 == 0 else ["ours", "baseline"]):
+                    r = _run_worker(["--worker", system, "--mode", mode, *common], logs, f"{family}_{system}_{mode}_run{run + 1}", 600)
+                    if r:
+                        runs[system].append(r)
+            row: dict[str, Any] = {}
+            for system, rs in runs.items():
+                if not rs:
+                    row[system] = None
+                    continue
+                tps = sum(r["tokens_per_s"] for r in rs) / len(rs)
+                layers = rs[0].get("layers") or {}
+                flops = family_flops_per_token(family, SEQ, None if system == "baseline" else
+                                               family_config(family).num_hidden_layers - layers.get("keep", 0), layers.get("host", 0))
+                row[system] = {"tokens_per_s": tps, "tokens_per_s_runs": [r["tokens_per_s"] for r in rs],
+                               "peak_gib": max(r["peak_gib"] for r in rs),
+                               "step_s_range": [min(r["step_s_min"] for r in rs), max(r["step_s_max"] for r in rs)],
+                               "mfu": tps * flops / (PEAK_TFLOPS * 1e12), "embedding_changed": rs[0].get("embedding_changed"),
+                               "loss_first_last": [rs[0]["losses"][0], rs[0]["losses"][-1]],
+                               **({"kernels": rs[0].get("kernels"), "fallbacks": rs[0].get("fallbacks"), "layers": layers,
+                                   "offload_embedding_state": rs[0].get("offload_embedding_state"),
+                                   "dynamo": rs[0].get("dynamo"), "run_plan": rs[0].get("run_plan")}
+                                  if system == "ours" else {})}
+                row[system]["plan"] = _plan_estimate(model_dir, mode, SEQ, MICRO_BATCH, system=system,
+                                                     attn=FAMILIES[family]["attn"])
+            if row.get("ours") and row.get("baseline"):
+                row["speedup"] = row["ours"]["tokens_per_s"] / row["baseline"]["tokens_per_s"]
+                row["memory_ratio"] = row["ours"]["peak_gib"] / row["baseline"]["peak_gib"]
+                row["target_met"] = {"speedup": row["speedup"] >= TARGETS[mode]["speedup"],
+                                     "memory_ratio": row["memory_ratio"] <= TARGETS[mode]["memory_ratio"]}
+            entry[mode] = row
+            results["families"][family] = entry
+            results["wall_s"] = time.perf_counter() - t0
+            _write_families(results, out)
+    print((out / "gpu_throughput_families.md").read_text())
+    return 0
+
+
+def _write_families(results: dict, out: Path) -> None:
+    (out / "gpu_throughput_families.json").write_text(json.dumps(results, indent=1))
+    lines = ["# GPU throughput on other model families: cpt vs transformers + peft (micro-batch 2 x 2048)", "",
+             "Random weights in each family's published shape; r=128 rsLoRA on every projection, `embed_tokens` and "
+             "`lm_head` trained in full, 8-bit AdamW; cpt with its default run plan. Both systems of a row ran in one "
+             "process each, one after the other, on the same machine.", "",
+             "| family | mode | system | tokens/s | step ms min-max | peak GiB | speedup | memory ratio | MFU | plan: tokens/s | plan: peak GiB | lm_head changed | embed rows changed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for family, entry in results["families"].items():
+        for mode in ("bf16", "nf4"):
+            row = entry.get(mode)
+            if not row:
+                continue
+            for system in ("baseline", "ours"):
+                s = row.get(system)
+                label = system
+                if system == "ours" and s:
+                    label = (f"ours: embedding states {'in host memory' if s.get('offload_embedding_state') else 'on the GPU'}"
+                             + (f", {h} host layers" if (h := (s.get('layers') or {}).get('host')) else "") + _graphs_label(s))
+                if not s:
+                    lines.append(f"| {family} | {mode} | {label} | failed | | | | | | | | | |")
+                    continue
+                ch = s.get("embedding_changed") or {}
+                sp = _fmt(row.get("speedup"), ".2f") + "x" if system == "ours" else "1.00x"
+                mr = _fmt(row.get("memory_ratio"), ".2f") + "x" if system == "ours" else "1.00x"
+                rng = "-".join(f"{1000 * x:.0f}" for x in s["step_s_range"])
+                lines.append(f"| {family} | {mode} | {label} | {s['tokens_per_s']:,.0f} | {rng} | {s['peak_gib']:.1f} | {sp} | {mr} | "
+                             f"{100 * s['mfu']:.1f}% | {s['plan']['tokens_per_s']:,.0f} | {s['plan']['peak_gib']:.1f} | "
+                             f"{100 * ch.get('lm_head', float('nan')):.2f}% | {100 * ch.get('embed_tokens_seen_rows', float('nan')):.2f}% |")
+                for f in (s.get("fallbacks") or []):
+                    notes.append(f"- {family} {mode}: fell back: {f}")
+            if "target_met" in row:
+                tm = row["target_met"]
+                notes.append(f"- {family} {mode}: speedup {row['speedup']:.2f}x ({'met' if tm['speedup'] else 'NOT met'}), "
+                             f"memory {row['memory_ratio']:.2f}x ({'met' if tm['memory_ratio'] else 'NOT met'})")
+    lines += ["", "Targets (as the Llama rows): bf16 >= 1.8x tokens/s at <= 0.75x peak; nf4 >= 1.75x at <= 0.65x.", *notes, ""]
+    for family, entry in results["families"].items():
+        lines.append(f"{family}: {entry['model']}; `{entry['command']}` on {entry['device']}, torch {entry['torch']}; "
+                     f"{entry['setup']['warmup_steps']} warm-up + {entry['setup']['timed_steps']} timed steps, "
+                     f"{entry['setup']['runs']} run(s).")
+    (out / "gpu_throughput_families.md").write_text("\n".join(lines) + "\n")
 
 
 def drive(args) -> int:

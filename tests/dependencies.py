@@ -29,6 +29,7 @@ FEATURES = {
     "test_distributed": ("DDP and FSDP2", ("accelerate", "torch")),
     "test_train": ("the training loop", ("accelerate", "torch", "transformers", "peft")),
     "test_checkpoint": ("checkpoints and exact resume", ("accelerate", "torch", "peft")),
+    "test_families": ("model families beyond Llama (Qwen, Mistral, Gemma, Phi-3, OLMo 2)", ("transformers", "peft", "torch")),
 }
 
 

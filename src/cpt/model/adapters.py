@@ -12,6 +12,7 @@ plan's choice (cpt.plan), passed in.
 from __future__ import annotations
 
 import difflib
+import logging
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +26,11 @@ from cpt.config import EMBEDDING_MODULES, AdapterConfig, ConfigError
 # and (embed_tokens) a gradient that covers only the rows a batch used.
 SPLIT_MASTER = "_cpt_split_master"
 ROW_SPARSE = "_cpt_row_sparse"
+# Projections that some families compute as one module (Phi-3: qkv_proj, gate_up_proj). A target list
+# naming every part adapts the fused module instead, so the usual list works on every family.
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+log = logging.getLogger("cpt")
 
 
 def mark_split_master(p: torch.Tensor) -> None:
@@ -74,7 +80,7 @@ def add_adapters(model: nn.Module, a: AdapterConfig, compute_dtype: torch.dtype,
 
     from peft import LoraConfig, get_peft_model
 
-    lora_targets = [m for m in a.target_modules if m not in EMBEDDING_MODULES]
+    lora_targets = resolve_targets(model, [m for m in a.target_modules if m not in EMBEDDING_MODULES])
     full = [m for m in a.target_modules if m in EMBEDDING_MODULES]
     _check_targets(model, lora_targets)
     tied = bool(getattr(model.config, "tie_word_embeddings", False)) or _weights_shared(model)
@@ -91,6 +97,7 @@ def add_adapters(model: nn.Module, a: AdapterConfig, compute_dtype: torch.dtype,
         model = get_peft_model(model, lcfg)
     if not lora_targets:
         raise ConfigError("adapter.target_modules has no LoRA projection (only embeddings); add e.g. q_proj, v_proj or use adapter.method=full")
+    log.info("%s", adapted_summary(model, tied))
     if a.embedding_master_dtype == "float32":
         for leaf, mod in trained_embedding_modules(model).items():
             if split_masters:
@@ -112,6 +119,42 @@ def add_adapters(model: nn.Module, a: AdapterConfig, compute_dtype: torch.dtype,
         if p.requires_grad and p.dtype != torch.float32 and p.is_floating_point() and not getattr(p, SPLIT_MASTER, False):
             p.data = p.data.float()  # every trained tensor has a float32 master
     return model
+
+
+def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
+    """The LoRA targets for this model's layout: where the model fuses projections into one module and
+    has none of the separate ones, the parts are replaced by the fused module (q_proj, k_proj, v_proj ->
+    qkv_proj). Naming only some of the parts would adapt more than asked, so that is an error."""
+    leaves = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n}
+    out = list(targets)
+    for fused, parts in FUSED_PROJECTIONS.items():
+        named = [p for p in parts if p in out]
+        if fused not in leaves or not named or any(p in leaves for p in parts):
+            continue
+        if len(named) < len(parts):
+            raise ConfigError(f"adapter.target_modules: this model computes {', '.join(parts)} in one module, "
+                              f"{fused}; name {fused} (all of them) instead of {', '.join(named)}")
+        at = out.index(named[0])
+        out = [m for m in out if m not in parts]
+        if fused not in out:
+            out.insert(at, fused)
+    return out
+
+
+def adapted_summary(model: nn.Module, tied: bool) -> str:
+    """One line for the run log: which projections carry LoRA, in how many modules, and which
+    embeddings train in full."""
+    leaves: dict[str, int] = {}
+    full = set()
+    for name, mod in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if hasattr(mod, "lora_A") and hasattr(mod, "base_layer"):
+            leaves[leaf] = leaves.get(leaf, 0) + 1
+        elif leaf in EMBEDDING_MODULES and hasattr(mod, "modules_to_save"):
+            full.add(leaf)
+    lora = ", ".join(f"{k} x{v}" for k, v in leaves.items()) or "none"
+    emb = ", ".join(m for m in EMBEDDING_MODULES if m in full) or "none"
+    return f"adapted: LoRA on {lora}; trained in full: {emb}" + (" (tied: one matrix)" if tied and full else "")
 
 
 def _check_targets(model: nn.Module, targets: list[str]) -> None:

@@ -219,7 +219,16 @@ def load_base_model(mcfg: ModelConfig, device: torch.device, dtype: torch.dtype)
     elif gguf:
         kw.update(_gguf_kwargs(gguf))
     with quiet_loading(Path(path).exists(), gguf=bool(gguf)):
-        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, **kw)
+        except ValueError as e:
+            if kw.get("attn_implementation") != "sdpa" or "scaled_dot_product_attention" not in str(e):
+                raise
+            # Gemma 2 soft-caps its attention scores, which SDPA cannot: transformers refuses it there.
+            log.info("model.attn_implementation=sdpa: this architecture has no SDPA attention in transformers; "
+                     "eager attention instead")
+            kw["attn_implementation"] = "eager"
+            model = AutoModelForCausalLM.from_pretrained(path, **kw)
     if not mcfg.load_in_4bit:
         _as_plain_model(model)
         model.to(device=device, dtype=dtype)

@@ -118,7 +118,10 @@ def decide(cfg: Config, model_config: Any, device: torch.device | str, *, world_
     # Host layers need cpt's own LoRA projections inside compiled layers on a GPU (liger's SwiGLU hides
     # the MLP outputs). Under DDP each process copies its own, as if each GPU had a host link of its own.
     host_possible = (cuda and compile_ and kernels == "cpt" and checkpointing == "recompute"
-                     and a.method == "lora" and "gate_proj" in a.target_modules)
+                     and a.method == "lora" and bool({"gate_proj", "gate_up_proj"} & set(a.target_modules)))
+    if cuda and not host_possible and a.host_activations not in (0, False, "0"):
+        reasons.append("adapter.host_activations: no host layers (they need compiled layers with model.kernels cpt, "
+                       "recomputation, and LoRA on the MLP's gate projection)")
     lean = dataclasses.replace(cfg, adapter=dataclasses.replace(
         a, host_activations=a.host_activations if host_possible else 0))
     can_offload = cuda and split

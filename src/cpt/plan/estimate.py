@@ -27,12 +27,11 @@ from typing import Any, Optional
 import torch
 
 from cpt.config import EMBEDDING_MODULES, Config, ConfigError
-from cpt.model import load_model_config
+from cpt.model import FUSED_PROJECTIONS, load_model_config
 from cpt.optim.host_state import CHUNK_ELEMENTS
-from cpt.plan.rules import HOST_LEAD, host_layer_indices, use_compile, use_split_masters
+from cpt.plan.rules import FUSABLE_MODEL_TYPES, HOST_LEAD, host_layer_indices, use_compile, use_split_masters
 
 GIB = 2**30
-LORA_SHAPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Dense bf16 rate by GPU name (datasheet); unknown GPUs fall back to the H100/H200 figure.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 # Share of the peak rate each path reached on an H200 at micro-batch 2 x 2048 (bench/results):
@@ -70,6 +69,10 @@ HOST_LAYER_SHARE_4BIT = 0.5
 
 @dataclass
 class Shape:
+    """A decoder's shapes, as its config gives them. head_dim: None where it is hidden / heads (Llama,
+    Mistral, Qwen2, Phi-3, OLMo 2), set where the config sets it apart (Qwen3, Gemma 2/3: the attention
+    width heads x head_dim may differ from hidden). fused: q/k/v and gate/up are one module each
+    (Phi-3's qkv_proj and gate_up_proj)."""
     hidden: int
     layers: int
     heads: int
@@ -77,47 +80,73 @@ class Shape:
     intermediate: int
     vocab: int
     tied: bool
+    head_dim: Optional[int] = None
+    fused: bool = False
+
+    @property
+    def attn_dim(self) -> int:
+        return (self.head_dim or self.hidden // self.heads) * self.heads
 
     @property
     def kv_dim(self) -> int:
-        return self.hidden // self.heads * self.kv_heads
+        return (self.head_dim or self.hidden // self.heads) * self.kv_heads
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        d, kv, f = self.hidden, self.kv_dim, self.intermediate
-        return {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d),
+        """(in, out) of each projection module of one layer, by its name in this family."""
+        d, q, kv, f = self.hidden, self.attn_dim, self.kv_dim, self.intermediate
+        if self.fused:
+            return {"qkv_proj": (d, q + 2 * kv), "o_proj": (q, d), "gate_up_proj": (d, 2 * f), "down_proj": (f, d)}
+        return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
                 "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+
+    def lora_shapes(self, targets: list[str]) -> list[tuple[int, int]]:
+        """The projections a target list adapts here (q_proj, k_proj, v_proj name qkv_proj where fused)."""
+        names = set(targets)
+        if self.fused:
+            names |= {fused for fused, parts in FUSED_PROJECTIONS.items() if names & set(parts)}
+        return [io for name, io in self.linear_shapes().items() if name in names]
 
     @property
     def block_params(self) -> int:
         return self.layers * sum(i * o for i, o in self.linear_shapes().values())
 
 
+# Config model types whose decoder layers fuse q/k/v and gate/up (Phi-3 and Phi-4 models).
+FUSED_MODEL_TYPES = frozenset({"phi3"})
+
+
 def shape_from_config(mc: Any) -> Shape:
+    if getattr(mc, "hidden_size", None) is None and getattr(mc, "text_config", None) is not None:
+        mc = mc.text_config  # a multimodal config (Gemma 3 4B and up): the language model's shape
     g = lambda *names: next((getattr(mc, n) for n in names if getattr(mc, n, None) is not None), None)
     heads = g("num_attention_heads")
     return Shape(hidden=g("hidden_size"), layers=g("num_hidden_layers"), heads=heads,
                  kv_heads=g("num_key_value_heads") or heads, intermediate=g("intermediate_size"),
-                 vocab=g("vocab_size"), tied=bool(getattr(mc, "tie_word_embeddings", False)))
+                 vocab=g("vocab_size"), tied=bool(getattr(mc, "tie_word_embeddings", False)),
+                 head_dim=g("head_dim"), fused=getattr(mc, "model_type", None) in FUSED_MODEL_TYPES)
 
 
 def model_flops_per_token(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
                           r: int, n_lora_targets: int = 7, seq: int = 2048, recompute_layers: Optional[int] = None,
-                          train_head: bool = True, host_layers: int = 0) -> float:
+                          train_head: bool = True, host_layers: int = 0, head_dim: Optional[int] = None,
+                          fused: bool = False) -> float:
     """6*N_frozen + 8*N_lora + 6*N_lm_head + 6*L*d*seq (gpu_anchor.md's count) with every layer
     recomputed; a layer that keeps its activations skips its recompute (2*N of its frozen and LoRA
     weights): 49.32 GFLOP with recompute and 34.69 without for Llama-3.1-8B, r=128, seq 2048.
-    A host layer (adapter.host_activations) skips the recompute of its gate and up projections."""
-    s = Shape(hidden, layers, heads, kv_heads, intermediate, vocab, False)
-    shapes = list(s.linear_shapes().values())[:n_lora_targets] if n_lora_targets < 7 else list(s.linear_shapes().values())
+    A host layer (adapter.host_activations) skips the recompute of its expanding projections (gate, up).
+    head_dim / fused: as in Shape (Qwen3, Gemma; Phi-3)."""
+    s = Shape(hidden, layers, heads, kv_heads, intermediate, vocab, False, head_dim, fused)
+    shapes = list(s.linear_shapes().values())
+    shapes = shapes[:n_lora_targets] if n_lora_targets < len(shapes) else shapes
     n_frozen = s.block_params
     n_lora = layers * sum(r * (i + o) for i, o in shapes)
-    attn = 6 * layers * hidden * seq
+    attn = 6 * layers * s.attn_dim * seq
     k = layers if recompute_layers is None else recompute_layers
     full = 6 * n_frozen + 8 * n_lora + (6 if train_head else 4) * vocab * hidden + attn
     # A layer that keeps its activations skips the recompute of its frozen and LoRA matmuls
     # (2N each); the anchor leaves the attention term as is.
     saved = (layers - k) / layers * (2 * n_frozen + 2 * n_lora)
-    saved += host_layers * 2 * 2 * (hidden * intermediate + r * (hidden + intermediate))
+    saved += host_layers * 2 * sum(i * o + r * (i + o) for i, o in s.linear_shapes().values() if o > i)
     return float(full - saved)
 
 
@@ -126,16 +155,19 @@ def layer_activation_bytes(s: Shape, tokens: int, fused: bool, r: int) -> float:
     autograd saves: norms (transformers upcasts to float32; liger keeps the bf16 input), q/k/v
     around RoPE, attention output, the MLP's gate/up/product, and each LoRA's rank-r middle."""
     d, kv, f = s.hidden, s.kv_dim, s.intermediate
+    q = s.attn_dim
     if fused:
-        per_token = 8 * d + (6 * d + 4 * kv) + 6 * f + 14 * r
+        per_token = 8 * d + (6 * q + 4 * kv) + 6 * f + 14 * r
     else:
-        per_token = 12 * d + (8 * d + 6 * kv) + 8 * f + 14 * r
+        per_token = 12 * d + (8 * q + 6 * kv) + 8 * f + 14 * r
     return float(per_token * tokens)
 
 
 def host_activation_bytes(s: Shape, tokens: int) -> float:
-    """Bytes a host layer moves each way per micro-batch: its gate and up outputs (bf16)."""
-    return float(2 * s.intermediate * tokens * 2)
+    """Bytes a host layer moves each way per micro-batch: the outputs of its expanding projections
+    (bf16), which speed/compile.py saves: gate and up; also q where heads x head_dim exceeds hidden
+    (Gemma 2/3), and qkv_proj where fused (Phi-3)."""
+    return float(2 * tokens * sum(o for i, o in s.linear_shapes().values() if o > i))
 
 
 def _gpu(gpu_memory_gib: Optional[float]) -> tuple[str, float, float]:
@@ -176,7 +208,10 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
     nf4 = m.load_in_4bit
     mode = "nf4" if nf4 else "bf16"
     ours = system == "ours"
-    fused = ours and m.kernels in ("auto", "cpt", "liger")
+    # The fused head where the family's logits allow it (cpt.speed.loss); a model config without a type
+    # (a bare shape) is counted as Llama-like.
+    kind = getattr(model_config, "model_type", None)
+    fused = ours and m.kernels in ("auto", "cpt", "liger") and (kind is None or kind in FUSABLE_MODEL_TYPES)
     tokens = t.per_device_train_batch_size * m.max_seq_length
     full_mode = a.method == "full"
     emb_elems = s.vocab * s.hidden
@@ -205,8 +240,7 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
         # peft keeps the frozen original of each trained copy; cpt moves it to host memory.
         mem["frozen originals of trained embeddings"] = 0 if ours else n_trained_emb * 2
         mem["trained embeddings"] = n_trained_emb * master
-        targets = [x for x in a.target_modules if x in LORA_SHAPES]
-        n_lora = s.layers * sum(a.r * (i + o) for k, (i, o) in s.linear_shapes().items() if k in targets)
+        n_lora = s.layers * sum(a.r * (i + o) for i, o in s.lora_shapes(a.target_modules))
         mem["LoRA adapters (float32)"] = n_lora * 4
         mem["optimizer states"] = (n_trained_emb + n_lora) * state_bytes
         if split and offload_embedding_state:
@@ -273,12 +307,12 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
     at_end = max(grads, boundary) + recompute_peak + (2 * ckpt_in if offload else ckpt_in)
 
     eff = EFFICIENCY[("ours, compiled" if compiled else "ours" if ours else "baseline", mode)]
-    n_targets = len([x for x in a.target_modules if x in LORA_SHAPES]) or 7
+    n_targets = len(s.lora_shapes(a.target_modules)) or len(s.linear_shapes())
 
     def flops_at(k: int, host_n: int) -> float:
         return model_flops_per_token(s.hidden, s.layers, s.heads, s.kv_heads, s.intermediate, s.vocab, a.r,
                                      n_lora_targets=n_targets, seq=m.max_seq_length, recompute_layers=k,
-                                     host_layers=host_n)
+                                     host_layers=host_n, head_dim=s.head_dim, fused=s.fused)
 
     def speed(host_n: int) -> tuple[float, float]:  # (FLOPs per token, tokens/s)
         flops = flops_at(recompute_layers, host_n)

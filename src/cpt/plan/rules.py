@@ -14,9 +14,15 @@ from cpt.runtime import launched_with_fsdp, launched_world_size
 # A host layer's saved tensors start back to the GPU when the backward pass reaches the layer this
 # many above it (cpt.speed.host_activations).
 HOST_LEAD = 1
-# Architectures whose logits are exactly lm_head(last_hidden_state): no soft-capping or scaling
-# between the two, so the fused head computes the same function.
-FUSABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "phi3", "smollm3"})
+# Architectures whose logits are lm_head(last_hidden_state), soft-capped by config.final_logit_softcapping
+# only in SOFTCAPPED_MODEL_TYPES: the fused head (cpt.speed.loss) computes the same function. Others
+# (Cohere's logit_scale, Granite's logits_scaling, ...) keep transformers' loss, and the run log says so.
+FUSABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "phi3", "smollm3",
+                                 "gemma2", "gemma3_text"})
+SOFTCAPPED_MODEL_TYPES = frozenset({"gemma2", "gemma3_text"})
+# Architectures whose norms and MLP liger-kernel's RMSNorm / SwiGLU replace on CUDA (uncompiled layers);
+# Gemma's (1 + weight) norms and GELU MLP are not among them.
+LIGER_ELEMENTWISE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "phi3", "smollm3"})
 
 
 def liger_available() -> bool:

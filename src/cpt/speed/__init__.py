@@ -12,7 +12,9 @@ What `apply` does, in this order, and only what the plan says (the decisions are
    (speed/lora.py, NF4 weights dequantized by speed/nf4.py); on CUDA also liger-kernel's RMSNorm and
    SwiGLU where the layers are not compiled and liger is installed, and peft's float32 upcast of every
    LoRA input is skipped while autocast is on. 'liger' is liger-kernel for all of these, its own fused
-   linear cross-entropy included (CUDA only). 'none' is plain transformers;
+   linear cross-entropy included (CUDA only). 'none' is plain transformers. A model that one of these
+   does not fit (cpt.speed.loss says which families the fused head computes) keeps the plain path for
+   it, and `Speed.fallbacks` says which feature and why (logged as warnings, run_summary.json);
 3. peft's frozen originals of trained embeddings to host memory (RunPlan.frozen_originals_on_host;
    speed/offload.py);
 4. regional torch.compile of the decoder layers (RunPlan.compile), replayed as CUDA graphs
@@ -34,14 +36,15 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from cpt.plan.rules import HOST_LEAD, FUSABLE_MODEL_TYPES, liger_available
+from cpt.plan.rules import HOST_LEAD, LIGER_ELEMENTWISE_MODEL_TYPES, liger_available
 from cpt.plan.run_plan import RunPlan
 from cpt.speed import liger as liger_mod
 from cpt.speed.compile import LayerCompiler, graphs_recorded
 from cpt.speed.host_activations import MIN_BYTES, HostActivations
 from cpt.speed.linear_ce import TritonRows, fused_linear_cross_entropy, shift_labels
 from cpt.speed.lora import fuse_lora_projections, skip_lora_input_upcast
-from cpt.speed.loss import LossFn, causal_lm, fusable, model_type, output_head, patch_loss, plain_causal_lm_loss
+from cpt.speed.loss import (LossFn, causal_lm, fused_head_refusal, logit_softcap, model_type, output_head, patch_loss,
+                            plain_causal_lm_loss)
 from cpt.speed.offload import SideStreams, frozen_originals_to_host
 from cpt.speed.recompute import decoder_layers, layer_choices, set_recompute
 
@@ -68,6 +71,7 @@ class Speed:
                             compile_backend=compile_backend)
         self.loss_fn: LossFn = plain_causal_lm_loss
         self.applied: list[str] = []
+        self.fallbacks: list[str] = []  # "feature: why not", for the features the plan asked for that this model cannot take
         self.layers: dict[str, int] = {"keep": 0, "recompute": 0, "offload": 0, "host": 0, "compiled": 0}
         self.hosts: list[HostActivations] = []  # the host layers' saved-tensor hooks (their counts, buffers)
         self.streams = SideStreams()
@@ -106,6 +110,8 @@ class Speed:
     def summary(self) -> dict:
         """What the run's summary records of this stage: what was applied, and a compile failure."""
         out: dict = {"speed": list(self.applied)}
+        if self.fallbacks:
+            out["speed_fallbacks"] = list(self.fallbacks)
         if self.compile_failed:
             out["compile_failed"] = self.compile_failed
         return out
@@ -166,11 +172,23 @@ class Speed:
         fused = []
         if plan.kernels in ("cpt", "liger"):
             liger = plan.kernels == "liger"
-            if fusable(lm):
+            refusal = fused_head_refusal(lm)
+            cap = logit_softcap(lm)
+            if refusal is not None:
+                self.applied.append(f"plain loss ({refusal})")
+                self.fallbacks.append(f"fused loss: {refusal}")
+            elif cap:
+                self._undo.append(patch_loss(lm, use_liger_loss=liger, rows=self.rows))
+                self.applied.append(f"cpt chunked linear cross-entropy with the logits soft-capped at {cap:g}")
+                if liger:
+                    self.fallbacks.append("liger fused linear cross-entropy: it takes no logit soft-cap; cpt's chunked "
+                                          "loss applies it")
+                if cuda:
+                    self.fallbacks.append("Triton loss pass: it has no logit soft-cap; soft-capped chunks run as "
+                                          "PyTorch operations")
+            else:
                 self._undo.append(patch_loss(lm, use_liger_loss=liger, rows=self.rows))
                 self.applied.append("liger fused linear cross-entropy" if liger else "cpt chunked linear cross-entropy")
-            else:
-                self.applied.append(f"plain loss (the fused head does not support {model_type(lm) or type(lm).__name__!r})")
             fused, unfuse = fuse_lora_projections(model, linear_op=opts["lora_op"], nf4_code=self._nf4_code)
             self._undo.append(unfuse)
             if fused:
@@ -178,9 +196,12 @@ class Speed:
                     "cpt::lora_linear, lora_linear_4bit for 4-bit bases, or addmm for others" if opts["lora_op"]
                     else "addmm epilogue") + (", NF4 dequantized by cpt's kernel" if self._nf4_tables else "") + ")")
             # Compiled layers generate norms, RoPE and SwiGLU themselves.
-            if (cuda and liger_available() and model_type(lm) in FUSABLE_MODEL_TYPES and (liger or not plan.compile)
-                    and not liger_mod.has_elementwise(lm)):
-                liger_mod.patch_elementwise(lm)
+            if cuda and liger_available() and (liger or not plan.compile) and not liger_mod.has_elementwise(lm):
+                if model_type(lm) in LIGER_ELEMENTWISE_MODEL_TYPES:
+                    liger_mod.patch_elementwise(lm)
+                else:
+                    self.fallbacks.append(f"liger RMSNorm/SwiGLU: not for {model_type(lm) or type(lm).__name__!r} "
+                                          "(its norms or MLP differ); the model's own modules run")
             if liger_mod.has_elementwise(lm):
                 self.applied.append("liger RMSNorm/SwiGLU")
             if cuda:
@@ -260,4 +281,6 @@ def apply(model: torch.nn.Module, plan: RunPlan, **options: Any) -> Speed:
         raise
     lm.__dict__[_SPEED] = speed
     log.info("speed: %s", ", ".join(speed.applied) or "plain PyTorch")
+    for line in speed.fallbacks:
+        log.warning("speed: fell back: %s", line)
     return speed

@@ -11,6 +11,10 @@ loss and the gradient from the bf16 logits in place; elsewhere PyTorch operation
 Whether that pass works on this machine is remembered by a `TritonRows` object that the run owns
 (cpt.speed.Speed): one failure sends that run to the PyTorch path, never another run.
 
+Gemma 2 soft-caps its logits (cap * tanh(logits / cap)) before the loss: with `softcap` each chunk is
+capped in float32 and its gradient carries the tanh's derivative. Those chunks take the PyTorch path
+(the Triton pass knows no cap).
+
 The head's weight may be a float32 master (the trained lm_head copy) while hidden states are
 bf16: the weight is cast once per call to the compute dtype, and its gradient is accumulated in
 the weight's own dtype, so a float32 master gets a float32 gradient.
@@ -42,7 +46,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 targets: torch.Tensor, scale: float, compute_dtype: torch.dtype, chunk: int,
-                rows: "TritonRows") -> torch.Tensor:
+                rows: "TritonRows", softcap: Optional[float]) -> torch.Tensor:
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         n = hidden.shape[0]
         w = weight.to(compute_dtype)
@@ -62,8 +66,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if b is not None:
                     logits = logits + b
                 need_grad = need_h or need_w or need_b
-                per_row = rows(logits, t, scale, need_grad)
-                if per_row is not None:  # one Triton pass per row: the loss, the gradient written over the logits
+                per_row = rows(logits, t, scale, need_grad) if not softcap else None
+                if softcap:
+                    g = _capped_loss_and_grad(logits, t, scale, need_grad, total, softcap)
+                elif per_row is not None:  # one Triton pass per row: the loss, the gradient written over the logits
                     total += per_row.sum()
                     g = logits
                 else:
@@ -99,7 +105,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     g.mul_(grad_out.to(g.dtype))
         if grad_b is not None:
             grad_b = grad_b.to(ctx.bias_dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _capped_loss_and_grad(logits: torch.Tensor, t: torch.Tensor, scale: float, need_grad: bool, total: torch.Tensor,
+                          cap: float) -> Optional[torch.Tensor]:
+    """`_loss_and_grad` of cap * tanh(logits / cap): the loss of the capped logits, the gradient times
+    the cap's derivative 1 - tanh^2, in the logits' dtype."""
+    dtype = logits.dtype
+    th = torch.tanh(logits.float() / cap)
+    g = _loss_and_grad(th * cap, t, scale, need_grad, total)
+    if g is None:
+        return None
+    return g.mul_(th.square_().neg_().add_(1.0)).to(dtype)
 
 
 def _loss_and_grad(logits: torch.Tensor, t: torch.Tensor, scale: float, need_grad: bool,
@@ -156,12 +174,14 @@ class TritonRows:
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                num_items: Optional[int | torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-                               chunk_tokens: Optional[int] = None, rows: Optional[TritonRows] = None) -> torch.Tensor:
+                               chunk_tokens: Optional[int] = None, rows: Optional[TritonRows] = None,
+                               softcap: Optional[float] = None) -> torch.Tensor:
     """Sum over positions of cross_entropy(hidden @ weight.T + bias, targets), divided by num_items
     (default: the number of targets that are not -100), without materialising the logits.
 
     hidden: (..., H); weight: (V, H); targets: (...) aligned with hidden (already shifted). rows: the
-    run's Triton pass (default: a new one for this call).
+    run's Triton pass (default: a new one for this call). softcap: the logits are softcap *
+    tanh(logits / softcap) (Gemma 2's final_logit_softcapping).
     """
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden size {hidden.shape[-1]} does not match the head's weight {tuple(weight.shape)}")
@@ -178,7 +198,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     # Equal chunks: a ragged last chunk would make the matmul library plan one more shape.
     chunk = math.ceil(h.shape[0] / math.ceil(h.shape[0] / chunk))
     return _ChunkedLinearCrossEntropy.apply(h, weight, bias, t, scale, _compute_dtype(hidden), chunk,
-                                            rows if rows is not None else TritonRows())
+                                            rows if rows is not None else TritonRows(), softcap or None)
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,10 @@
 `plain_causal_lm_loss` is what the loop calls on every model: the model's own forward with labels.
 With RunPlan.kernels 'cpt' or 'liger' the causal LM's forward is patched so that, while training with
 labels, it runs the decoder, then a fused linear + cross-entropy on the output head (cpt's chunked one,
-speed/linear_ce.py, or liger's) instead of making the logits in full. Generation, evaluation without
-gradients and callers that want logits keep the original forward.
+speed/linear_ce.py, or liger's) instead of making the logits in full. Gemma 2's soft-capped logits go
+through cpt's chunked loss, which applies the cap (liger's is called without one). Architectures whose
+logits are something else keep the model's own loss, and `fused_head_refusal` says why. Generation,
+evaluation without gradients and callers that want logits keep the original forward.
 
     python -m pytest tests/test_speed_loss.py -q
 """
@@ -12,11 +14,11 @@ from __future__ import annotations
 
 import logging
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
-from cpt.plan.rules import FUSABLE_MODEL_TYPES
+from cpt.plan.rules import FUSABLE_MODEL_TYPES, SOFTCAPPED_MODEL_TYPES
 from cpt.speed.linear_ce import TritonRows, fused_linear_cross_entropy, shift_labels
 from cpt.speed.patch import replace_forward
 
@@ -71,10 +73,29 @@ def model_type(lm: torch.nn.Module) -> str:
     return str(getattr(getattr(lm, "config", None), "model_type", ""))
 
 
+def logit_softcap(lm: torch.nn.Module) -> Optional[float]:
+    """The soft-cap the model's forward puts on its logits (Gemma 2's 30.0), or None."""
+    cap = getattr(getattr(lm, "config", None), "final_logit_softcapping", None)
+    return float(cap) if cap and model_type(lm) in SOFTCAPPED_MODEL_TYPES else None
+
+
+def fused_head_refusal(lm: torch.nn.Module) -> Optional[str]:
+    """None where the fused head computes this model's function (logits lm_head(last_hidden_state), with
+    the family's soft-cap), else why not, for the run log."""
+    kind = model_type(lm) or type(lm).__name__
+    if model_type(lm) not in FUSABLE_MODEL_TYPES:
+        return f"the fused head does not know how {kind!r} turns hidden states into logits"
+    if getattr(lm.config, "final_logit_softcapping", None) and model_type(lm) not in SOFTCAPPED_MODEL_TYPES:
+        return (f"the config sets final_logit_softcapping, which the fused head applies for Gemma 2 and 3 only, "
+                f"not {kind!r}")
+    if not hasattr(lm, "model") or lm.get_output_embeddings() is None:
+        return f"{type(lm).__name__} has no decoder `model` and output head to split"
+    return None
+
+
 def fusable(lm: torch.nn.Module) -> bool:
-    """Whether the fused head computes this model's function: logits exactly lm_head(last_hidden_state)."""
-    return (model_type(lm) in FUSABLE_MODEL_TYPES and not getattr(lm.config, "final_logit_softcapping", None)
-            and hasattr(lm, "model") and lm.get_output_embeddings() is not None)
+    """Whether the fused head computes this model's function."""
+    return fused_head_refusal(lm) is None
 
 
 def _fused_forward(original: Callable, use_liger_loss: bool, rows: TritonRows) -> Callable:
@@ -92,13 +113,14 @@ def _fused_forward(original: Callable, use_liger_loss: bool, rows: TritonRows) -
         hidden = outputs.last_hidden_state
         head = output_head(self)
         targets = shift_labels(labels).to(hidden.device)
-        if use_liger_loss:
+        cap = logit_softcap(self)
+        if use_liger_loss and not cap:
             from cpt.speed.liger import liger_loss
 
             loss = liger_loss(hidden, head, targets, num_items)
         else:
             loss = fused_linear_cross_entropy(hidden, head.weight, targets, num_items, bias=getattr(head, "bias", None),
-                                              rows=rows)
+                                              rows=rows, softcap=cap)
         return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
                                       attentions=outputs.attentions)
 
