@@ -196,7 +196,7 @@ def _profile_step(step_fn, path: Path, gpu_only: bool = False) -> None:
 # ---------------------------------------------------------------------------- baseline (the anchor, exactly)
 
 
-def baseline_setup(model_dir: Path, mode: str, attn: str = "sdpa"):
+def baseline_setup(model_dir: Path, mode: str, attn: str = "sdpa", device: str = "cuda"):
     import bitsandbytes as bnb
     import torch
     from peft import LoraConfig, get_peft_model
@@ -209,7 +209,7 @@ def baseline_setup(model_dir: Path, mode: str, attn: str = "sdpa"):
         kw["device_map"] = {"": 0}
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kw)
     if mode == "bf16":
-        model.to("cuda")
+        model.to(device)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, bias="none", use_rslora=True,
                                              target_modules=LORA_TARGETS, modules_to_save=["embed_tokens", "lm_head"],
@@ -225,12 +225,12 @@ def baseline_setup(model_dir: Path, mode: str, attn: str = "sdpa"):
     return model, opt, emb_named
 
 
-def _baseline_step(model, opt):
+def _baseline_step(model, opt, device: str = "cuda"):
     """The anchor's loop body: forward with labels under bf16 autocast, backward, step, zero_grad."""
     import torch
 
     def step(ids):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
@@ -243,16 +243,17 @@ def _baseline_step(model, opt):
 def worker_baseline(args) -> dict:
     import torch
 
-    model, opt, emb_named = baseline_setup(Path(args.model_dir), args.mode, FAMILIES[args.family]["attn"])
+    model, opt, emb_named = baseline_setup(Path(args.model_dir), args.mode, FAMILIES[args.family]["attn"], args.device)
     model.train()
     _sync()
-    torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     n = args.warmup + args.steps
-    data = _batches(n, args.batch, args.seq, seed=1, device="cuda", high=token_high(args.family, args.tiny))
+    data = _batches(n, args.batch, args.seq, seed=1, device=args.device, high=token_high(args.family, args.tiny))
     before = _embedding_snapshot(emb_named)
     seen = set()
 
-    step = _baseline_step(model, opt)
+    step = _baseline_step(model, opt, args.device)
 
     times, losses = [], []
     for i, ids in enumerate(data):
@@ -799,14 +800,17 @@ def drive_families(args) -> int:
                              "(llama runs alone: the reference benchmark)")
         model_dir = Path(args.model_dir or _model_dir(family))
         t_build = time.perf_counter()
-        build_model_dir(model_dir, family)
-        torch.cuda.empty_cache()
+        build_model_dir(model_dir, family, tiny=args.tiny, device=args.device)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         print(f"{family}: model folder ready in {time.perf_counter() - t_build:.0f} s", flush=True)
-        common = ["--family", family, "--model-dir", str(model_dir), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+        common = ["--family", family, "--model-dir", str(model_dir), "--warmup", str(args.warmup), "--steps", str(args.steps),
+                  "--seq", str(args.seq), "--batch", str(args.batch), "--device", args.device, *(["--tiny"] if args.tiny else [])]
         entry: dict[str, Any] = {"model": FAMILIES[family]["name"] + ", random weights", "command":
                                  "python bench/gpu_throughput.py " + " ".join(sys.argv[1:]),
-                                 "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                                 "setup": {"micro_batch": MICRO_BATCH, "seq": SEQ, "r": R, "warmup_steps": args.warmup,
+                                 "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (dry run)",
+                                 "torch": torch.__version__,
+                                 "setup": {"micro_batch": args.batch, "seq": args.seq, "r": R, "warmup_steps": args.warmup,
                                            "timed_steps": args.steps, "runs": args.runs}}
         for mode in modes:
             runs: dict[str, list] = {"baseline": [], "ours": []}
@@ -822,7 +826,7 @@ def drive_families(args) -> int:
                     continue
                 tps = sum(r["tokens_per_s"] for r in rs) / len(rs)
                 layers = rs[0].get("layers") or {}
-                flops = family_flops_per_token(family, SEQ, None if system == "baseline" else
+                flops = family_flops_per_token(family, args.seq, None if system == "baseline" else
                                                family_config(family).num_hidden_layers - layers.get("keep", 0), layers.get("host", 0))
                 row[system] = {"tokens_per_s": tps, "tokens_per_s_runs": [r["tokens_per_s"] for r in rs],
                                "peak_gib": max(r["peak_gib"] for r in rs),
@@ -833,9 +837,9 @@ def drive_families(args) -> int:
                                    "offload_embedding_state": rs[0].get("offload_embedding_state"),
                                    "dynamo": rs[0].get("dynamo"), "run_plan": rs[0].get("run_plan")}
                                   if system == "ours" else {})}
-                row[system]["plan"] = _plan_estimate(model_dir, mode, SEQ, MICRO_BATCH, system=system,
+                row[system]["plan"] = _plan_estimate(model_dir, mode, args.seq, args.batch, system=system,
                                                      attn=FAMILIES[family]["attn"])
-            if row.get("ours") and row.get("baseline"):
+            if row.get("ours") and row.get("baseline") and row["baseline"]["peak_gib"] > 0:  # (0: a CPU dry run)
                 row["speedup"] = row["ours"]["tokens_per_s"] / row["baseline"]["tokens_per_s"]
                 row["memory_ratio"] = row["ours"]["peak_gib"] / row["baseline"]["peak_gib"]
                 row["target_met"] = {"speedup": row["speedup"] >= TARGETS[mode]["speedup"],
