@@ -103,7 +103,7 @@ def test_wrong_type_names_the_key(raw, key, expected):
     ({"output": {"save_steps": -5}}, "output.save_steps"),
     ({"output": {"logging_steps": 0}}, "output.logging_steps"),
     ({"output": {"save_grace_seconds": -1}}, "output.save_grace_seconds"),
-    ({"output": {"report_to": ["wandb"]}}, "output.report_to"),
+    ({"output": {"report_to": ["neptune"]}}, "output.report_to"),
     ({"output": {"metric_for_best_model": "domain/accuracy", }, "eval": {"eval_steps": 5}}, "output.metric_for_best_model"),
 ])
 def test_out_of_range_value_names_the_key(raw, key):

@@ -126,3 +126,78 @@ def test_mixture_of_streamed_and_cached_resumes(tmp_path, corpus, tokenizer):
     b = build_data(cfg, tokenizer, rank=1, world_size=2).train
     b.load_state_dict(a.state_dict())
     assert _rows(b, 2, 16) == ref[18:]
+
+
+# ---------------------------------------------------------------------------- a slice of a streamed split
+
+
+def _hub_like(folder: Path, texts: list[str], parquet: bool, info: bool = False) -> Path:
+    """A local data set laid out as on the Hub: a `sample-10BT` configuration declared in the README over
+    Parquet or JSON lines files (and, with `info`, the split's size in the README's dataset_info)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (folder / "sample").mkdir(parents=True)
+    half = len(texts) // 2
+    for i, part in enumerate((texts[:half], texts[half:])):
+        if parquet:
+            pq.write_table(pa.table({"text": part}), folder / "sample" / f"{i:03d}.parquet")
+        else:
+            write_jsonl(folder / "sample" / f"{i:03d}.jsonl", [{"text": t} for t in part])
+    meta = ("dataset_info:\n- config_name: sample-10BT\n  splits:\n  - name: train\n"
+            f"    num_examples: {len(texts)}\n") if info else ""
+    (folder / "README.md").write_text(f"---\n{meta}configs:\n- config_name: sample-10BT\n  data_files:\n"
+                                      "  - split: train\n    path: sample/*\n---\n")
+    return folder
+
+
+@pytest.mark.parametrize("parquet, info", [(True, False), (False, True)])
+def test_streamed_split_takes_its_slice(tmp_path, corpus, monkeypatch, parquet, info):
+    """train[:10%] of a streamed split is the split's first 10% (the size from the Parquet footers or the
+    README's metadata, nothing downloaded whole); train[a:b] needs no size."""
+    import datasets
+
+    from cpt.config import SourceConfig
+    from cpt.data.sources import load_hf
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))  # no size remembered from another load
+    folder = _hub_like(tmp_path / "fineweb-edu", corpus, parquet, info)
+    for split, rows in (("train[:10%]", corpus[:6]), ("train[55:]", corpus[55:]), ("train[3:7]", corpus[3:7]),
+                        ("train[-4:]", corpus[-4:])):
+        ds = load_hf(SourceConfig(dataset=str(folder), name="sample-10BT", split=split), streaming=True)
+        assert isinstance(ds, datasets.IterableDataset)
+        assert [r["text"] for r in ds] == rows, split
+
+
+def test_streamed_percentage_without_a_known_size_fails_before_the_model_loads(tmp_path, corpus, monkeypatch):
+    from cpt.api import run_training
+    from cpt.config import ConfigError, load_config
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    folder = _hub_like(tmp_path / "plain", corpus, parquet=False)
+    cfg = load_config(None, ["model.name_or_path=someone/not-downloaded", f"data.dataset={folder}",
+                             "data.name=sample-10BT", "data.split=train[:10%]", "data.streaming=true",
+                             "train.max_steps=1", f"output.output_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].*train\[:100000\].*streaming: false"):
+        run_training(cfg)  # the model is never looked for (it does not exist)
+
+
+def test_seed_yaml_streams_ten_percent(tmp_path, corpus, tokenizer, monkeypatch):
+    """examples/seed.yaml as shipped (streaming, train[:10%] of sample-10BT), the data set's name pointed
+    at a local copy laid out as on the Hub."""
+    from cpt.config import load_config
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    docs = [f"doc{i:03d} {t}" for i, t in enumerate(corpus)]
+    folder = _hub_like(tmp_path / "fineweb-edu", docs, parquet=True)
+    seed = Path(__file__).resolve().parents[1] / "examples" / "seed.yaml"
+    cfg = load_config(seed, [f"data.sources.0.dataset={folder}", f"data.cache_dir={tmp_path / 'cache'}",
+                             "model.max_seq_length=64", "data.shuffle=false"])
+    assert cfg.data.streaming and cfg.data.sources[0].split == "train[:10%]"
+    bundle = build_data(cfg, tokenizer)
+    assert bundle.train.blocks_per_epoch is None  # streamed
+    ids = [t for b in epoch_tokens(bundle.train, 1, 100) for t in b["input_ids"][0].tolist()]
+    import re
+
+    seen = set(re.findall(r"doc(\d{3})", tokenizer.decode(ids)))
+    assert seen == {f"{i:03d}" for i in range(6)}  # the first 6 of 60 documents, over and over

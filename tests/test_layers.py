@@ -17,11 +17,11 @@ SRC = ROOT / "src" / "cpt"
 RANKS = [
     {"runtime", "checkpoint"},  # leaves: the machine and the launch; writing checkpoint folders
     {"config"},
-    {"data", "model"},
+    {"data", "model", "console"},  # console: what a run prints (log lines, the libraries quieted)
     {"optim"},
     {"plan"},
     {"speed"},
-    {"build", "distributed", "evaluate"},
+    {"build", "distributed", "evaluate", "track"},
     {"train", "export", "report"},
     {"api", "demo", "cli", "compat"},  # the faces
 ]

@@ -31,8 +31,8 @@ def test_use_cuda_graphs_resolution(monkeypatch):
 
 def test_checkpointing_mode():
     assert checkpointing_mode(False) == checkpointing_mode("false") == "off"
-    assert checkpointing_mode(True) == checkpointing_mode("unsloth") == "recompute"
-    assert checkpointing_mode("offload") == "offload"
+    assert checkpointing_mode(True) == checkpointing_mode("true") == "recompute"
+    assert checkpointing_mode("offload") == checkpointing_mode("unsloth") == "offload"  # Unsloth's offloaded mode
 
 
 def test_host_layer_indices_spread_and_skip_the_top():

@@ -106,17 +106,6 @@ def test_bad_config_exits_2_naming_key(tmp_path, capsys):
     assert "did you mean 'train.max_steps'" in capsys.readouterr().err.lower()
 
 
-def test_seed_example_runs(tiny_model_dir, corpus, tmp_path):
-    data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(json.dumps({"text": t, "id": str(i), "url": "x", "score": 1.0}) for i, t in enumerate(corpus * 5)))
-    r = subprocess.run([sys.executable, "examples/seed.py", "--model", str(tiny_model_dir), "--data", str(data),
-                        "--max-steps", "2", "--max-seq-length", "32", "--output-dir", str(tmp_path / "seed")],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert (tmp_path / "seed" / "adapter_model.safetensors").is_file()
-    assert "'step': 2" in r.stdout
-
-
 def test_delegated_commands_keep_their_own_options(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(["plan", "--help"])

@@ -10,7 +10,7 @@
     stats = trainer.train()
 
 Everything goes through the same `run_training` as `cpt train`, so both faces behave the same.
-See examples/seed.py.
+Unsloth's names over this API are in cpt.compat (examples/seed.py).
 """
 from __future__ import annotations
 
@@ -23,19 +23,21 @@ import torch
 
 from cpt.build import build_model
 from cpt.checkpoint import COMPLETE, unwritable_dir
-from cpt.config import AdapterConfig, Config, ConfigError, ModelConfig, _all_keys, config_from_dict, validate
+from cpt.config import (AdapterConfig, Config, ConfigError, ModelConfig, config_from_dict, hf_training_arguments,
+                        validate)
 from cpt.data import build_data
 from cpt.data.cache import cache_root
 from cpt.data.inspect import labeled_warning
-from cpt.data.sources import DataError, is_streaming, resolve_files
+from cpt.data.sources import DataError, is_streaming, resolve_files, streamed_split_rows
 from cpt.distributed import build_accelerator, loading_place
-from cpt.evaluate import Evaluator, load_eval_sets
+from cpt.evaluate import EvalSet, Evaluator, load_eval_sets
 from cpt.model import (add_adapters, check_against_model, check_device, enable_gradient_checkpointing, load_base_model,
                        load_model_config, load_tokenizer)
 from cpt.model.load import sole_gguf
 from cpt.plan.rules import checkpointing_mode
 from cpt.report import write_report
 from cpt.runtime import local_device, resolve_dtype
+from cpt.track import check_trackers
 from cpt.train import Trainer, resume_point
 
 log = logging.getLogger("cpt")
@@ -66,6 +68,12 @@ def check_paths(cfg: Config, train_dataset: Any = None, base_model: bool = True)
         raise ConfigError(problem)
     if train_dataset is None and not d.sources:
         raise ConfigError("no training data: give data.path (a file, folder or glob) or data.dataset")
+    for i, s in enumerate(d.sources):
+        if s.dataset and is_streaming(s, d.streaming):
+            try:
+                streamed_split_rows(s)  # a percentage of a stream needs the split's size: known now, or the fix
+            except DataError as e:
+                raise ConfigError(f"data.sources[{i}]: {e}") from None
     for key, path in ([(f"data.sources[{i}].path", s.path) for i, s in enumerate(d.sources) if s.path]
                       + [(f"eval.sets[{i}].path", s.path) for i, s in enumerate(cfg.eval.sets) if s.path]):
         try:
@@ -107,12 +115,15 @@ def _check_base_model(m: ModelConfig) -> None:
 
 
 def run_training(cfg: Config, *, model: Any = None, tokenizer: Any = None, train_dataset: Any = None,
-                 device: Optional[torch.device] = None) -> dict:
-    """Config in, trained adapter out: model -> data -> evaluator -> trainer. Returns the run summary."""
+                 device: Optional[torch.device] = None, eval_dataset: Any = None) -> dict:
+    """Config in, trained adapter out: model -> data -> evaluator -> trainer. Returns the run summary.
+    `eval_dataset`: a datasets.Dataset of held-out text (its data.dataset_text_field column), evaluated as
+    the 'domain' set (as 'eval' when the config names a 'domain' set already)."""
     validate(cfg)
     # Everything that can be checked in seconds is checked before minutes of model loading.
     resume_point(cfg.output)  # a foreign output_dir
     check_paths(cfg, train_dataset, base_model=model is None)
+    check_trackers(cfg)
     # First the accelerator: under torchrun / accelerate launch it starts the process group and gives
     # each rank its own GPU, which is where that rank's model must be loaded.
     accelerator = build_accelerator(cfg, device)
@@ -129,6 +140,8 @@ def run_training(cfg: Config, *, model: Any = None, tokenizer: Any = None, train
     summary_params = bundle.trainable_summary()
     log.info("trainable parameters: %s", ", ".join(f"{k}={v:,}" for k, v in summary_params.items()))
     eval_sets = load_eval_sets(cfg, data.holdout_texts)
+    if eval_dataset is not None:
+        eval_sets.append(_eval_set(eval_dataset, cfg, taken={s.name for s in eval_sets}))
     eval_dir = cfg.output.output_dir
     if not accelerator.is_main_process:
         import atexit
@@ -151,19 +164,21 @@ def run_training(cfg: Config, *, model: Any = None, tokenizer: Any = None, train
     return summary
 
 
+def _eval_set(dataset: Any, cfg: Config, taken: set[str]) -> EvalSet:
+    """An eval_dataset given to the trainer, as an evaluation set."""
+    from cpt.data.sources import read_documents
+
+    name = "domain" if "domain" not in taken else "eval"
+    texts = list(read_documents(dataset, default_text_field=cfg.data.dataset_text_field, strict=cfg.data.strict))
+    if not texts:
+        raise ConfigError(f"eval_dataset: no documents in its {cfg.data.dataset_text_field!r} column")
+    return EvalSet(name, texts)
+
+
 def _section_kwargs(section: str, kwargs: dict) -> dict:
-    """Route seed-style keyword arguments to their config section, rejecting unknown ones."""
-    homes = _all_keys()
-    out: dict[str, dict] = {}
-    for k, v in kwargs.items():
-        targets = homes.get(k)
-        if not targets:
-            import difflib
-            close = difflib.get_close_matches(k, list(homes), n=1)
-            raise ConfigError(f"{section}: unknown argument {k!r}." + (f" Did you mean {close[0]!r}?" if close else ""))
-        sec, leaf = targets[0].split(".")
-        out.setdefault(sec, {})[leaf] = v
-    return out
+    """Route seed-style keyword arguments (cpt's names or transformers' TrainingArguments names) to their
+    config section, rejecting unknown ones with a suggestion."""
+    return hf_training_arguments(kwargs, section)
 
 
 class CPTModel:
@@ -192,8 +207,6 @@ class CPTModel:
                        lora_dropout: float = 0.0, bias: str = "none", use_gradient_checkpointing: Any = True,
                        random_state: int = 3407, use_rslora: bool = True, method: str = "lora", **kwargs: Any):
         """Add LoRA/rsLoRA adapters; embed_tokens/lm_head in target_modules are trained in full (float32 masters)."""
-        if use_gradient_checkpointing == "unsloth":
-            use_gradient_checkpointing = True
         acfg = AdapterConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
                              use_gradient_checkpointing=use_gradient_checkpointing, random_state=random_state,
                              use_rslora=use_rslora, method=method, **kwargs)
@@ -230,7 +243,7 @@ class TrainingArguments(dict):
 class CPTTrainer:
     def __init__(self, model: Any, tokenizer: Any, train_dataset: Any = None, args: Optional[TrainingArguments] = None,
                  dataset_text_field: str = "text", max_seq_length: Optional[int] = None, dataset_num_proc: int = 1,
-                 config: Optional[Config] = None, **kwargs: Any):
+                 config: Optional[Config] = None, eval_dataset: Any = None, **kwargs: Any):
         raw: dict[str, dict] = {}
         mcfg = getattr(model, "_cpt_model_config", None)
         acfg = getattr(model, "_cpt_adapter_config", None)
@@ -247,12 +260,17 @@ class CPTTrainer:
         if train_dataset is None and not self.config.data.sources:
             raise ConfigError("CPTTrainer needs train_dataset (a datasets.Dataset) or data sources in the config")
         self.model, self.tokenizer, self.train_dataset = model, tokenizer, train_dataset
+        self.eval_dataset = eval_dataset
 
-    def train(self) -> dict:
+    def train(self, resume_from_checkpoint: Any = None) -> dict:
+        """The run summary (also in run_summary.json). resume_from_checkpoint: True (the newest checkpoint
+        in output_dir) or a checkpoint folder, as in transformers."""
+        if resume_from_checkpoint not in (None, False):
+            self.config.output.resume = "true" if resume_from_checkpoint is True else str(resume_from_checkpoint)
         device = None
         try:
             device = next(self.model.parameters()).device
         except StopIteration:
             pass
         return run_training(self.config, model=self.model, tokenizer=self.tokenizer,
-                            train_dataset=self.train_dataset, device=device)
+                            train_dataset=self.train_dataset, device=device, eval_dataset=self.eval_dataset)

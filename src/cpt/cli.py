@@ -9,6 +9,7 @@
     cpt generate MODEL --prompt TEXT     sample text
     cpt plan CONFIG                      memory and speed estimate before a run
     cpt config                           every config key with its default and meaning
+    cpt convert-config OTHER.yaml        a LLaMA-Factory (stage: pt) or axolotl config as a cpt config
 """
 from __future__ import annotations
 
@@ -23,27 +24,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def setup_logging(verbose: bool = False) -> None:
-    from rich.logging import RichHandler
+    """cpt's lines only, unless verbose (cpt.console)."""
+    from cpt.console import setup_logging as setup
+    from cpt.data.sources import DataWarning
 
-    from cpt.config import redact
-
-    class Redact(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            record.msg = redact(str(record.msg))
-            if record.args:
-                record.args = tuple(redact(a) if isinstance(a, str) else a for a in (record.args if isinstance(record.args, tuple) else (record.args,)))
-            return True
-
-    handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False) if sys.stderr.isatty() else logging.StreamHandler()
-    if not isinstance(handler, RichHandler):
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    handler.addFilter(Redact())
-    root = logging.getLogger("cpt")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    root.propagate = False
-    for noisy in ("transformers", "accelerate", "datasets", "peft"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    setup(verbose, keep_warnings=(DataWarning,))
 
 
 def print_eval_table(rows: list[dict]) -> None:
@@ -136,6 +121,35 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_config(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from cpt.compat import convert_config
+    from cpt.config import ConfigError, read_yaml_file
+
+    raw = read_yaml_file(args.config)
+    converted, skipped = convert_config(raw, args.config, base=str(Path(args.config).expanduser().parent))
+    lines = [f"# {args.config} converted by `cpt convert-config`; keys not set here take cpt's defaults (`cpt config`)."]
+    lines += [f"# not converted (cpt has no such setting): {s}" for s in skipped]
+    text = "\n".join(lines) + "\n" + yaml.safe_dump(converted, sort_keys=False, allow_unicode=True)
+    if args.output:
+        out = Path(args.output).expanduser()
+        if out.exists():
+            raise ConfigError(f"-o {args.output}: the file exists; choose another name or remove it")
+        try:
+            out.write_text(text)
+        except OSError as e:
+            raise ConfigError(f"-o {args.output}: cannot be written ({e.strerror})") from None
+        for s in skipped:
+            logging.getLogger("cpt").warning("not converted: %s", s)
+        logging.getLogger("cpt").info("wrote %s; train with: cpt train %s", out, out)
+    else:
+        print(text, end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cpt", description="Continued pretraining of language models on unlabeled domain text.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -174,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*")
     c.add_argument("--defaults", action="store_true", help="print the default config as YAML")
     c.set_defaults(func=cmd_config)
+
+    cc = sub.add_parser("convert-config", help="turn a LLaMA-Factory (stage: pt) or axolotl pretraining config into a cpt config")
+    cc.add_argument("config", help="the other tool's YAML file")
+    cc.add_argument("-o", "--output", default=None, help="write the cpt config here (default: print it)")
+    cc.set_defaults(func=cmd_convert_config)
 
     # Faces of other stages parse their own arguments.
     for name, help_text in (("inspect", "inspect a data source: fields, sizes, labeled or unlabeled, budget"),

@@ -36,6 +36,7 @@ def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
 
 SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"]
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 @dataclass
@@ -68,7 +69,7 @@ class AdapterConfig:
     use_rslora: bool = _f(True, "Rank-stabilised LoRA: scale by alpha/sqrt(r) so high ranks keep learning.")
     target_modules: list[str] = _f(list(SEED_TARGETS), "Modules to adapt. embed_tokens and lm_head here are trained in full (not LoRA), as continued pretraining needs. Where a model fuses projections (Phi-3: qkv_proj, gate_up_proj), naming all of their parts (q_proj, k_proj, v_proj; gate_proj, up_proj) adapts the fused module; the run log lists the modules adapted.")
     random_state: int = _f(3407, "Seed for the adapter's initialisation.")
-    use_gradient_checkpointing: Union[bool, str] = _f(True, "Recompute activations in the backward pass: true, false, or 'offload' (keep checkpointed inputs in host memory).")
+    use_gradient_checkpointing: Union[bool, str] = _f(True, "Recompute activations in the backward pass: true, false, or 'offload' (keep checkpointed inputs in host memory; Unsloth's 'unsloth' means the same).")
     recompute_budget_gib: Optional[Union[float, str]] = _f(None, "Memory-aware recomputation (with use_gradient_checkpointing on): the lowest decoder layers keep their activations instead of recomputing them while `cpt plan`'s estimated peak stays under this many GiB; 'auto': 92% of the GPU's memory. A number is a cap on the whole run: train.offload_embedding_state=auto plans against it too. null (default): the lean plan, every layer recomputes and the host link carries what it can (adapter.host_activations, train.offload_embedding_state), which on a GPU is also faster than recomputing everything on the GPU.")
     host_activations: Union[int, str] = _f("auto", "Recomputing decoder layers that keep their MLP's gate and up outputs (about 60% of a layer's recompute work, 224 MiB per layer of an 8B model at 4096 tokens) in pinned host memory instead of rerunning them: copied out on a side stream during the forward pass, fetched back one layer ahead in the backward pass (one layer's worth, 0.22 GiB for 8B, in flight at a time). Needs compiled layers (model.compile) on one CUDA GPU with model.kernels cpt; such layers replay without CUDA graphs. auto: as many as `cpt plan` says the host link carries during the forward pass (at most half of a 4-bit model's layers, whose launches cost the host more); a number: that many of the recomputing layers (spread evenly, never the top layer nor the bottom two); 0: none. The run plan (run_plan.json, `cpt plan`) says which layers. docs/performance.md has what it buys.")
     embedding_master_dtype: Literal["float32", "model"] = _f("float32", "Dtype of the trained embed_tokens/lm_head copies. float32 keeps small updates from rounding away in bf16 runs. With train.optim=adamw_8bit in bf16 (not FSDP) the float32 value is held as the bf16 weight plus a 16-bit low half in the optimizer state: bit-exact float32 masters with bf16 gradients, and embed_tokens gets a gradient only for the rows the batch used. The adapter then saves the bf16 weights; the checkpoint keeps the low halves.")
@@ -140,7 +141,7 @@ class TrainConfig:
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
-    lr_scheduler_type: Literal["cosine", "linear", "constant", "wsd"] = _f("cosine", "Schedule after warmup. wsd: warmup, stable, then decay over the last decay_ratio of steps.")
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "wsd", "constant_with_warmup", "cosine_with_min_lr", "warmup_stable_decay"] = _f("cosine", "Schedule after warmup. wsd: warmup, stable, then linear decay over the last decay_ratio of steps. transformers' names keep transformers' curves (warmup from 0): constant_with_warmup; cosine_with_min_lr (cosine down to min_lr_ratio, which must be > 0); warmup_stable_decay (cosine decay over the last decay_ratio of steps to min_lr_ratio). lr_scheduler_kwargs min_lr_rate / min_lr / num_decay_steps are read as min_lr_ratio / decay_ratio.")
     warmup_ratio: float = _f(0.0, "Warmup as a fraction of max_steps.")
     warmup_steps: int = _f(0, "Warmup steps; overrides warmup_ratio when > 0.")
     min_lr_ratio: float = _f(0.0, "Floor of the decayed learning rate, as a fraction of the peak.")
@@ -165,7 +166,8 @@ class OutputConfig:
     save_total_limit: Optional[int] = _f(None, "Keep at most this many checkpoints (oldest deleted after a new one is complete).")
     resume: Union[bool, str] = _f("auto", "auto: continue from the newest complete checkpoint if any; true: require one; false: start fresh; or a checkpoint path.")
     overwrite_output_dir: bool = _f(False, "Allow starting fresh in an output_dir that holds another run's checkpoints.")
-    report_to: list[str] = _f(["tensorboard"], "Extra loggers: tensorboard. metrics.jsonl is always written.")
+    report_to: list[str] = _f(["tensorboard"], "Experiment trackers, through accelerate: tensorboard (<output_dir>/tensorboard), wandb (WANDB_MODE=offline keeps the run in <output_dir>/wandb), mlflow (MLFLOW_TRACKING_URI, else a file store in <output_dir>/mlruns); none or [] for none. wandb and mlflow are installed separately (pip install wandb / mlflow-skinny). metrics.jsonl is always written.")
+    run_name: Optional[str] = _f(None, "The run's name in wandb and mlflow. None: the output_dir's folder name.")
     save_grace_seconds: float = _f(120.0, "On SIGTERM/SIGINT: time allowed to finish the step and save before exiting.")
     report: bool = _f(True, "Write report.html at the end of the run.")
     metric_for_best_model: Optional[str] = _f(None, "Track the best checkpoint by this eval metric, '<set>/<metric>' (e.g. 'domain/bits_per_byte'; lower is better). A new best is always checkpointed and save_total_limit never deletes it. Needs eval.eval_steps > 0.")
@@ -319,6 +321,8 @@ def _all_keys() -> dict[str, list[str]]:
 
 
 def _suggest(word: str, names: list[str], prefix: str = "") -> str:
+    if word in OTHER_TOOLS:
+        return _other_tool_hint(word)
     close = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
     if close:
         return f" Did you mean {(prefix + '.' if prefix else '') + close[0]!r}?"
@@ -333,8 +337,9 @@ def _suggest(word: str, names: list[str], prefix: str = "") -> str:
 
 
 def _normalise(raw: dict) -> dict:
-    """Accept the seed's flat spellings: top-level training keys and a single data source."""
-    raw = dict(raw or {})
+    """Accept the seed's flat spellings: top-level training keys and a single data source; and
+    transformers' TrainingArguments names (see _HF_NAMES), wherever they are written."""
+    raw = _hf_names_in(dict(raw or {}))
     sections = {f.name for f in dataclasses.fields(Config)}
     flat = _all_keys()
     for k in list(raw):
@@ -491,7 +496,7 @@ def validate(cfg: Config) -> None:
     if not 0 <= a.lora_dropout < 1:
         raise ConfigError("adapter.lora_dropout must be in [0, 1)")
     if isinstance(a.use_gradient_checkpointing, str) and a.use_gradient_checkpointing not in ("offload", "unsloth", "true", "false"):
-        raise ConfigError(f"adapter.use_gradient_checkpointing: {a.use_gradient_checkpointing!r} is not true, false or 'offload'")
+        raise ConfigError(f"adapter.use_gradient_checkpointing: {a.use_gradient_checkpointing!r} is not true, false, 'offload' or 'unsloth' (the same as 'offload')")
     if isinstance(m.compile, str) and m.compile not in ("auto", "true", "false"):
         raise ConfigError(f"model.compile: {m.compile!r} is not auto, true or false")
     if isinstance(m.cuda_graphs, str) and m.cuda_graphs not in ("auto", "true", "false"):
@@ -530,6 +535,9 @@ def validate(cfg: Config) -> None:
     if t.offload_embedding_state is True and t.fsdp:
         raise ConfigError("train.offload_embedding_state does not apply under train.fsdp (FSDP shards hold no split "
                           "masters); use train.fsdp_offload_params to keep optimizer state in host memory there")
+    if t.lr_scheduler_type == "cosine_with_min_lr" and t.min_lr_ratio <= 0:
+        raise ConfigError("train.lr_scheduler_type=cosine_with_min_lr needs a floor: set train.min_lr_ratio > 0 "
+                          "(transformers' lr_scheduler_kwargs min_lr_rate), or use lr_scheduler_type=cosine")
     if t.max_nonfinite_steps < 1:
         raise ConfigError("train.max_nonfinite_steps must be >= 1")
     for key, ok, rule in _bounds(cfg):
@@ -539,10 +547,13 @@ def validate(cfg: Config) -> None:
     b = a.recompute_budget_gib
     if (isinstance(b, str) and b != "auto") or (isinstance(b, (int, float)) and b <= 0):
         raise ConfigError(f"adapter.recompute_budget_gib: {b!r} is not a positive number of GiB, 'auto' or null")
-    unknown = [r for r in o.report_to if r not in ("tensorboard", "none")]
+    unknown = [r for r in o.report_to if r not in (*TRACKERS, "none")]
     if unknown:
-        raise ConfigError(f"output.report_to: {unknown[0]!r} is not a logger cpt writes to (tensorboard; metrics.jsonl "
-                          "is always written); remove it")
+        what = "name the trackers" if unknown[0] == "all" else "remove it"
+        raise ConfigError(f"output.report_to: {unknown[0]!r} is not a tracker cpt writes to ({', '.join(TRACKERS)}, or "
+                          f"none; metrics.jsonl is always written); {what}")
+    if "none" in o.report_to and len(o.report_to) > 1:
+        raise ConfigError(f"output.report_to: {o.report_to} names trackers and 'none': keep one or the other")
     if o.metric_for_best_model:
         set_name, _, metric = o.metric_for_best_model.partition("/")
         if not set_name or metric not in ("loss", "perplexity", "bits_per_byte"):
@@ -625,3 +636,266 @@ def help_fields() -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"| `{f.name}` | `{default!r}` | {f.metadata.get('help', '')} |")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- names from other tools
+
+def _hf_resume(v: Any, get: Any) -> dict:
+    if v is None:
+        return {}
+    return {"output.resume": "true" if v is True else "false" if v is False else str(v)}
+
+
+def _hf_eval_strategy(v: Any, get: Any) -> dict:
+    v = str(getattr(v, "value", v))
+    if v == "no":
+        return {"eval.eval_steps": 0}
+    if v == "steps":
+        steps = get("eval_steps") or get("logging_steps") or OutputConfig.logging_steps
+        return {"eval.eval_steps": steps}
+    raise ConfigError(f"eval_strategy={v!r}: cpt evaluates every eval.eval_steps optimizer steps (and at the start "
+                      "and end); use eval_strategy='steps' with eval_steps=N")
+
+
+def _hf_save_strategy(v: Any, get: Any) -> dict:
+    v = str(getattr(v, "value", v))
+    if v == "steps":
+        return {}
+    if v == "no":
+        return {"output.save_steps": 0}
+    raise ConfigError(f"save_strategy={v!r}: cpt checkpoints every output.save_steps optimizer steps (and keeps the best "
+                      "one with output.metric_for_best_model); use save_strategy='steps' with save_steps=N")
+
+
+def _hf_logging_strategy(v: Any, get: Any) -> dict:
+    if str(getattr(v, "value", v)) != "steps":
+        raise ConfigError(f"logging_strategy={v!r}: cpt logs every output.logging_steps optimizer steps; use "
+                          "logging_strategy='steps' with logging_steps=N")
+    return {}
+
+
+def _hf_warmup_steps(v: Any, get: Any) -> dict:
+    if isinstance(v, float) and 0 < v < 1:  # transformers 5: a fraction of the steps is a ratio
+        return {"train.warmup_ratio": v}
+    return {"train.warmup_steps": v}
+
+
+_PAGED = ("paged_adamw_8bit", "paged_adamw_32bit", "paged_adamw", "paged_adam_8bit", "paged_lion_8bit", "paged_lion_32bit")
+_OPTIM_ALIASES = {"adamw_bnb_8bit": "adamw_8bit", "adamw_torch_fused": "adamw_torch_fused", "adamw_torch": "adamw_torch",
+                  "adamw_8bit": "adamw_8bit"}
+
+
+def _hf_optim(v: Any, get: Any) -> dict:
+    v = str(getattr(v, "value", v))
+    if v in _PAGED:
+        raise ConfigError(f"optim={v!r}: bitsandbytes' paged optimizer states are not available; use optim=adamw_8bit "
+                          "(8-bit states; train.offload_embedding_state moves the embeddings' states to host memory)")
+    return {"train.optim": _OPTIM_ALIASES.get(v, v)}
+
+
+_HF_SCHEDULES_REJECTED = {"cosine_with_restarts": "cosine", "polynomial": "linear", "inverse_sqrt": "wsd",
+                          "reduce_lr_on_plateau": "cosine", "cosine_warmup_with_min_lr": "cosine_with_min_lr",
+                          "greedy": "cosine"}
+
+
+def _hf_schedule(v: Any, get: Any) -> dict:
+    v = str(getattr(v, "value", v))
+    if v in _HF_SCHEDULES_REJECTED:
+        raise ConfigError(f"lr_scheduler_type={v!r} is not available; cpt has cosine, linear, constant, wsd, "
+                          f"constant_with_warmup, cosine_with_min_lr and warmup_stable_decay (closest: "
+                          f"{_HF_SCHEDULES_REJECTED[v]})")
+    return {"train.lr_scheduler_type": v}
+
+
+def _hf_scheduler_kwargs(v: Any, get: Any) -> dict:
+    """transformers' lr_scheduler_kwargs for the schedules cpt shares with it."""
+    if not v:
+        return {}
+    if not isinstance(v, dict):
+        raise ConfigError(f"lr_scheduler_kwargs: expected a mapping, got {v!r}")
+    out: dict = {}
+    for k, x in v.items():
+        if k in ("min_lr_rate", "min_lr_ratio"):
+            out["train.min_lr_ratio"] = x
+        elif k == "min_lr":
+            out["train.min_lr_ratio"] = float(x) / float(get("learning_rate") or TrainConfig.learning_rate)
+        elif k == "num_decay_steps":
+            steps = get("max_steps")
+            if not isinstance(steps, int) or steps <= 0:
+                raise ConfigError("lr_scheduler_kwargs.num_decay_steps needs max_steps > 0; or give train.decay_ratio "
+                                  "(the decayed fraction of the steps)")
+            out["train.decay_ratio"] = float(x) / steps
+        elif k == "decay_type" and x != "cosine":
+            raise ConfigError(f"lr_scheduler_kwargs.decay_type={x!r}: warmup_stable_decay decays along a cosine; for a "
+                              "linear decay use lr_scheduler_type=wsd")
+        elif k == "warmup_type" and x != "linear":
+            raise ConfigError(f"lr_scheduler_kwargs.warmup_type={x!r}: cpt warms up linearly")
+        elif k == "num_cycles" and x != 0.5:
+            raise ConfigError(f"lr_scheduler_kwargs.num_cycles={x!r}: cpt's cosine is one half cycle (0.5)")
+        elif k not in ("decay_type", "warmup_type", "num_cycles"):
+            raise ConfigError(f"lr_scheduler_kwargs.{k} is not used by cpt's schedules: give min_lr_rate, min_lr, "
+                              "num_decay_steps (or train.min_lr_ratio, train.decay_ratio directly)")
+    return out
+
+
+def _hf_report_to(v: Any, get: Any) -> dict:
+    if v in ("none", None):
+        return {"output.report_to": []}
+    return {"output.report_to": [v] if isinstance(v, str) and "," not in v else v}
+
+
+def _hf_hub(name: str) -> Any:
+    def refuse(v: Any, get: Any) -> dict:
+        if name == "push_to_hub" and not v:
+            return {}
+        raise ConfigError(f"{name}: cpt does not upload; the output_dir holds a Hugging Face adapter folder: upload it "
+                          "with `hf upload <repo id> <output_dir>` (huggingface_hub), after `cpt merge` for a full model")
+    return refuse
+
+
+def _hf_logging_dir(v: Any, get: Any) -> dict:
+    raise ConfigError("logging_dir: cpt writes TensorBoard logs to <output_dir>/tensorboard; set output.output_dir")
+
+
+def _ignored(v: Any, get: Any) -> dict:
+    return {}  # transformers' Trainer does not read it either (do_train, do_eval): for the user's script
+
+
+# transformers' TrainingArguments / TRL's SFTConfig names: each one either becomes cpt's key with the same
+# meaning, or is a ConfigError saying what to use instead.
+_HF_NAMES = {
+    "resume_from_checkpoint": _hf_resume, "eval_strategy": _hf_eval_strategy, "evaluation_strategy": _hf_eval_strategy,
+    "save_strategy": _hf_save_strategy, "logging_strategy": _hf_logging_strategy, "warmup_steps": _hf_warmup_steps,
+    "optim": _hf_optim, "lr_scheduler_type": _hf_schedule, "lr_scheduler_kwargs": _hf_scheduler_kwargs,
+    "report_to": _hf_report_to, "logging_dir": _hf_logging_dir,
+    "gradient_checkpointing": lambda v, get: {"adapter.use_gradient_checkpointing": v},
+    "push_to_hub": _hf_hub("push_to_hub"), "hub_model_id": _hf_hub("hub_model_id"), "hub_token": _hf_hub("hub_token"),
+    "hub_strategy": _hf_hub("hub_strategy"), "hub_private_repo": _hf_hub("hub_private_repo"),
+    "do_train": _ignored, "do_eval": _ignored,
+}
+_LATE = ("eval_strategy", "evaluation_strategy", "save_strategy")  # they override eval_steps / save_steps
+
+
+def _hf_translate(values: dict, get: Any, where: str) -> dict:
+    """{name: value} with transformers' names -> {dotted cpt key: value}; cpt's own names pass through."""
+    homes = _all_keys()
+    out: dict = {}
+    for k in sorted(values, key=lambda k: k in _LATE):
+        v = values[k]
+        if k in _HF_NAMES:
+            try:
+                out.update(_HF_NAMES[k](v, get))
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+        elif k in homes:
+            out[homes[k][0]] = v
+        elif k in OTHER_TOOLS:
+            raise ConfigError(f"{where}: unknown argument {k!r}.{_other_tool_hint(k)}")
+        else:
+            close = difflib.get_close_matches(k, list(homes) + list(_HF_NAMES), n=1)
+            raise ConfigError(f"{where}: unknown argument {k!r}." + (f" Did you mean {close[0]!r}?" if close else ""))
+    return out
+
+
+def hf_training_arguments(values: dict, where: str) -> dict:
+    """Keyword arguments by transformers' or cpt's names -> a raw config {section: {key: value}}."""
+    dotted = _hf_translate(values, values.get, where)
+    raw: dict = {}
+    for key, v in dotted.items():
+        sec, leaf = key.split(".")
+        raw.setdefault(sec, {})[leaf] = v
+    return raw
+
+
+def _hf_names_in(raw: dict) -> dict:
+    """transformers' names in a YAML config, at the top level or in any section, moved to cpt's keys."""
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
+
+    def get(name: str) -> Any:
+        if name in raw and name not in sections:
+            return raw[name]
+        for sec in sections:
+            if isinstance(raw.get(sec), dict) and name in raw[sec]:
+                return raw[sec][name]
+        return None
+
+    found: list[tuple[Optional[str], str]] = [(None, k) for k in raw if k in _HF_NAMES]
+    for sec in sections:
+        if isinstance(raw.get(sec), dict):
+            own = {f.name for f in dataclasses.fields(hints[sec])}
+            found += [(sec, k) for k in raw[sec] if k in _HF_NAMES and (k not in own or k in
+                      ("warmup_steps", "optim", "lr_scheduler_type", "report_to"))]
+    if not found:
+        return raw
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    values = {}
+    for sec, k in found:
+        values[k] = (raw if sec is None else raw[sec]).pop(k)
+    for key, v in _hf_translate(values, get, "config").items():
+        sec, leaf = key.split(".")
+        if not isinstance(raw.get(sec), dict):
+            raw[sec] = dict(raw.get(sec) or {})
+        raw[sec][leaf] = v
+    return raw
+
+
+# Keys of LLaMA-Factory and axolotl configs: what cpt calls each one (`cpt convert-config` converts a whole file).
+OTHER_TOOLS: dict[str, tuple[str, str]] = {
+    # LLaMA-Factory
+    "model_name_or_path": ("model.name_or_path", ""),
+    "cutoff_len": ("model.max_seq_length", ""),
+    "lora_rank": ("adapter.r", ""),
+    "lora_target": ("adapter.target_modules", "a list; 'all' is the default list"),
+    "additional_target": ("adapter.target_modules", "embed_tokens and lm_head there are trained in full"),
+    "finetuning_type": ("adapter.method", "lora or full"),
+    "quantization_bit": ("model.load_in_4bit", "true for 4-bit"),
+    "preprocessing_num_workers": ("data.dataset_num_proc", ""),
+    "max_samples": ("data.max_docs", ""),
+    "val_size": ("eval.holdout_fraction", ""),
+    "dataset_dir": ("data.sources", "each entry a path: or dataset:"),
+    "flash_attn": ("model.attn_implementation", "flash_attention_2 or sdpa"),
+    "template": ("nothing", "pretraining reads plain text"),
+    "plot_loss": ("nothing", "every run writes report.html with its plots"),
+    "overwrite_cache": ("nothing", "the token cache is keyed by the data and tokenizer"),
+    "deepspeed": ("train.fsdp", "launch with torchrun; docs/distributed.md"),
+    # axolotl
+    "base_model": ("model.name_or_path", ""),
+    "base_model_config": ("model.name_or_path", ""),
+    "sequence_len": ("model.max_seq_length", ""),
+    "sample_packing": ("data.packing", "document: attention restarts at each document; cpt always packs"),
+    "pretraining_dataset": ("data.sources", "with data.streaming: true"),
+    "datasets": ("data.sources", "each entry a path: or dataset:, with split: and text_field:"),
+    "dataset_prepared_path": ("data.cache_dir", ""),
+    "num_epochs": ("train.num_train_epochs", ""),
+    "micro_batch_size": ("train.per_device_train_batch_size", ""),
+    "lora_r": ("adapter.r", ""),
+    "lora_target_modules": ("adapter.target_modules", ""),
+    "lora_target_linear": ("adapter.target_modules", "list the projections"),
+    "lora_modules_to_save": ("adapter.target_modules", "embed_tokens and lm_head there are trained in full"),
+    "peft_use_rslora": ("adapter.use_rslora", ""),
+    "embedding_lr": ("train.embedding_learning_rate", ""),
+    "embedding_lr_scale": ("train.embedding_learning_rate", "a rate, not a scale"),
+    "lr_scheduler": ("train.lr_scheduler_type", ""),
+    "cosine_min_lr_ratio": ("train.min_lr_ratio", ""),
+    "optimizer": ("train.optim", ""),
+    "val_set_size": ("eval.holdout_fraction", ""),
+    "evals_per_epoch": ("eval.eval_steps", "in optimizer steps"),
+    "saves_per_epoch": ("output.save_steps", "in optimizer steps"),
+    "auto_resume_from_checkpoints": ("output.resume", "auto is the default"),
+    "wandb_project": ("output.report_to", "[wandb], with WANDB_PROJECT in the environment"),
+    "wandb_name": ("output.run_name", ""),
+    "wandb_mode": ("output.report_to", "[wandb], with WANDB_MODE in the environment"),
+    "flash_attention": ("model.attn_implementation", "flash_attention_2"),
+    "sdp_attention": ("model.attn_implementation", "sdpa"),
+    "adapter": ("adapter.method", "lora; qlora is lora with model.load_in_4bit: true"),
+    "load_in_8bit": ("model.load_in_4bit", "cpt loads 4-bit or 16-bit bases"),
+}
+
+
+def _other_tool_hint(word: str) -> str:
+    key, note = OTHER_TOOLS[word]
+    if key == "nothing":
+        return f" cpt has no such setting ({note}); remove it. `cpt convert-config FILE` converts a LLaMA-Factory or axolotl config."
+    return (f" cpt calls this {key!r}" + (f" ({note})" if note else "") + ". `cpt convert-config FILE` converts a "
+            "LLaMA-Factory or axolotl config.")

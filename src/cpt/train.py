@@ -34,6 +34,7 @@ from cpt.distributed import Parallel, build_accelerator, plain
 from cpt.optim import build_optimizer, build_scheduler
 from cpt.runtime import to_device
 from cpt.speed.hooks import StepHooks
+from cpt.track import Trackers
 
 log = logging.getLogger("cpt")
 
@@ -53,6 +54,8 @@ class TrainState:
     data: dict = field(default_factory=dict)
     best_metric: Optional[float] = None  # output.metric_for_best_model at best_step (lower is better)
     best_step: Optional[int] = None
+    loss_sum: float = 0.0  # of the finite steps' losses: the run's mean training loss
+    loss_steps: int = 0
 
 
 def total_steps(cfg: Config, data: Any, world_size: int) -> int:
@@ -117,7 +120,7 @@ class Trainer:
         self.hooks = StepHooks(bundle.speed, self.model, self.optimizer, self.accelerator, self.world)
         self.state = TrainState()
         self.metrics_file: Optional[Any] = None
-        self.tb: Any = None
+        self.trackers = Trackers(cfg, self.out)
         self.best_key = self._best_metric_key()
 
     def _best_metric_key(self) -> Optional[tuple[str, str]]:
@@ -231,12 +234,7 @@ class Trainer:
         self._save_config(self.out)
         self._truncate_metrics(self.out / "metrics.jsonl", self.state.step)
         self.metrics_file = open(self.out / "metrics.jsonl", "a")
-        if "tensorboard" in self.cfg.output.report_to:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(self.out / "tensorboard"))
-            except ImportError:
-                log.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
+        self.trackers.start()
 
     def _save_config(self, folder: Path) -> None:
         """The config as the user gave it, and beside it the run plan that was applied."""
@@ -269,13 +267,7 @@ class Trainer:
             return
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(f"train/{k}", v, record["step"])
-                elif isinstance(v, dict):
-                    for kk, vv in v.items():
-                        self.tb.add_scalar(f"train/{k}/{kk}", vv, record["step"])
+        self.trackers.log({"train": {k: v for k, v in record.items() if k != "step"}}, record["step"])
 
     def _memory_gib(self) -> float:
         if self.bundle.device.type == "cuda":
@@ -292,11 +284,10 @@ class Trainer:
             result = self.evaluator.run(self.accelerator.unwrap_model(self.model), self.state.step)
             if not self.accelerator.is_main_process:
                 result = None
-            if self.tb is not None:
-                for name, m in result.items():
-                    if isinstance(m, dict) and "bits_per_byte" in m:
-                        self.tb.add_scalar(f"eval/{name}/bits_per_byte", m["bits_per_byte"], self.state.step)
-                        self.tb.add_scalar(f"eval/{name}/loss", m["loss"], self.state.step)
+            if result is not None:
+                self.trackers.log({"eval": {name: {k: m[k] for k in ("loss", "perplexity", "bits_per_byte") if k in m}
+                                            for name, m in result.items() if isinstance(m, dict) and "bits_per_byte" in m}},
+                                  self.state.step)
         self.accelerator.wait_for_everyone()
         return result
 
@@ -337,6 +328,9 @@ class Trainer:
                 self.state.tokens_seen += n_items
                 self.state.nonfinite_in_a_row = 0 if finite else self.state.nonfinite_in_a_row + 1
                 self.state.nonfinite_total += int(not finite)
+                if finite:
+                    self.state.loss_sum += loss
+                    self.state.loss_steps += 1
                 if not finite:
                     log.warning("step %d: non-finite loss %s / grad norm %s; update skipped (%d in a row)",
                                 self.state.step, loss, grad_norm, self.state.nonfinite_in_a_row)
@@ -435,7 +429,8 @@ class Trainer:
         acc = self.accelerator
         summary = {"step": self.state.step, "total_steps": self.total_steps, "tokens": self.state.tokens_seen,
                    "train_runtime_s": self.state.elapsed_s, "interrupted": interrupted,
-                   "nonfinite_skipped": self.state.nonfinite_total,
+                   "train_loss": self.state.loss_sum / self.state.loss_steps if self.state.loss_steps else float("nan"),
+                   "nonfinite_skipped": self.state.nonfinite_total, "epoch": self._epoch(), "world_size": self.world,
                    "tokens_per_s": self.state.tokens_seen / max(self.state.elapsed_s, 1e-9),
                    **self.bundle.trainable_summary(), **self.hooks.summary()}
         if not interrupted:
@@ -454,8 +449,7 @@ class Trainer:
             ckpt.write_json(self.out / "run_summary.json", summary)
             if self.metrics_file:
                 self.metrics_file.close()
-            if self.tb is not None:
-                self.tb.close()
+            self.trackers.finish()
         acc.wait_for_everyone()
         return summary
 

@@ -524,23 +524,96 @@ def _file_rows(f: Path, report: ReadReport, columns: list[str] | None, row: int,
 _SLICE = re.compile(r"^\s*([\w\-.]+)\s*(?:\[\s*(-?\d*)\s*(%?)\s*:\s*(-?\d*)\s*(%?)\s*\])?\s*$")
 
 
-def _slice_split(ds: Any, split: str, where: str) -> Any:
-    """Apply `train[:10%]`-style slicing to a Dataset loaded from disk (load_dataset does its own)."""
-    m = _SLICE.match(split)
-    if not m or m.group(2) is None:
-        return ds
-    n = len(ds)
+def _slice_bounds(m: re.Match, n: int | None) -> tuple[int, int | None]:
+    """[start, stop) rows of a `train[a:b]` slice of a split of n rows (stop None: to the end). Percentages
+    round as `datasets` does; n may be unknown (None) only for non-negative row counts."""
 
-    def bound(v: str, pct: str, default: int) -> int:
+    def bound(v: str, pct: str, default: int | None) -> int | None:
         if v in ("", "-"):
             return default
         x = int(v)
         if pct:
             x = round(n * x / 100)
+        if n is None:
+            return x
         return max(0, min(n, x if x >= 0 else n + x))
 
-    a, b = bound(m.group(2), m.group(3), 0), bound(m.group(4), m.group(5), n)
-    return ds.select(range(a, max(a, b)))
+    a = bound(m.group(2), m.group(3), 0) or 0
+    b = bound(m.group(4), m.group(5), n)
+    return a, (max(a, b) if b is not None else None)
+
+
+def _slice_split(ds: Any, split: str, where: str) -> Any:
+    """Apply `train[:10%]`-style slicing to a Dataset loaded from disk (load_dataset does its own)."""
+    m = _SLICE.match(split)
+    if not m or m.group(2) is None:
+        return ds
+    a, b = _slice_bounds(m, len(ds))
+    return ds.select(range(a, b))
+
+
+def split_rows(source: SourceConfig) -> int | None:
+    """How many rows the split of a `dataset:` source holds, without downloading it: from the data
+    set's metadata (its info or README), else from the Parquet footers of its files; None if neither says."""
+    import datasets
+
+    base = _SLICE.match(source.split).group(1)
+    try:
+        builder = datasets.load_dataset_builder(source.dataset, source.name, data_files=source.data_files)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
+        raise DataError(f"dataset {source.dataset!r} (name={source.name!r}) could not be opened: {type(e).__name__}: "
+                        f"{_first_line(e)}") from None
+    splits = builder.info.splits or {}
+    if base in splits and splits[base].num_examples:
+        return int(splits[base].num_examples)
+    files = (builder.config.data_files or {}).get(base) if getattr(builder.config, "data_files", None) else None
+    if files and all(str(f).endswith(".parquet") for f in files):
+        import fsspec
+        import pyarrow.parquet as pq
+
+        total = 0
+        for f in files:
+            with fsspec.open(str(f), "rb") as fh:  # reads the footer only
+                total += pq.ParquetFile(fh).metadata.num_rows
+        return total
+    return None
+
+
+def _needs_size(m: re.Match) -> bool:
+    return bool(m.group(3) or m.group(5)) or any(v.startswith("-") for v in (m.group(2), m.group(4)) if v)
+
+
+def streamed_split_rows(source: SourceConfig) -> int | None:
+    """For a streamed `dataset:` source whose split is a slice by percentage (or from the end): the
+    split's size, or a DataError with the fix when the metadata does not say. None when no size is needed."""
+    m = _SLICE.match(source.split)
+    if not m or m.group(2) is None or not _needs_size(m):
+        return None
+    n = split_rows(source)
+    if n is None:
+        raise DataError(f"dataset {source.dataset!r}: split {source.split!r} is streamed, and the size a percentage "
+                        f"needs is not in its metadata; give rows instead ({m.group(1)}[:100000]), or set "
+                        "streaming: false to load the split whole")
+    return n
+
+
+def _stream_slice(source: SourceConfig, m: re.Match) -> Any:
+    """A streamed split's slice (`train[:10%]`, `train[1000:5000]`): the rows are skipped and taken from
+    the stream, since `datasets` slices only splits it has materialised. A percentage or a negative
+    bound needs the split's size, read from the metadata (streamed_split_rows)."""
+    import datasets
+
+    n = streamed_split_rows(source)
+    a, b = _slice_bounds(m, n)
+    try:
+        ds = datasets.load_dataset(source.dataset, source.name, split=m.group(1), data_files=source.data_files,
+                                   streaming=True)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
+        raise DataError(f"dataset {source.dataset!r} (name={source.name!r}, split={source.split!r}) could not be "
+                        f"loaded: {type(e).__name__}: {e}") from None
+    if a:
+        ds = ds.skip(a)
+    return ds.take(b - a) if b is not None else ds
 
 
 def load_hf(source: SourceConfig, streaming: bool) -> Any:
@@ -562,6 +635,9 @@ def load_hf(source: SourceConfig, streaming: bool) -> Any:
             ds = ds[split]
         ds = _slice_split(ds, source.split, name)
         return ds.to_iterable_dataset() if streaming else ds
+    m = _SLICE.match(source.split)
+    if streaming and m and m.group(2) is not None:
+        return _stream_slice(source, m)
     try:
         return datasets.load_dataset(name, source.name, split=source.split, data_files=source.data_files,
                                      streaming=streaming)

@@ -29,7 +29,7 @@ import torch
 from cpt.config import EMBEDDING_MODULES, Config, ConfigError
 from cpt.model import FUSED_PROJECTIONS, load_model_config
 from cpt.optim.host_state import CHUNK_ELEMENTS
-from cpt.plan.rules import FUSABLE_MODEL_TYPES, HOST_LEAD, host_layer_indices, use_compile, use_split_masters
+from cpt.plan.rules import FUSABLE_MODEL_TYPES, HOST_LEAD, checkpointing_mode, host_layer_indices, use_compile, use_split_masters
 
 GIB = 2**30
 # Dense bf16 rate by GPU name (datasheet); unknown GPUs fall back to the H100/H200 figure.
@@ -267,8 +267,8 @@ def plan(cfg: Config, model_config: Any = None, system: str = "ours", gpu_memory
     mem["norms"] = (2 * s.layers + 1) * s.hidden * 2
     static = sum(mem.values())
 
-    gc = a.use_gradient_checkpointing
-    checkpointing = gc not in (False, "false")
+    gc = checkpointing_mode(a.use_gradient_checkpointing)
+    checkpointing = gc != "off"
     offload = gc == "offload" and ours
     layer_act = layer_activation_bytes(s, tokens, fused, a.r)
     if recompute_layers is None:

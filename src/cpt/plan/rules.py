@@ -64,11 +64,11 @@ def use_split_masters(cfg: Config, compute_dtype: torch.dtype, fsdp: bool = Fals
 
 
 def checkpointing_mode(setting: bool | str) -> str:
-    """adapter.use_gradient_checkpointing as 'off', 'recompute' or 'offload' (Unsloth's 'unsloth'
-    recomputes)."""
+    """adapter.use_gradient_checkpointing as 'off', 'recompute' or 'offload'. Unsloth's 'unsloth' is its
+    offloaded checkpointing (layer inputs wait in host memory), so it means cpt's 'offload'."""
     if setting in (False, "false"):
         return "off"
-    if setting == "offload":
+    if setting in ("offload", "unsloth"):
         return "offload"
     return "recompute"
 
