@@ -29,6 +29,7 @@ FEATURES = {
     "test_distributed": ("DDP and FSDP2", ("accelerate", "torch")),
     "test_train": ("the training loop", ("accelerate", "torch", "transformers", "peft")),
     "test_checkpoint": ("checkpoints and exact resume", ("accelerate", "torch", "peft")),
+    "test_export": ("merge and GGUF export, read back by transformers' GGUF loader", ("transformers", "peft", "torch")),
 }
 
 
