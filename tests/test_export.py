@@ -24,9 +24,12 @@ TEXT = "the court held that the statute applies to every contract signed after 2
 
 # Largest logit difference allowed between the exported file, read back, and the model it came from, as a
 # fraction of the largest logit: f16 keeps 11 significant bits, bf16 8, q8_0 about 7 per 32-weight block.
-# Measured on the sharpened tiny model: 3e-4 (f16), 2.7e-3 (bf16), 6.5e-3 (q8_0); a q/k permutation left
-# out moves its logits by 6% of the largest.
+# Measured on the sharpened tiny model, read by transformers (llama.cpp): 3e-4 (3.3e-4) in f16, 2.7e-3
+# (3.1e-3) in bf16, 6.5e-3 (1.0e-2) in q8_0; a q/k permutation left out moves its logits by 6% of the
+# largest. SmolLM2's 30 layers add up more rounding: f16 1e-3 (transformers), 1.8e-3 (llama.cpp, which also
+# rounds the activations to f16 in its matrix products).
 TOLERANCE = {"f16": 2e-3, "bf16": 1e-2, "q8_0": 2e-2}
+DEEP_F16 = 5e-3
 
 
 def _fields(path: Path) -> dict:
@@ -56,9 +59,22 @@ def _read_back(path: Path):
     return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
-def _assert_close(got: torch.Tensor, want: torch.Tensor, outtype: str) -> None:
+def _assert_close(got: torch.Tensor, want: torch.Tensor, outtype: str, tolerance: float | None = None) -> None:
     worst = (got - want).abs().max().item() / want.abs().max().item()
-    assert worst < TOLERANCE[outtype], f"{outtype}: largest logit difference {worst:.2e} of the largest logit"
+    assert worst < (tolerance or TOLERANCE[outtype]), f"{outtype}: largest logit difference {worst:.2e} of the largest logit"
+
+
+def _llama_cpp_logits(path: Path, ids: list[int]):
+    """(the llama.cpp model, its logits for `ids`) from the GGUF file at `path`."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(ids)
+    return llm, torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+
+
+HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 
 
 @pytest.fixture(scope="module")
@@ -117,36 +133,75 @@ def test_untied_llama_round_trip(sharp_model_dir, tmp_path, outtype):
     _assert_close(_logits(back, tok), _logits(model, tok), outtype)
 
 
-def test_smollm2_run_exports_through_the_command(tmp_path, capsys):
-    """The demo's base (SmolLM2-135M from its Q4_1 GGUF, tied embeddings) with a trained-looking adapter:
-    `cpt export RUN` merges it and writes RUN-f16.gguf beside the run, with no output tensor (tied), the
-    chat template and special ids; transformers reads it back to the adapter model's tokens and logits."""
+def test_adapter_run_exports_through_the_command(tiny_tied_model_dir, tmp_path, capsys):
+    """A run's output folder (tied tiny Llama, LoRA on q/k/v and trained embeddings): `cpt export RUN` merges
+    it as `cpt merge` does and writes RUN-f16.gguf beside the run and nothing else, with no output tensor
+    (tied); transformers reads it back to the adapter model's logits."""
     from cpt.cli import main
     from cpt.config import ModelConfig
+    from cpt.model import load_base_model, load_tokenizer
+
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_tied_model_dir, dtype=torch.float32)
+    with torch.no_grad():  # peaked attention and large logits, as in sharp_model_dir
+        for name, p in base.named_parameters():  # lm_head is embed_tokens (tied)
+            p.mul_(6 if "q_proj" in name or "k_proj" in name else 8 if "embed_tokens" in name else 1)
+    base.save_pretrained(tmp_path / "base")
+    mcfg = ModelConfig(name_or_path=str(tmp_path / "base"))
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_tied_model_dir)))
+    tok.save_pretrained(tmp_path / "base")
+    live = _perturbed_adapter(load_base_model(mcfg, torch.device("cpu"), torch.float32),
+                              targets=("q_proj", "k_proj", "v_proj", "embed_tokens", "lm_head"))
+    run = _save_run(live, tok, tmp_path / "run", mcfg)
+    capsys.readouterr()
+
+    assert main(["export", str(run), "--format", "gguf"]) == 0
+    out = tmp_path / "run-f16.gguf"
+    assert capsys.readouterr().out.strip() == str(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "run", "run-f16.gguf"]
+    f = _fields(out)
+    assert "output.weight" not in f["tensors"] and len(f["tensors"]) == 2 * 9 + 2
+    back, _ = _read_back(out)
+    assert back.config.tie_word_embeddings
+    _assert_close(_logits(back, tok), _logits(live, tok), "f16")
+
+
+def test_smollm2_round_trip(tmp_path):
+    """The demo's base (SmolLM2-135M from its Q4_1 GGUF: 30 layers, 9 heads over 3 key/value heads, tied
+    embeddings, a 49k vocabulary with a chat template) with a trained-looking adapter, merged: the file has
+    no output tensor, the chat template and special ids; transformers (and llama.cpp, where installed) read
+    it back to the adapter model's tokens and logits."""
+    from cpt.config import ModelConfig
+    from cpt.export import write_gguf
     from cpt.model import load_base_model, load_tokenizer
 
     mcfg = ModelConfig(name_or_path=str(_smol_dir()), gguf_file=SMOL_GGUF)
     tok = load_tokenizer(mcfg)
     live = _perturbed_adapter(load_base_model(mcfg, torch.device("cpu"), torch.float32),
                               targets=("q_proj", "k_proj", "embed_tokens", "lm_head"))
-    run = _save_run(live, tok, tmp_path / "run", mcfg)
-    want = _logits(live, tok)
-    del live
+    text = TEXT + " 3.14159 and 2,048 items\n<|im_start|>user\nWhy?<|im_end|>"
+    want = _logits(live, tok, text)
+    merged = live.merge_and_unload()
+    merged.tie_weights()
+    out = tmp_path / "smol.gguf"
+    write_gguf(merged, tok, out, "f16")
+    del live, merged
 
-    assert main(["export", str(run), "--format", "gguf"]) == 0
-    out = tmp_path / "run-f16.gguf"
-    assert capsys.readouterr().out.strip() == str(out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run-f16.gguf"]
     f = _fields(out)
     assert "output.weight" not in f["tensors"] and len(f["tensors"]) == 30 * 9 + 2
-    assert f["llama.vocab_size"] == 49152 and f["llama.attention.head_count_kv"] == 3
+    assert f["llama.vocab_size"] == 49152 and f["llama.attention.head_count"] == 9 and f["llama.attention.head_count_kv"] == 3
+    assert f["llama.rope.freq_base"] == pytest.approx(100000.0) and f["llama.context_length"] == 8192
     assert f["tokenizer.ggml.add_bos_token"] is False and f["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
     assert "<|im_start|>" in f["tokenizer.chat_template"]
     back, back_tok = _read_back(out)
-    text = TEXT + "\n<|im_start|>user\nWhy?<|im_end|>"
     assert back_tok(text)["input_ids"] == tok(text)["input_ids"]
     assert back.config.tie_word_embeddings
-    _assert_close(_logits(back, tok), want, "f16")
+    _assert_close(_logits(back, tok, text), want, "f16", DEEP_F16)
+    if HAS_LLAMA_CPP:
+        llm, got = _llama_cpp_logits(out, tok(text)["input_ids"])
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text)["input_ids"]
+        _assert_close(got, want, "f16", DEEP_F16)
 
 
 def test_rope_scaling_and_vocabulary_padding_are_written(tiny_model_dir, tmp_path):
@@ -296,13 +351,11 @@ def test_killed_export_leaves_a_temp_file_the_next_export_removes(sharp_model_di
 
 # --- llama.cpp itself -----------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
-@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed")
+@pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0"])
 def test_llama_cpp_loads_the_export(sharp_model_dir, tmp_path, outtype):
     """llama.cpp (through llama-cpp-python) loads the file, tokenizes as the Hugging Face tokenizer does, and
     computes the source model's logits within the format's precision."""
-    import numpy as np
-    from llama_cpp import Llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cpt.export import export_gguf
@@ -310,9 +363,32 @@ def test_llama_cpp_loads_the_export(sharp_model_dir, tmp_path, outtype):
     out = export_gguf(sharp_model_dir, tmp_path / "m.gguf", outtype=outtype)
     tok = AutoTokenizer.from_pretrained(sharp_model_dir)
     model = AutoModelForCausalLM.from_pretrained(sharp_model_dir, dtype=torch.float32).eval()
-    llm = Llama(model_path=str(out), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
     ids = tok(TEXT)["input_ids"]
+    llm, got = _llama_cpp_logits(out, ids)
     assert llm.tokenize(TEXT.encode(), add_bos=False, special=True) == ids
-    llm.eval(ids)
-    got = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
     _assert_close(got, _logits(model, tok), outtype)
+
+
+@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed")
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64},
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+], ids=lambda r: r["rope_type"])
+def test_llama_cpp_applies_the_rope_scaling(sharp_model_dir, tmp_path, rope):
+    """Each RoPE scaling written reaches llama.cpp as transformers computes it (leaving it out moves the
+    logits by 2.5-6% of the largest; transformers' own GGUF reader ignores these keys, so only llama.cpp
+    can check them)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    from cpt.export import write_gguf
+
+    source = AutoModelForCausalLM.from_pretrained(sharp_model_dir, dtype=torch.float32)
+    source.config.rope_parameters = rope
+    model = LlamaForCausalLM(source.config).eval()  # rotary frequencies are computed from the config at build
+    model.load_state_dict(source.state_dict())
+    tok = AutoTokenizer.from_pretrained(sharp_model_dir)
+    write_gguf(model, tok, tmp_path / "m.gguf")
+    _, got = _llama_cpp_logits(tmp_path / "m.gguf", tok(TEXT)["input_ids"])
+    _assert_close(got, _logits(model, tok), "f16")

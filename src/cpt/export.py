@@ -313,7 +313,8 @@ def _gguf_architecture(cfg: Any) -> str:
                               "`cpt merge` and convert the folder with llama.cpp's convert_hf_to_gguf.py")
     act = getattr(cfg, "hidden_act", "silu")
     if act != "silu":
-        raise ExportError(f"the model's hidden_act is {act!r}; llama.cpp's llama graph computes silu")
+        raise ExportError(f"the model's hidden_act is {act!r}; llama.cpp's llama graph computes silu. Merge it with "
+                          "`cpt merge` and convert the folder with llama.cpp's convert_hf_to_gguf.py")
     return arch
 
 
