@@ -6,6 +6,7 @@
     cpt eval MODEL --data PATH           loss, perplexity, bits per byte
     cpt report OUTPUT_DIR                the HTML report of a run
     cpt merge ADAPTER_DIR OUT_DIR        a merged model for AutoModelForCausalLM
+    cpt export RUN --format gguf         a GGUF file of the merged model for llama.cpp / Ollama
     cpt generate MODEL --prompt TEXT     sample text
     cpt plan CONFIG                      memory and speed estimate before a run
     cpt config                           every config key with its default and meaning
@@ -100,6 +101,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from cpt.export import export_gguf
+
+    print(export_gguf(args.model, args.out, outtype=args.outtype, gguf_file=args.gguf_file))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from cpt.export import generate
     from cpt.model import load_for_inference
@@ -170,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out_dir")
     m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     m.set_defaults(func=cmd_merge)
+
+    e = sub.add_parser("export", help="write the merged model as a GGUF file for llama.cpp and Ollama")
+    e.add_argument("model", help="a run's output folder, a checkpoint-N folder, an adapter, a model folder or a .gguf file")
+    e.add_argument("--format", choices=["gguf"], default="gguf", help="the file format (gguf)")
+    e.add_argument("--outtype", choices=["f16", "bf16", "q8_0"], default="f16",
+                   help="tensor type of the weight matrices (norms stay float32); default f16")
+    e.add_argument("--out", default=None, help="the .gguf file to write (default: MODEL-OUTTYPE.gguf beside MODEL)")
+    e.add_argument("--gguf-file", default=None, help="which .gguf file of a folder holding several to read")
+    e.set_defaults(func=cmd_export)
 
     g = sub.add_parser("generate", help="sample text from a base model, adapter or merged model")
     g.add_argument("model")
@@ -255,10 +272,14 @@ def _guard(run) -> int:
         return 2
     except Exception as e:
         from cpt.checkpoint import CheckpointError
+        from cpt.export import ExportError
         from cpt.train import NonFiniteError
         if isinstance(e, (CheckpointError, NonFiniteError)):
             print(f"cpt: {e}", file=sys.stderr)
             return 1
+        if isinstance(e, ExportError):
+            print(f"cpt: {e}", file=sys.stderr)
+            return 2
         raise
 
 
