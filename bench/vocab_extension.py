@@ -74,8 +74,10 @@ def strip_roff(src: str) -> str:
 def build_corpus(folder: Path, held_every: int, eval_docs: int, eval_chars: int) -> dict:
     """train.jsonl and held.jsonl under `folder` from the installed Chinese man pages."""
     pages = sorted(p for d in MAN_DIRS for p in Path(d).rglob("*.gz")) if all(Path(d).is_dir() for d in MAN_DIRS) else []
+    if not pages and (folder / "corpus.json").is_file():  # a machine without the package: the corpus built elsewhere
+        return json.loads((folder / "corpus.json").read_text())
     if not pages:
-        raise SystemExit("no Chinese man pages: apt-get install -y manpages-zh")
+        raise SystemExit("no Chinese man pages: apt-get install -y manpages-zh (or copy a --work folder built elsewhere)")
     folder.mkdir(parents=True, exist_ok=True)
     train, held, skipped = [], [], 0
     for p in pages:
@@ -96,9 +98,11 @@ def build_corpus(folder: Path, held_every: int, eval_docs: int, eval_chars: int)
         with open(folder / name, "w") as f:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return {"pages": len(pages), "skipped": skipped, "train_docs": len(train), "held_docs": len(held),
+    info = {"pages": len(pages), "skipped": skipped, "train_docs": len(train), "held_docs": len(held),
             "train_bytes": sum(len(r["text"].encode()) for r in train), "held_bytes": sum(len(r["text"].encode()) for r in held),
             "scored_docs": len(scored), "scored_bytes": sum(len(r["text"].encode()) for r in scored)}
+    (folder / "corpus.json").write_text(json.dumps(info))
+    return info
 
 
 def old_text_samples(folder: Path, max_files: int = 300) -> list[str]:
@@ -131,7 +135,7 @@ def run_one(name: str, args: argparse.Namespace, folder: Path, tokenizer_dir: Pa
                    "overwrite_output_dir": True, "report": False, "report_to": []},
     }
     t0 = time.time()
-    summary = run_training(config_from_dict(raw))
+    summary = run_training(config_from_dict(raw), device=torch.device(args.device))
     row = next(r for r in summary["eval_table"] if r["set"] == "domain")
     return {"name": name, "init": init if tokenizer_dir else None, "seconds": time.time() - t0,
             "steps": summary["step"], "tokens": summary["tokens"], "bpb_before": row["bits_per_byte_before"],
@@ -139,14 +143,14 @@ def run_one(name: str, args: argparse.Namespace, folder: Path, tokenizer_dir: Pa
 
 
 @torch.no_grad()
-def generation_speed(output_dir: str, new_tokens: int) -> dict:
+def generation_speed(output_dir: str, new_tokens: int, device: str) -> dict:
     from cpt.model import load_for_inference
 
-    model, tok = load_for_inference(output_dir, device="cpu")
+    model, tok = load_for_inference(output_dir, device=device)
     chars = tokens = 0
     seconds = 0.0
     for prompt in PROMPTS:
-        enc = tok(prompt, return_tensors="pt")
+        enc = tok(prompt, return_tensors="pt").to(model.device)
         model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)  # warm
         t0 = time.perf_counter()
         ids = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -175,6 +179,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--embedding-lr", type=float, default=1e-4)
     ap.add_argument("--gen-tokens", type=int, default=48)
+    ap.add_argument("--device", default="cpu", help="where the runs train and generate (cpu, cuda)")
     ap.add_argument("--runs", default="none,mean,subword")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "vocab_extension"))
     args = ap.parse_args()
@@ -194,24 +199,31 @@ def main() -> None:
     train = [json.loads(l)["text"] for l in (work / "train.jsonl").read_text().splitlines()]
     held = [json.loads(l)["text"] for l in (work / "held.jsonl").read_text().splitlines()]
     base = AutoTokenizer.from_pretrained(str(smollm2_folder()), gguf_file=GGUF_NAME)
-    t = time.time()
-    ext = learn_extension(base, train, args.add, max_chars=args.learn_chars)
-    learn_s = time.time() - t
     tok_dir = work / "tokenizer-zh"
-    if tok_dir.exists():
-        import shutil
-        shutil.rmtree(tok_dir)
-    new = save_extension(base, ext, tok_dir)
+    wanted = {"add": args.add, "learn_chars": args.learn_chars}
+    saved = json.loads((tok_dir / "vocab_extension.json").read_text()) if (tok_dir / "vocab_extension.json").is_file() else {}
+    if {k: saved.get("stats", {}).get(k) for k in wanted} == wanted:  # learned by an earlier run of these settings
+        new = AutoTokenizer.from_pretrained(tok_dir)
+        added, learn_s = len(saved["tokens"]), saved["stats"]["learn_seconds"]
+    else:
+        t = time.time()
+        ext = learn_extension(base, train, args.add, max_chars=args.learn_chars)
+        learn_s = time.time() - t
+        added = len(ext.tokens)
+        if tok_dir.exists():
+            import shutil
+            shutil.rmtree(tok_dir)
+        new = save_extension(base, ext, tok_dir, {**wanted, "learn_seconds": learn_s})
     before, after = token_rates(base, held), token_rates(new, held)
     after_train = token_rates(new, train[:200])
     before_train = token_rates(base, train[:200])
     old = old_text_samples(work)
     changed = check_unchanged(base, new, old)
-    print(f"learned {len(ext.tokens)} tokens in {learn_s:.0f}s; tokens/byte {before['tokens_per_byte']:.4f} -> "
+    print(f"learned {added} tokens in {learn_s:.0f}s; tokens/byte {before['tokens_per_byte']:.4f} -> "
           f"{after['tokens_per_byte']:.4f}; old text unchanged: {changed is None} ({len(old)} texts)", flush=True)
     runs = []
     settings = json.dumps({k: v for k, v in vars(args).items() if k != "runs"}, sort_keys=True)
-    for name in args.runs.split(","):
+    for name in [n for n in args.runs.split(",") if n]:
         done = work / f"run-{name}.json"  # a finished run of the same settings is kept (a rerun after a crash)
         if done.is_file() and json.loads(done.read_text()).get("settings") == settings:
             runs.append(json.loads(done.read_text())["result"])
@@ -221,13 +233,14 @@ def main() -> None:
         print(runs[-1], flush=True)
     for r in runs:
         if r["name"] in ("none", "subword"):
-            r["generation"] = generation_speed(r["output_dir"], args.gen_tokens)
+            r["generation"] = generation_speed(r["output_dir"], args.gen_tokens, args.device)
             print(r["name"], r["generation"], flush=True)
     result = {
         "command": "python bench/vocab_extension.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": (torch.cuda.get_device_name() if args.device.startswith("cuda") else
+                    f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads") + f", torch {torch.__version__}",
         "corpus": corpus, "settings": {k: v for k, v in vars(args).items() if k not in ("work", "out")},
-        "extension": {"added": len(ext.tokens), "learn_seconds": learn_s, "vocab_before": len(base), "vocab_after": len(new)},
+        "extension": {"added": added, "learn_seconds": learn_s, "vocab_before": len(base), "vocab_after": len(new)},
         "held_out_rates": {"before": before, "after": after},
         "train_sample_rates": {"before": before_train, "after": after_train},
         "old_text": {"texts": len(old), "bytes": sum(len(s.encode()) for s in old), "identical": changed is None},
@@ -274,6 +287,12 @@ def render(r: dict) -> str:
         f"Old text keeps its ids: {o['texts']:,} English and code texts ({o['bytes'] / 1e6:.1f} MB: the pages' ASCII "
         f"lines and the Python standard library's source files) tokenise to {'exactly the same' if o['identical'] else 'DIFFERENT'} ids.",
         "",
+    ]
+    if not runs:
+        ratio = b["tokens"] / a["tokens"]
+        return "\n".join(lines + [f"Goal of at least 1.8x fewer tokens for the same text: **{'met' if ratio >= 1.8 else 'not met'}** "
+                                   f"({ratio:.2f}x). The training comparison was not run with this command (`--runs` empty)."]) + "\n"
+    lines += [
         f"**Equal compute.** Three runs identical but for the vocabulary: {s['steps']} optimizer steps of "
         f"{s['batch']} x {s['accum']} sequences of {s['seq']} tokens ({tokens_per_step:,} tokens per step), LoRA r={s['r']} "
         f"(rsLoRA) on every projection, embeddings and head trained in full, learning rate {s['lr']:g}, embedding learning "
@@ -297,7 +316,7 @@ def render(r: dict) -> str:
     if "none" in runs and "subword" in runs:
         g0, g1 = runs["none"].get("generation"), runs["subword"].get("generation")
         if g0 and g1:
-            lines += ["", f"**Generation** ({s['gen_tokens']} new tokens, greedy, after training, CPU): "
+            lines += ["", f"**Generation** ({s['gen_tokens']} new tokens, greedy, after training, {s.get('device', 'cpu')}): "
                       f"{g0['chars_per_s']:.1f} characters/s without the extension ({g0['chars_per_token']:.2f} characters per token), "
                       f"{g1['chars_per_s']:.1f} with it ({g1['chars_per_token']:.2f}): **{g1['chars_per_s'] / g0['chars_per_s']:.2f}x**."]
         none, sub = runs["none"]["bpb_after"], runs["subword"]["bpb_after"]
