@@ -286,3 +286,16 @@ def test_new_rows_train_with_split_masters_and_row_sparse_gradients(tiny_model_d
     start = base.get_input_embeddings().weight.detach()
     moved = (trained[ext["first_id"]:].float() - start[ext["first_id"]:].float()).abs().amax(1) > 0
     assert moved.any()
+
+
+def test_python_api_extends_before_the_adapters(tiny_tied_model_dir, tmp_path):
+    from cpt.api import CPTModel
+
+    model, tok = CPTModel.from_pretrained(str(tiny_tied_model_dir), max_seq_length=32, device="cpu")
+    new = CPTModel.extend_vocabulary(model, tok, domain_docs(), add_tokens=30, save_to=str(tmp_path / "tok"))
+    assert len(new) == len(tok) + 30 == model.get_input_embeddings().weight.shape[0]
+    assert read_extension(tmp_path / "tok")["size"] == len(new)
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    peft_model = CPTModel.get_peft_model(model, r=4, target_modules=["q_proj", "v_proj", "embed_tokens", "lm_head"])
+    with pytest.raises(ConfigError, match="before get_peft_model"):
+        CPTModel.extend_vocabulary(peft_model, new, domain_docs(), add_tokens=5)
