@@ -14,6 +14,7 @@ Unsloth's names over this API are in cpt.compat (examples/seed.py).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -23,9 +24,9 @@ import torch
 
 from cpt.build import build_model
 from cpt.checkpoint import COMPLETE, unwritable_dir
-from cpt.config import (AdapterConfig, Config, ConfigError, ModelConfig, config_from_dict, hf_training_arguments,
-                        validate)
-from cpt.data import build_data
+from cpt.config import (AdapterConfig, Config, ConfigError, ModelConfig, _all_keys, config_from_dict,
+                        hf_training_arguments, validate)
+from cpt.data import build_data, training_texts
 from cpt.data.cache import cache_root
 from cpt.data.inspect import labeled_warning
 from cpt.data.sources import DataError, is_streaming, resolve_files, streamed_split_rows
@@ -34,6 +35,7 @@ from cpt.evaluate import EvalSet, Evaluator, load_eval_sets
 from cpt.model import (add_adapters, check_against_model, check_device, enable_gradient_checkpointing, load_base_model,
                        load_model_config, load_tokenizer)
 from cpt.model.load import sole_gguf
+from cpt.model.vocab import EXTENSION_FILE, extend_model, extended_tokenizer, learn_extension, save_extension
 from cpt.plan.rules import checkpointing_mode
 from cpt.report import write_report
 from cpt.runtime import local_device, resolve_dtype
@@ -130,6 +132,8 @@ def run_training(cfg: Config, *, model: Any = None, tokenizer: Any = None, train
     if device is None and accelerator.num_processes > 1:
         device = accelerator.device
     build_cfg, build_device = loading_place(cfg, accelerator, device)
+    if cfg.vocab.add_tokens and tokenizer is None:
+        tokenizer = setup_vocabulary(cfg, train_dataset, accelerator)
     bundle = build_model(build_cfg, device=build_device, model=model, tokenizer=tokenizer)
     data = build_data(cfg, bundle.tokenizer, train_dataset=train_dataset, rank=accelerator.process_index,
                       world_size=accelerator.num_processes)
@@ -175,6 +179,40 @@ def _eval_set(dataset: Any, cfg: Config, taken: set[str]) -> EvalSet:
     return EvalSet(name, texts)
 
 
+def setup_vocabulary(cfg: Config, train_dataset: Any = None, accelerator: Any = None) -> Any:
+    """vocab.add_tokens: the extended tokenizer of this run, learned from the training text by the main process
+    into output_dir/tokenizer, or read back from there (a resumed run, or another process of this one)."""
+    folder = Path(cfg.output.output_dir).expanduser() / "tokenizer"
+    v = cfg.vocab
+    settings = {"base": cfg.model.tokenizer or cfg.model.name_or_path, "gguf_file": cfg.model.gguf_file,
+                "add_tokens": v.add_tokens, "min_frequency": v.min_frequency, "max_chars": v.max_chars,
+                "merge_ascii": v.merge_ascii}
+    main = accelerator is None or accelerator.is_main_process
+    if main and not (folder / EXTENSION_FILE).is_file():
+        base = load_tokenizer(cfg.model)
+        log.info("learning %d new tokens from the training text (vocab.add_tokens)", v.add_tokens)
+        texts = list(training_texts(cfg, train_dataset))
+        ext = learn_extension(base, texts, v.add_tokens, min_frequency=v.min_frequency,
+                              protect_ascii=not v.merge_ascii, max_chars=v.max_chars)
+        if folder.exists():  # a half-written folder from a killed run: learning is deterministic, write it again
+            import shutil
+            shutil.rmtree(folder)
+        save_extension(base, ext, folder, {"settings": settings, "documents": len(texts)})
+        log.info("vocabulary: %d new tokens (ids %d-%d) written to %s", len(ext.tokens), ext.first_id, ext.size - 1, folder)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    saved = json.loads((folder / EXTENSION_FILE).read_text()).get("stats", {}).get("settings")
+    if saved != settings:
+        raise ConfigError(f"{folder} holds a vocabulary learned with other settings ({saved}); the run's are {settings}. "
+                          "Use another output.output_dir, or delete that folder to learn again")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def _section_kwargs(section: str, kwargs: dict) -> dict:
     """Route seed-style keyword arguments (cpt's names or transformers' TrainingArguments names) to their
     config section, rejecting unknown ones with a suggestion."""
@@ -201,6 +239,20 @@ class CPTModel:
         model = load_base_model(mcfg, device, resolve_dtype(mcfg.dtype, device))
         model._cpt_model_config = mcfg
         return model, load_tokenizer(mcfg)
+
+    @staticmethod
+    def extend_vocabulary(model: Any, tokenizer: Any, texts: Any, add_tokens: int = 8000, init: str = "subword",
+                          min_frequency: int = 2, merge_ascii: bool = False, save_to: Optional[str] = None) -> Any:
+        """Learn `add_tokens` new tokens from `texts`, grow the model's embeddings and start the new rows from
+        their pieces (before get_peft_model). Returns the extended tokenizer (saved to `save_to` if given)."""
+        if hasattr(model, "peft_config"):
+            raise ConfigError("CPTModel.extend_vocabulary: call it before get_peft_model (the adapter copies the embeddings)")
+        ext = learn_extension(tokenizer, texts, add_tokens, min_frequency=min_frequency, protect_ascii=not merge_ascii)
+        new = save_extension(tokenizer, ext, save_to) if save_to else extended_tokenizer(tokenizer, ext)
+        extend_model(model, {"first_id": ext.first_id, "size": ext.size, "pieces": ext.pieces}, init)
+        if new.pad_token is None:
+            new.pad_token = new.eos_token
+        return new
 
     @staticmethod
     def get_peft_model(model: Any, r: int = 128, target_modules: Optional[list[str]] = None, lora_alpha: float = 32,

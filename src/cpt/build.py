@@ -22,6 +22,7 @@ from cpt.config import Config, ConfigError
 from cpt.model import (GROUP_EMBEDDINGS, SPLIT_MASTER, add_adapters, check_against_model, check_device,
                        enable_gradient_checkpointing, load_base_model, load_model_config, load_tokenizer, param_groups,
                        sparse_gradients)
+from cpt.model.vocab import extend_model, read_extension
 from cpt.plan.decide import decide, format_run_plan
 from cpt.plan.run_plan import RunPlan
 from cpt.runtime import default_device, resolve_dtype, settle_cpu_math
@@ -82,9 +83,17 @@ def build_model(cfg: Config, device: Optional[torch.device] = None, model: Optio
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.model)
     rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows:
+    if len(tokenizer) > rows and getattr(model, "_cpt_adapter_config", None) is None:
+        extension = read_extension(getattr(tokenizer, "name_or_path", None))
+        if extension is None or extension["size"] != len(tokenizer):
+            raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows; "
+                              "they do not belong together (a tokenizer extended with `cpt vocab extend` keeps "
+                              "vocab_extension.json beside it, which tells how to grow the model)")
+        extend_model(model, extension, cfg.vocab.init)
+        log.info("vocabulary extended: %d -> %d tokens, new rows from %s", rows, len(tokenizer), cfg.vocab.init)
+    elif len(tokenizer) > rows:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows; "
-                          "they do not belong together")
+                          "they do not belong together (with the Python API, extend before get_peft_model)")
     run = decide(cfg, model.config, device)
     if getattr(model, "_cpt_adapter_config", None) is None:  # the Python API may have added them already
         if cfg.adapter.method == "lora":

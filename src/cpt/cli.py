@@ -9,6 +9,7 @@
     cpt export RUN --format gguf         a GGUF file of the merged model for llama.cpp / Ollama
     cpt generate MODEL --prompt TEXT     sample text
     cpt plan CONFIG                      memory and speed estimate before a run
+    cpt vocab extend --data P --add N    new tokens learned from a corpus (a new language)
     cpt config                           every config key with its default and meaning
     cpt convert-config OTHER.yaml        a LLaMA-Factory (stage: pt) or axolotl config as a cpt config
 """
@@ -213,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Faces of other stages parse their own arguments.
     for name, help_text in (("inspect", "inspect a data source: fields, sizes, labeled or unlabeled, budget"),
+                            ("vocab", "extend the tokenizer with new tokens learned from a corpus (cpt vocab extend)"),
                             ("eval", "evaluate a model, adapter or merged model on held-out text"),
                             ("report", "write the HTML report of a run"),
                             ("plan", "estimate memory and speed of a config before running it")):
@@ -225,7 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _delegate(name: str, argv: list[str]) -> int:
     if name == "inspect":
         from cpt.data.inspect import inspect_main
-        return inspect_main(argv)
+        return inspect_main(argv, extender=_extender)
+    if name == "vocab":
+        from cpt.data.inspect import token_rates
+        from cpt.model.vocab import vocab_main
+        return vocab_main(argv, read_texts=_read_texts, measure=token_rates)
     if name == "eval":
         from cpt.evaluate import eval_main
         return eval_main(argv)
@@ -234,6 +240,22 @@ def _delegate(name: str, argv: list[str]) -> int:
         return report_main(argv)
     from cpt.plan.decide import plan_main
     return plan_main(argv)
+
+
+def _extender(tokenizer, texts: list[str], add: int):
+    """`cpt inspect --vocab-add N`: the model stage's learner, handed to the data stage's inspection."""
+    from cpt.model.vocab import extended_tokenizer, learn_extension
+
+    return extended_tokenizer(tokenizer, learn_extension(tokenizer, texts, add))
+
+
+def _read_texts(path: str, text_field: str, max_docs: Optional[int]):
+    """`cpt vocab extend --data PATH`: the data stage's reader, handed to the model stage's command."""
+    from cpt.config import SourceConfig
+    from cpt.data.sources import read_documents, resolve_files
+
+    resolve_files(path)  # a missing path is a one-line error naming it
+    return read_documents(SourceConfig(path=path), text_field, max_docs=max_docs)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -249,7 +271,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     return _guard(lambda: args.func(args))
 
 
-DELEGATED = ("inspect", "eval", "report", "plan")
+DELEGATED = ("inspect", "eval", "report", "plan", "vocab")
 
 
 def _guard(run) -> int:

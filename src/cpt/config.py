@@ -159,6 +159,15 @@ class TrainConfig:
 
 
 @dataclass
+class VocabConfig:
+    add_tokens: int = _f(0, "Learn this many new tokens from data.sources when the run starts (continuing the tokenizer's byte-level BPE; `cpt vocab extend` does the same ahead of time, then give its folder as model.tokenizer). The extended tokenizer is written to output_dir/tokenizer and reused on resume; the model's embeddings grow to match and the new rows start as set by vocab.init. 0: off.")
+    init: Literal["subword", "mean"] = _f("subword", "How new token rows start when the tokenizer is longer than the model's embeddings (vocab.add_tokens, or a model.tokenizer from `cpt vocab extend`). subword: each new row, input and output side, is the mean of the rows of the old tokens it is made of; mean: transformers' default (drawn around the mean of all rows).")
+    min_frequency: int = _f(2, "A pair of tokens must occur this often in the text to become a new token.")
+    max_chars: int = _f(50_000_000, "Characters of training text read to learn the new tokens.")
+    merge_ascii: bool = _f(False, "Allow new tokens made of two ASCII pieces. Off: English, code and other ASCII text keeps exactly its old token ids; only words with other characters get new tokens.")
+
+
+@dataclass
 class OutputConfig:
     output_dir: str = _f("outputs/cpt-run", "Where checkpoints, the final adapter, metrics and the report go.")
     logging_steps: int = _f(10, "Log metrics every N optimizer steps.")
@@ -181,6 +190,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    vocab: VocabConfig = field(default_factory=VocabConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -607,6 +617,9 @@ def _bounds(cfg: Config) -> list[tuple[str, bool, str]]:
         ("data.dataset_num_proc", d.dataset_num_proc >= 1, ">= 1"),
         ("data.max_docs", d.max_docs is None or d.max_docs >= 1, ">= 1 (or null for every document)"),
         ("data.dataset_text_field", bool(d.dataset_text_field.strip()), "a column name"),
+        ("vocab.add_tokens", cfg.vocab.add_tokens >= 0, ">= 0 (0: no new tokens)"),
+        ("vocab.min_frequency", cfg.vocab.min_frequency >= 1, ">= 1"),
+        ("vocab.max_chars", cfg.vocab.max_chars >= 1, ">= 1"),
         ("eval.eval_steps", e.eval_steps >= 0, ">= 0 (0: only at start and end)"),
         ("eval.holdout_max_docs", e.holdout_max_docs >= 0, ">= 0"),
         ("eval.max_eval_tokens", e.max_eval_tokens is None or e.max_eval_tokens >= 1, ">= 1 (or null for no limit)"),

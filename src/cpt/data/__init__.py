@@ -111,6 +111,13 @@ def _as_sources(cfg: Config, train_dataset: Any) -> list[tuple[str, Any, str, fl
     return out
 
 
+def training_texts(cfg: Config, train_dataset: Any = None) -> Iterator[str]:
+    """The training sources' documents, source after source (filters applied, bad rows skipped, data.max_docs
+    per source): what vocabulary extension learns from."""
+    for _, source, field_, _, _ in _as_sources(cfg, train_dataset):
+        yield from read_documents(source, field_, max_docs=cfg.data.max_docs, strict=cfg.data.strict)
+
+
 def _text_key(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 

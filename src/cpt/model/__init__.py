@@ -3,6 +3,7 @@
     load.py      Hugging Face folder or name, GGUF, 4-bit; checks; loading a trained run back
     adapters.py  LoRA/rsLoRA, trained embeddings (float32 masters, tied weights), saving trained tensors
     groups.py    parameter groups and their learning rates
+    vocab.py     vocabulary extension: new tokens learned from a corpus, their rows started from their pieces
 """
 from cpt.model.adapters import (FUSED_PROJECTIONS, ROW_SPARSE, SPLIT_MASTER, add_adapters, enable_gradient_checkpointing,
                                 load_trainable_state, mark_split_master, save_trained, sparse_gradients,

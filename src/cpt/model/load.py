@@ -323,6 +323,10 @@ def load_for_inference(path_or_name: str, gguf_file: str | None = None, device: 
         if run_cfg:
             mcfg.attn_implementation = run_cfg.model.attn_implementation
         base = load_base_model(mcfg, device, dtype)
+        rows = adapter_vocab_rows(adapter)
+        if rows and rows != base.get_input_embeddings().weight.shape[0]:
+            # An extended vocabulary: the adapter holds the whole trained embeddings; the base only needs their shape.
+            base.resize_token_embeddings(rows, mean_resizing=False)
         with quiet_loading():
             model = PeftModel.from_pretrained(base, str(adapter))
         if (adapter / "tokenizer_config.json").is_file():
@@ -348,6 +352,21 @@ def load_for_inference(path_or_name: str, gguf_file: str | None = None, device: 
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def adapter_vocab_rows(adapter: str | Path) -> Optional[int]:
+    """Rows of the trained embed_tokens / lm_head an adapter folder holds (its vocabulary size), read from the
+    safetensors header; None when it trains no embeddings."""
+    f = Path(adapter) / "adapter_model.safetensors"
+    if not f.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(f), framework="pt") as st:
+        for k in st.keys():
+            if ("embed_tokens" in k or "lm_head" in k) and k.endswith("weight"):
+                return int(st.get_slice(k).get_shape()[0])
+    return None
 
 
 def _run_config_near(path: Path) -> Optional[Config]:
