@@ -24,7 +24,7 @@ import torch
 
 from cpt.build import build_model
 from cpt.checkpoint import COMPLETE, unwritable_dir
-from cpt.config import (AdapterConfig, Config, ConfigError, ModelConfig, _all_keys, config_from_dict,
+from cpt.config import (AdapterConfig, Config, ConfigError, ModelConfig, config_from_dict,
                         hf_training_arguments, validate)
 from cpt.data import build_data, training_texts
 from cpt.data.cache import cache_root

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cpt.config import TRACKERS, Config, ConfigError
+from cpt.config import Config, ConfigError
 
 log = logging.getLogger("cpt")
 

@@ -19,8 +19,6 @@ layers, a matmul time for the FLOPs done plus the rest of a step that recomputes
 """
 from __future__ import annotations
 
-import argparse
-import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
