@@ -314,12 +314,15 @@ def load_for_inference(path_or_name: str, gguf_file: str | None = None, device: 
         if run_cfg:
             mcfg.attn_implementation = run_cfg.model.attn_implementation
         base = load_base_model(mcfg, device, dtype)
-        with quiet_loading():
-            model = PeftModel.from_pretrained(base, str(adapter))
         if (adapter / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(adapter)
         else:
             tokenizer = load_tokenizer(dataclasses.replace(run_cfg.model, load_in_4bit=False) if run_cfg else mcfg)
+        if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+            # Tokens a chat template added during instruction tuning: their trained rows are in the adapter.
+            base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with quiet_loading():
+            model = PeftModel.from_pretrained(base, str(adapter))
     else:
         kw: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
         if source.gguf_file:
