@@ -9,6 +9,15 @@
                          embedding_learning_rate=1e-6, output_dir="outputs/run"))
     stats = trainer.train()
 
+Instruction fine-tuning (the stage after CPT) with TRL's names:
+
+    from cpt.api import CPTModel, SFTConfig, SFTTrainer
+    model, tokenizer = CPTModel.from_pretrained("outputs/cpt-merged", max_seq_length=2048)
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=chat_dataset,
+                         args=SFTConfig(max_length=2048, packing=True, assistant_only_loss=True, max_steps=100,
+                                        learning_rate=1e-4, output_dir="outputs/sft"))
+    trainer.train()
+
 Everything goes through the same `run_training` as `cpt train`, so both faces behave the same.
 Unsloth's names over this API are in cpt.compat (examples/seed.py).
 """
@@ -137,13 +146,13 @@ def run_training(cfg: Config, *, model: Any = None, tokenizer: Any = None, train
     bundle = build_model(build_cfg, device=build_device, model=model, tokenizer=tokenizer)
     data = build_data(cfg, bundle.tokenizer, train_dataset=train_dataset, rank=accelerator.process_index,
                       world_size=accelerator.num_processes)
-    if data.stats.get("verdict"):
+    if data.stats.get("verdict") and cfg.train.stage == "cpt":
         warning = labeled_warning(data.stats["verdict"])
         if warning:
             log.warning(warning)
     summary_params = bundle.trainable_summary()
     log.info("trainable parameters: %s", ", ".join(f"{k}={v:,}" for k, v in summary_params.items()))
-    eval_sets = load_eval_sets(cfg, data.holdout_texts)
+    eval_sets = load_eval_sets(cfg, data.holdout_texts, data.holdout_conversations, bundle.tokenizer)
     if eval_dataset is not None:
         eval_sets.append(_eval_set(eval_dataset, cfg, taken={s.name for s in eval_sets}))
     eval_dir = cfg.output.output_dir
@@ -326,3 +335,41 @@ class CPTTrainer:
             pass
         return run_training(self.config, model=self.model, tokenizer=self.tokenizer,
                             train_dataset=self.train_dataset, device=device, eval_dataset=self.eval_dataset)
+
+
+def _sft_names(kwargs: dict) -> dict:
+    """TRL's SFTConfig names as cpt config keys: packing (bool) -> data.packing, max_length / max_seq_length ->
+    model.max_seq_length; assistant_only_loss, completion_only_loss, dataset_text_field, chat_template keep theirs."""
+    out = dict(kwargs)
+    if "packing" in out and isinstance(out["packing"], bool):
+        out["packing"] = "document" if out["packing"] else "none"
+    if "max_length" in out:
+        value = out.pop("max_length")
+        if value is not None:
+            out["max_seq_length"] = value
+    out["stage"] = "sft"
+    return out
+
+
+class SFTConfig(TrainingArguments):
+    """TrainingArguments plus TRL's SFTConfig names: max_length (or max_seq_length), packing (True: conversations
+    packed, attention restarting at each; False: one per block), assistant_only_loss, completion_only_loss,
+    dataset_text_field, chat_template, chat_format."""
+
+    def __init__(self, **kwargs: Any):
+        dict.__init__(self, **_sft_names(kwargs))
+        _section_kwargs("SFTConfig", dict(self))
+
+
+class SFTTrainer(CPTTrainer):
+    """Instruction fine-tuning on the same loop as CPTTrainer (train.stage=sft): conversations, Alpaca rows or
+    prompt/completion pairs, loss on the answers. `processing_class` is TRL's name for the tokenizer."""
+
+    def __init__(self, model: Any, processing_class: Any = None, train_dataset: Any = None,
+                 args: Optional[TrainingArguments] = None, tokenizer: Any = None, **kwargs: Any):
+        merged = _sft_names({**dict(args or {}), **kwargs})
+        if "max_seq_length" in merged and "max_seq_length" not in kwargs:
+            kwargs["max_seq_length"] = merged.pop("max_seq_length")
+        super().__init__(model=model, tokenizer=processing_class if processing_class is not None else tokenizer,
+                         train_dataset=train_dataset, args=TrainingArguments(**{k: v for k, v in merged.items()
+                                                                                if k != "max_seq_length"}), **kwargs)

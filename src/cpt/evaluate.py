@@ -39,6 +39,8 @@ import torch.nn.functional as F
 
 from cpt.config import Config, ConfigError, EvalSetConfig, SourceConfig, load_config
 from cpt.data import read_documents
+from cpt.data.chat import ChatEncoder, chat_prompt_ids, detect_format, iter_conversations, stop_token_ids, unpack_ids
+from cpt.data.sources import iter_rows
 from cpt.data.sources import SUFFIXES
 from cpt.runtime import to_device
 
@@ -50,10 +52,11 @@ METRICS = ("loss", "perplexity", "bits_per_byte", "tokens", "bytes", "documents"
 
 @dataclass
 class EvalSet:
-    """A named list of held-out documents."""
+    """A named list of held-out documents, or (train.stage=sft) of conversations scored on their answers."""
 
     name: str
     texts: list[str]
+    conversations: list | None = None  # uint32 tokens with the answer mask (cpt.data.chat.pack_ids)
 
 
 # ---------------------------------------------------------------------------- eval sets
@@ -65,14 +68,26 @@ def _source_for(s: EvalSetConfig, streaming: bool) -> SourceConfig:
                         streaming=streaming)
 
 
-def load_eval_sets(cfg: Config, holdout_texts: list[str]) -> list[EvalSet]:
-    """Read every `eval.sets` entry; add the automatic held-out slice as "domain" when none is named so."""
+def load_eval_sets(cfg: Config, holdout_texts: list[str], holdout_conversations: list | None = None,
+                   tokenizer: Any = None) -> list[EvalSet]:
+    """Read every `eval.sets` entry; add the automatic held-out slice as "domain" when none is named so.
+    Under train.stage=sft a set whose rows are conversations is scored on its answers (and the held-out
+    conversations become the set "answers"); text sets keep measuring bits per byte (forgetting)."""
     sets: list[EvalSet] = []
     for i, s in enumerate(cfg.eval.sets):
         where = f"eval.sets[{i}] ({s.name})"
         if any(e.name == s.name for e in sets):
             raise ConfigError(f"{where}: the name {s.name!r} is used by an earlier set; give each set its own name")
         source = _source_for(s, cfg.data.streaming)
+        if cfg.train.stage == "sft" and tokenizer is not None and _is_chat_source(source):
+            try:
+                convs = _read_conversations(cfg, source, tokenizer, s.max_docs)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+            if not convs:
+                raise ConfigError(f"{where}: no conversations read from {s.path or s.dataset!r}")
+            sets.append(EvalSet(s.name, [], convs))
+            continue
         try:
             texts = list(read_documents(source, default_text_field=cfg.data.dataset_text_field,
                                         max_docs=s.max_docs, strict=cfg.data.strict))
@@ -83,7 +98,55 @@ def load_eval_sets(cfg: Config, holdout_texts: list[str]) -> list[EvalSet]:
         sets.append(EvalSet(s.name, texts))
     if holdout_texts and not any(e.name == "domain" for e in sets):
         sets.append(EvalSet("domain", list(holdout_texts)))
+    if holdout_conversations and not any(e.name == "answers" for e in sets):
+        sets.append(EvalSet("answers", [], list(holdout_conversations)))
     return sets
+
+
+def _is_chat_source(source: SourceConfig) -> bool:
+    for row, _, _ in iter_rows(source):
+        return detect_format(row) is not None
+    return False
+
+
+def _read_conversations(cfg: Config, source: SourceConfig, tokenizer: Any, max_docs: int | None) -> list:
+    enc = ChatEncoder(tokenizer, cfg)
+    convs = iter_conversations(source, cfg.data.chat_format, max_docs=max_docs, strict=cfg.data.strict)
+    return [toks for _, toks in enc.encode_docs(convs)]
+
+
+@torch.no_grad()
+def evaluate_answers(model: torch.nn.Module, conversations: list, batch_size: int) -> dict:
+    """Mean NLL of the answer tokens (those with loss in training) of held-out conversations, each scored
+    alone with its prompt as context: {"loss", "perplexity", "tokens", "documents"}."""
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    try:
+        order = sorted(conversations, key=len, reverse=True)
+        for i in range(0, len(order), batch_size):
+            batch = [unpack_ids(c) for c in order[i:i + batch_size]]
+            width = max(len(ids) for ids, _ in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, (a, lab) in enumerate(batch):
+                ids[r, :len(a)], labels[r, :len(a)], mask[r, :len(a)] = (torch.from_numpy(a), torch.from_numpy(lab), 1)
+            ids, labels, mask = to_device(ids, device), to_device(labels, device), to_device(mask, device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            for r in range(len(batch)):
+                target = labels[r, 1:]
+                keep = target != -100
+                if keep.any():
+                    nll += float(F.cross_entropy(logits[r, :-1][keep].float(), target[keep], reduction="sum"))
+                    count += int(keep.sum())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("no answer tokens to evaluate")
+    loss = nll / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count, "documents": len(conversations)}
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -225,8 +288,10 @@ _GREEDY = {"do_sample": False, "num_beams": 1, "temperature": 1.0, "top_k": 50, 
 
 
 @torch.no_grad()
-def generate_samples(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int) -> list[dict]:
-    """Greedy continuations, one prompt at a time (no padding, so each equals its unbatched run)."""
+def generate_samples(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int,
+                     chat: bool = False) -> list[dict]:
+    """Greedy continuations, one prompt at a time (no padding, so each equals its unbatched run). `chat`: each
+    prompt is a user turn through the tokenizer's chat template, and the answer stops at its end of turn."""
     from transformers import GenerationConfig
 
     if not prompts:
@@ -234,13 +299,18 @@ def generate_samples(model: torch.nn.Module, tokenizer, prompts: list[str], max_
     device = _model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     gen = GenerationConfig(**_GREEDY, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+                           eos_token_id=stop_token_ids(tokenizer) if chat else tokenizer.eos_token_id,
+                           bos_token_id=tokenizer.bos_token_id)
     was_training = model.training
     model.eval()
     out: list[dict] = []
     try:
         for prompt in prompts:
-            enc = tokenizer(prompt, return_tensors="pt").to(device)
+            if chat:
+                p = torch.tensor([chat_prompt_ids(tokenizer, prompt)], dtype=torch.long)
+                enc = {"input_ids": p.to(device), "attention_mask": torch.ones_like(p).to(device)}
+            else:
+                enc = tokenizer(prompt, return_tensors="pt").to(device)
             ids = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], generation_config=gen)
             new = ids[0, enc["input_ids"].shape[1]:]
             out.append({"prompt": prompt, "completion": tokenizer.decode(new, skip_special_tokens=True),
@@ -364,8 +434,11 @@ class Evaluator:
         results: dict[str, dict] = {}
         new: list[dict] = []
         for s in self.eval_sets:
-            metrics = evaluate_texts(model, self.tokenizer, s.texts, max_seq_length=self.cfg.model.max_seq_length,
-                                     batch_size=e.per_device_eval_batch_size, max_tokens=e.max_eval_tokens)
+            if s.conversations is not None:
+                metrics = evaluate_answers(model, s.conversations, e.per_device_eval_batch_size)
+            else:
+                metrics = evaluate_texts(model, self.tokenizer, s.texts, max_seq_length=self.cfg.model.max_seq_length,
+                                         batch_size=e.per_device_eval_batch_size, max_tokens=e.max_eval_tokens)
             rec: dict[str, Any] = {"step": step, "set": s.name, **metrics, "forgetting_alarm": False}
             base = self.baseline(s.name)
             if base is not None and isinstance(base.get("bits_per_byte"), (int, float)):
@@ -388,7 +461,8 @@ class Evaluator:
         with self.eval_path.open("a", encoding="utf-8") as f:
             for rec in new:
                 f.write(json.dumps(rec) + "\n")
-        samples = generate_samples(model, self.tokenizer, e.prompts, e.max_new_tokens)
+        samples = generate_samples(model, self.tokenizer, e.prompts, e.max_new_tokens,
+                                   chat=self.cfg.train.stage == "sft")
         if samples:
             with self.samples_path.open("a", encoding="utf-8") as f:
                 for smp in samples:

@@ -516,13 +516,23 @@ def _pre_tokenizer_name(backend: Any) -> str:
 
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, seed: Optional[int] = None) -> str:
-    """Continue `prompt`. temperature 0 is greedy (deterministic)."""
+             top_p: float = 1.0, seed: Optional[int] = None, chat: bool = False) -> str:
+    """Continue `prompt`. temperature 0 is greedy (deterministic). `chat`: the prompt is a user turn through the
+    tokenizer's chat template, and the answer stops at the template's end of turn."""
+    from cpt.data.chat import chat_prompt_ids, stop_token_ids
+
     if seed is not None:
         torch.manual_seed(seed)
     device = next(model.parameters()).device
-    enc = tokenizer(prompt, return_tensors="pt").to(device)
     kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("--chat: this tokenizer has no chat template (an sft run saves one with its adapter)")
+        ids = torch.tensor([chat_prompt_ids(tokenizer, prompt)], device=device)
+        enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        kw["eos_token_id"] = stop_token_ids(tokenizer)
+    else:
+        enc = tokenizer(prompt, return_tensors="pt").to(device)
     if temperature > 0:
         kw.update(do_sample=True, temperature=temperature, top_p=top_p)
     else:

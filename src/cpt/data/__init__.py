@@ -8,6 +8,7 @@
   mix.py       weights -> which source fills each block slot
   sampler.py   TokenStream: deterministic order, rank sharding, O(1) position
   inspect.py   `cpt inspect`: fields, lengths, verdict (unlabeled / labeled pairs / classification), budget
+  chat.py      instruction data (train.stage=sft): formats, chat templates, the answer mask
 
     python -m pytest tests/test_data.py tests/test_data_stream.py tests/test_data_pack.py -q
 """
@@ -22,6 +23,7 @@ import numpy as np
 
 from cpt.config import Config, SourceConfig
 from cpt.data.cache import TokenShards, cache_root, open_or_build
+from cpt.data.chat import ChatEncoder, iter_conversations
 from cpt.data.pack import IGNORE_INDEX, CachedBlocks, StreamPacker, document_attention_mask
 from cpt.data.sampler import TokenStream
 from cpt.data.sources import (DataError, DataWarning, ReadReport, is_streaming, iter_docs, load_hf,
@@ -37,6 +39,8 @@ class DataBundle:
     train: TokenStream
     holdout_texts: list[str]
     stats: dict = field(default_factory=dict)
+    # train.stage=sft: held-out conversations as uint32 tokens with the answer mask (cpt.data.chat.pack_ids)
+    holdout_conversations: list[np.ndarray] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------- holdout
@@ -91,6 +95,26 @@ def _holdout_texts(source: Any, wanted: list[int], text_field: str, max_docs: in
     return [texts[i] for i in sorted(texts)]
 
 
+def _holdout_conversations(source: Any, wanted: list[int], encoder: ChatEncoder, cfg: Config,
+                           loaded: Any = None) -> list[np.ndarray]:
+    if not wanted:
+        return []
+    want, last, out = set(wanted), max(wanted), {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        for c in iter_conversations(source, cfg.data.chat_format, max_docs=cfg.data.max_docs, strict=cfg.data.strict,
+                                    streaming=loaded is None, loaded=loaded):
+            if c.index in want:
+                out[c.index] = encoder.encode(c.messages, pair=c.pair)
+            if c.index >= last:
+                break
+    return [out[i] for i in sorted(out)]
+
+
+def _conversation_key(tokens: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(tokens).tobytes(), digest_size=16).digest()
+
+
 # ---------------------------------------------------------------------------- build
 
 
@@ -122,7 +146,7 @@ def _text_key(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
-def _stream_docs(source: Any, name: str, index: int, text_field: str, encoder: Encoder, cfg: Config,
+def _stream_docs(source: Any, name: str, index: int, text_field: str, encoder: Encoder | ChatEncoder, cfg: Config,
                  exclude: set[bytes]):
     """The `docs(epoch, loc)` factory a StreamPacker reads from: documents tokenized on the fly.
 
@@ -138,6 +162,15 @@ def _stream_docs(source: Any, name: str, index: int, text_field: str, encoder: E
         if d.shuffle and n_files > 1:  # a stream cannot be shuffled globally; its files can, per epoch
             order = [int(x) for x in np.random.default_rng([cfg.train.seed, index, epoch]).permutation(n_files)]
         report = ReadReport(name, strict=d.strict)
+        if isinstance(encoder, ChatEncoder):
+            for conv, toks in encoder.encode_docs(iter_conversations(
+                    source, d.chat_format, max_docs=d.max_docs, strict=d.strict, streaming=True, start=loc,
+                    report=report, file_order=order)):
+                if len(toks) and not (exclude and _conversation_key(toks) in exclude):
+                    yield conv.loc, toks
+            report.warn()
+            encoder.warn(name)
+            return
         it = iter_docs(source, text_field, max_docs=d.max_docs, strict=d.strict, streaming=True, start=loc,
                        report=report, file_order=order)
         kept = (doc for doc in it if not exclude or _text_key(doc.text) not in exclude)
@@ -158,17 +191,26 @@ def build_data(cfg: Config, tokenizer: Any, *, train_dataset: Any = None, rank: 
     the training stream.
     """
     d, T = cfg.data, cfg.model.max_seq_length
-    encoder = Encoder(tokenizer, add_eos=d.add_eos, num_proc=d.dataset_num_proc, fast=d.fast_tokenizer)
-    # Streams tokenize in this process (the Rust tokenizer's own threads): worker processes tied to a
-    # generator's lifetime could outlive a resumed or abandoned stream.
-    stream_encoder = Encoder(tokenizer, add_eos=d.add_eos, num_proc=1, fast=d.fast_tokenizer)
+    sft = cfg.train.stage == "sft"
+    encoder: Encoder | ChatEncoder
+    if sft:
+        # Conversations through the tokenizer's chat template (cpt.data.chat), the answer mask in bit 31.
+        encoder = stream_encoder = ChatEncoder(tokenizer, cfg)
+    else:
+        encoder = Encoder(tokenizer, add_eos=d.add_eos, num_proc=d.dataset_num_proc, fast=d.fast_tokenizer)
+        # Streams tokenize in this process (the Rust tokenizer's own threads): worker processes tied to a
+        # generator's lifetime could outlive a resumed or abandoned stream.
+        stream_encoder = Encoder(tokenizer, add_eos=d.add_eos, num_proc=1, fast=d.fast_tokenizer)
+    whole, one_per_block = sft or cfg.packing == "none", cfg.packing == "none"
     sources = _as_sources(cfg, train_dataset)
-    want_holdout = cfg.eval.holdout_fraction > 0 and not any(s.name == "domain" for s in cfg.eval.sets)
+    held_name = "answers" if sft else "domain"  # sft holds out conversations, scored on their answers
+    want_holdout = cfg.eval.holdout_fraction > 0 and not any(s.name == held_name for s in cfg.eval.sets)
     root = cache_root(d.cache_dir)
 
     blocks: list[CachedBlocks | StreamPacker] = []
     per_source: list[dict] = []
     holdout_texts: list[str] = []
+    holdout_convs: list[np.ndarray] = []
     for i, (name, src, text_field, weight, streaming) in enumerate(sources):
         filters = list(src.filters) if isinstance(src, SourceConfig) else []
         parse_filters(filters)  # a malformed filter fails before any reading
@@ -182,10 +224,17 @@ def build_data(cfg: Config, tokenizer: Any, *, train_dataset: Any = None, rank: 
                    "tokenizer": encoder.fingerprint(), "text_field": text_field, "filters": filters,
                    "max_docs": d.max_docs}
             report = ReadReport(name, strict=d.strict)
-            shards, hit = open_or_build(
-                root, key, lambda: iter_docs(src, text_field, max_docs=d.max_docs, strict=d.strict, report=report,
-                                         loaded=loaded),
-                encoder, report, name, extra_meta=lambda: {"verdict": _verdict(src, text_field)})
+            if sft:
+                key.update(text_field=None, chat_format=d.chat_format)
+                read = lambda: iter_conversations(src, d.chat_format, max_docs=d.max_docs, strict=d.strict,  # noqa: E731
+                                                  report=report, loaded=loaded)
+            else:
+                read = lambda: iter_docs(src, text_field, max_docs=d.max_docs, strict=d.strict,  # noqa: E731
+                                         report=report, loaded=loaded)
+            shards, hit = open_or_build(root, key, read, encoder, report, name,
+                                        extra_meta=lambda: {"verdict": _verdict(src, text_field)})
+            if sft:
+                encoder.warn(name)
             _rewarn(shards, name)
             info["verdict"] = shards.meta.get("verdict") or _verdict(src, text_field)
             n_docs = shards.n_docs
@@ -196,17 +245,22 @@ def build_data(cfg: Config, tokenizer: Any, *, train_dataset: Any = None, rank: 
         if held and n_docs is not None and len(held) >= n_docs:
             warnings.warn(f"{name}: only {n_docs} document(s): nothing held out for evaluation", DataWarning)
             held = []
-        if held:
+        if held and sft:
+            holdout_convs = _holdout_conversations(src, held, encoder, cfg, loaded)
+            held = held[: len(holdout_convs)]
+        elif held:
             holdout_texts = _holdout_texts(src, held, text_field, d.max_docs, d.strict, loaded)
             held = held[: len(holdout_texts)]  # a short source has fewer documents than indices asked for
         info["holdout_documents"] = len(held)
         if streaming:
             info["verdict"] = _verdict(src, text_field)
-            blocks.append(StreamPacker(_stream_docs(src, name, i, text_field, stream_encoder, cfg,
-                                                    {_text_key(t) for t in holdout_texts} if held else set()), T))
+            exclude = ({_conversation_key(t) for t in holdout_convs} if sft else {_text_key(t) for t in holdout_texts}) \
+                if held else set()
+            blocks.append(StreamPacker(_stream_docs(src, name, i, text_field, stream_encoder, cfg, exclude), T,
+                                       whole=whole, one_per_block=one_per_block))
             info.update(documents=None, tokens=None, blocks=None)
         else:
-            cb = CachedBlocks(shards, T, exclude=held)
+            cb = CachedBlocks(shards, T, exclude=held, whole=whole, one_per_block=one_per_block)
             if cb.n_tokens == 0:
                 raise DataError(f"{name}: no training tokens left after holding out {len(held)} documents")
             blocks.append(cb)
@@ -214,7 +268,7 @@ def build_data(cfg: Config, tokenizer: Any, *, train_dataset: Any = None, rank: 
         per_source.append(info)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (encoder.eos_id or 0)
-    stream = TokenStream(blocks, [s[3] for s in sources], seq_len=T, packing=d.packing, pad_id=pad_id,
+    stream = TokenStream(blocks, [s[3] for s in sources], seq_len=T, packing=cfg.packing, pad_id=pad_id,
                          seed=cfg.train.seed, shuffle=d.shuffle, rank=rank, world_size=world_size,
                          names=[s[0] for s in sources])
     any_stream = any(s["streaming"] for s in per_source)
@@ -227,13 +281,14 @@ def build_data(cfg: Config, tokenizer: Any, *, train_dataset: Any = None, rank: 
         "n_tokens": None if any_stream else sum(s["tokens"] for s in per_source),
         "per_source_tokens": {s["name"]: s["tokens"] for s in per_source},
         "sources": per_source,
-        "holdout_documents": len(holdout_texts),
+        "holdout_documents": len(holdout_convs) if sft else len(holdout_texts),
         "blocks_per_epoch": stream.blocks_per_epoch,
         "tokens_per_epoch": stream.tokens_per_epoch,
-        "packing": d.packing,
+        "packing": cfg.packing,
+        "stage": cfg.train.stage,
         "max_seq_length": T,
     }
-    return DataBundle(train=stream, holdout_texts=holdout_texts, stats=stats)
+    return DataBundle(train=stream, holdout_texts=holdout_texts, stats=stats, holdout_conversations=holdout_convs)
 
 
 def _verdict(source: Any, text_field: str) -> dict:

@@ -170,7 +170,8 @@ def labeled_warning(verdict: dict) -> str | None:
     if not verdict or verdict.get("kind") not in ("labeled_pairs", "classification"):
         return None
     return (f"this data looks like {verdict['label']}: {'; '.join(verdict['evidence'])}. Continued pretraining "
-            "learns from raw text; labeled data is fine-tuning material (its structure becomes plain text here). "
+            "learns from raw text; labeled data is fine-tuning material (its structure becomes plain text here): "
+            "`cpt sft CONFIG` (train.stage=sft) trains on it with the loss on the answers. "
             "Run `cpt inspect` on it for details.")
 
 
@@ -520,6 +521,9 @@ def render_inspection(result: dict, console: Any) -> None:
     console.print(f"verdict: [bold {color}]{v['label']}[/bold {color}]")
     for e in v["evidence"]:
         console.print(f"  - {e}")
+    if v["kind"] == "labeled_pairs":
+        console.print("  -> instruction fine-tuning material: train on it with [bold]cpt sft CONFIG[/bold] "
+                      "(train.stage=sft: chat template, loss on the answers)")
     b = result.get("budget")
     if b:
         bt = Table(title="training budget")

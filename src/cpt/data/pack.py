@@ -13,6 +13,14 @@ document simply continues in the next block). They differ in what the model is t
 
 Only the final block of an epoch can be short; it is padded with labels -100.
 
+Whole-document placement (`whole`, used for conversations): a document that does not fit the room left
+in a block starts the next one, which is padded (labels -100) instead; only a document longer than a
+block is cut. `one_per_block` puts each document in its own block (packing: none).
+
+Token arrays may carry a loss mask: in uint32 arrays, bit 31 set on a token means "no loss here" (a
+conversation's prompt tokens, cpt.data.chat). `collate` clears the bit and gives those tokens label -100;
+no vocabulary reaches 2**31, so ordinary uint32 token arrays are unaffected.
+
     python -m pytest tests/test_data_pack.py -q
 """
 from __future__ import annotations
@@ -26,6 +34,7 @@ import torch
 from cpt.data.cache import TokenShards
 
 IGNORE_INDEX = -100
+NO_LOSS_BIT = np.uint32(1 << 31)
 
 
 @dataclass
@@ -39,7 +48,8 @@ class Block:
 class CachedBlocks:
     """A cached source minus its held-out documents, seen as one token sequence cut every T tokens."""
 
-    def __init__(self, shards: TokenShards, seq_len: int, exclude: Sequence[int] = ()):
+    def __init__(self, shards: TokenShards, seq_len: int, exclude: Sequence[int] = (), whole: bool = False,
+                 one_per_block: bool = False):
         self.shards = shards
         self.seq_len = seq_len
         off = np.asarray(shards.offsets, dtype=np.int64)
@@ -56,12 +66,22 @@ class CachedBlocks:
         self._seg_cum = np.concatenate([[0], np.cumsum(self._seg_len)]).astype(np.int64)
         self.n_docs = shards.n_docs - len(ex)
         self.n_tokens = int(self._seg_cum[-1])
-        self.n_blocks = -(-self.n_tokens // seq_len)
+        self._bounds: np.ndarray | None = None
+        if whole or one_per_block:
+            keep = np.ones(shards.n_docs, dtype=bool)
+            keep[ex] = False
+            self._bounds = whole_document_bounds(np.diff(off)[keep], seq_len, one_per_block)
+            self.n_blocks = len(self._bounds) - 1
+        else:
+            self.n_blocks = -(-self.n_tokens // seq_len)
 
     def block(self, b: int) -> Block:
         if not 0 <= b < self.n_blocks:
             raise IndexError(f"block {b} of {self.n_blocks}")
-        a, e = b * self.seq_len, min((b + 1) * self.seq_len, self.n_tokens)
+        if self._bounds is not None:
+            a, e = int(self._bounds[b]), int(self._bounds[b + 1])
+        else:
+            a, e = b * self.seq_len, min((b + 1) * self.seq_len, self.n_tokens)
         pieces, starts = [], []
         filled = 0
         s = int(np.searchsorted(self._seg_cum, a, side="right")) - 1
@@ -80,6 +100,24 @@ class CachedBlocks:
         return Block(tokens, st)
 
 
+def whole_document_bounds(lengths: np.ndarray, seq_len: int, one_per_block: bool = False) -> np.ndarray:
+    """Block starts (and the end) over documents of `lengths` laid back to back, so that no document
+    is split unless it is longer than a block: one that does not fit the room left starts a new block."""
+    bounds, fill, pos = [0], 0, 0
+    for n in lengths.tolist():
+        if fill and (one_per_block or fill + n > seq_len):
+            bounds.append(pos)
+            fill = 0
+        fill += n
+        while fill > seq_len:  # only a document longer than a block
+            bounds.append(bounds[-1] + seq_len)
+            fill -= seq_len
+        pos += n
+    if pos > bounds[-1]:
+        bounds.append(pos)
+    return np.asarray(bounds, dtype=np.int64)
+
+
 class StreamPacker:
     """Blocks from a document stream, packed on the fly; its state is a position in the stream.
 
@@ -88,9 +126,11 @@ class StreamPacker:
     tokens are already in blocks, so a resumed run re-reads that one document and goes on from there.
     """
 
-    def __init__(self, docs: Callable[[int, dict | None], Iterator[tuple[dict, np.ndarray]]], seq_len: int):
+    def __init__(self, docs: Callable[[int, dict | None], Iterator[tuple[dict, np.ndarray]]], seq_len: int,
+                 whole: bool = False, one_per_block: bool = False):
         self._docs = docs
         self.seq_len = seq_len
+        self.whole, self.one_per_block = whole or one_per_block, one_per_block
         self.epoch = 0
         self.blocks = 0
         self._it: Iterator[tuple[dict, np.ndarray]] | None = None
@@ -130,12 +170,16 @@ class StreamPacker:
         return False
 
     def next_block(self) -> Block:
-        pieces, starts, filled = [], [], 0
+        pieces, starts, filled, ended = [], [], 0, False
         while filled < self.seq_len:
             if not self._buf and not self._pull():
+                ended = True
                 break
             entry = self._buf[0]
             loc, toks, used = entry
+            if (self.whole and filled and used == 0
+                    and (self.one_per_block or len(toks) > self.seq_len - filled)):
+                break  # the document starts the next block whole
             if used == 0:
                 starts.append(filled)
             take = min(self.seq_len - filled, len(toks) - used)
@@ -145,7 +189,7 @@ class StreamPacker:
             if entry[2] >= len(toks):
                 self._buf.pop(0)
                 self._last = (loc, len(toks))
-        if filled < self.seq_len:  # the stream ended: next call starts the next epoch
+        if ended:  # the stream ended: next call starts the next epoch
             self.epoch += 1
             self._it, self._buf, self._last = None, [], (None, 0)
             if filled == 0:
@@ -165,9 +209,16 @@ def collate(blocks: Sequence[Block], seq_len: int, packing: str, pad_id: int) ->
     pos = np.broadcast_to(np.arange(seq_len, dtype=np.int64), (n, seq_len)).copy()
     for r, blk in enumerate(blocks):
         k = len(blk.tokens)
-        ids[r, :k] = blk.tokens
-        labels[r, :k] = blk.tokens
-        if packing == "document":
+        toks = blk.tokens
+        if toks.dtype == np.uint32:
+            no_loss = (toks & NO_LOSS_BIT) != 0
+            toks = (toks & ~NO_LOSS_BIT).astype(np.int64)
+            ids[r, :k] = toks
+            labels[r, :k] = np.where(no_loss, IGNORE_INDEX, toks)
+        else:
+            ids[r, :k] = toks
+            labels[r, :k] = toks
+        if packing in ("document", "none"):
             starts = blk.starts[blk.starts < k]
             labels[r, starts] = IGNORE_INDEX
             bounds = np.unique(np.concatenate([[0], starts, [k] if k < seq_len else []])).astype(np.int64)

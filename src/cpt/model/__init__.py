@@ -5,14 +5,14 @@
     groups.py    parameter groups and their learning rates
     vocab.py     vocabulary extension: new tokens learned from a corpus, their rows started from their pieces
 """
-from cpt.model.adapters import (FUSED_PROJECTIONS, ROW_SPARSE, SPLIT_MASTER, add_adapters, enable_gradient_checkpointing,
+from cpt.model.adapters import (FUSED_PROJECTIONS, ROW_SPARSE, SPLIT_MASTER, add_adapters, add_token_rows, load_adapter_weights, enable_gradient_checkpointing,
                                 load_trainable_state, mark_split_master, save_trained, sparse_gradients,
                                 trainable_state, trained_embedding_modules)
 from cpt.model.groups import GROUP_ADAPTER, GROUP_EMBEDDINGS, GROUP_NO_DECAY, param_groups
 from cpt.model.load import (check_against_model, check_device, load_base_model, load_for_inference, load_model_config,
                             load_tokenizer)
 
-__all__ = ["FUSED_PROJECTIONS", "ROW_SPARSE", "SPLIT_MASTER", "add_adapters", "enable_gradient_checkpointing", "load_trainable_state",
+__all__ = ["FUSED_PROJECTIONS", "ROW_SPARSE", "SPLIT_MASTER", "add_adapters", "add_token_rows", "load_adapter_weights", "enable_gradient_checkpointing", "load_trainable_state",
            "mark_split_master", "save_trained", "sparse_gradients", "trainable_state", "trained_embedding_modules",
            "GROUP_ADAPTER", "GROUP_EMBEDDINGS", "GROUP_NO_DECAY", "param_groups", "check_against_model", "check_device",
            "load_base_model", "load_for_inference", "load_model_config", "load_tokenizer"]

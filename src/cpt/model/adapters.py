@@ -228,3 +228,62 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
             if n not in params:
                 raise ValueError(f"checkpoint tensor {n!r} has no place in this model; was it written by another configuration?")
             params[n].copy_(t.to(params[n].device, params[n].dtype))
+
+
+def add_token_rows(model: nn.Module, n_tokens: int) -> int:
+    """Grow the vocabulary to `n_tokens` rows for special tokens a chat template added; returns how many.
+
+    A new row starts as the mean of the existing rows (input and output side), so the new tokens begin as
+    an average token rather than noise that dominates the softmax; they are trained with embed_tokens and
+    lm_head. Must run before adapters are added (their trained copies are made from these weights)."""
+    emb = model.get_input_embeddings()
+    old = emb.weight.shape[0]
+    if n_tokens <= old:
+        return 0
+    model.resize_token_embeddings(n_tokens, mean_resizing=False)
+    with torch.no_grad():
+        for m in {id(x): x for x in (model.get_input_embeddings(), model.get_output_embeddings()) if x is not None}.values():
+            w = m.weight
+            w[old:] = w[:old].float().mean(0).to(w.dtype)
+            bias = getattr(m, "bias", None)
+            if bias is not None:
+                bias[old:] = bias[:old].float().mean().to(bias.dtype)
+    return n_tokens - old
+
+
+def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:
+    """Load a saved LoRA adapter (a CPT run's output) into `model`'s freshly added adapter, to keep training
+    it. Trained embed_tokens/lm_head copies with fewer rows than the model now has (a chat template added
+    tokens) fill the rows they have; the new rows start as the mean of the loaded rows. Raises ConfigError naming the
+    folder when the adapter was trained with another rank or other target modules."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if (folder / "adapter" / "adapter_config.json").is_file() and not (folder / "adapter_config.json").is_file():
+        folder = folder / "adapter"
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ConfigError(f"model.adapter_path={str(folder)!r} holds no adapter_model.safetensors: give a cpt run's "
+                          "output folder, one of its checkpoint-N folders or a PEFT adapter folder")
+    state = load_file(str(weights))
+    copies = trained_embedding_modules(model)
+    for k, v in list(state.items()):
+        leaf = next((m for m in EMBEDDING_MODULES if f"{m}.weight" in k and "lora_" not in k), None)
+        if leaf in copies and v.ndim == 2 and v.shape[0] < copies[leaf].weight.shape[0]:
+            grown = copies[leaf].weight.detach().to("cpu", torch.float32).clone()
+            grown[: v.shape[0]] = v.float()
+            grown[v.shape[0]:] = v.float().mean(0)  # new rows: the mean of the rows being continued
+            state[k] = grown.to(v.dtype)
+    fixed = state
+    try:
+        result = set_peft_model_state_dict(model, fixed)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise ConfigError(f"model.adapter_path={str(folder)!r} does not fit this run's adapter "
+                          f"({first[-1].strip() if first else e}); set adapter.r and adapter.target_modules to those of "
+                          "the adapter being continued (its adapter_config.json)") from None
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "modules_to_save" in k]
+    if unexpected:
+        raise ConfigError(f"model.adapter_path={str(folder)!r}: {unexpected[0]} has no place in this run's adapter; "
+                          "set adapter.target_modules to those of the adapter being continued")

@@ -323,16 +323,17 @@ def load_for_inference(path_or_name: str, gguf_file: str | None = None, device: 
         if run_cfg:
             mcfg.attn_implementation = run_cfg.model.attn_implementation
         base = load_base_model(mcfg, device, dtype)
-        rows = adapter_vocab_rows(adapter)
-        if rows and rows != base.get_input_embeddings().weight.shape[0]:
-            # An extended vocabulary: the adapter holds the whole trained embeddings; the base only needs their shape.
-            base.resize_token_embeddings(rows, mean_resizing=False)
-        with quiet_loading():
-            model = PeftModel.from_pretrained(base, str(adapter))
         if (adapter / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(adapter)
         else:
             tokenizer = load_tokenizer(dataclasses.replace(run_cfg.model, load_in_4bit=False) if run_cfg else mcfg)
+        # An extended vocabulary (cpt vocab extend, or a chat template's tokens): the adapter holds the whole
+        # trained embeddings; the base only needs their shape.
+        rows = adapter_vocab_rows(adapter) or len(tokenizer)
+        if rows > base.get_input_embeddings().weight.shape[0]:
+            base.resize_token_embeddings(rows, mean_resizing=False)
+        with quiet_loading():
+            model = PeftModel.from_pretrained(base, str(adapter))
     else:
         kw: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
         if source.gguf_file:

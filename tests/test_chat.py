@@ -1,0 +1,266 @@
+"""Instruction fine-tuning (train.stage=sft): formats through the template, the answer mask, packing without
+cross-talk, the fused loss honouring it, adapters with added template tokens, continuing from a CPT run.
+
+    python -m pytest tests/test_chat.py -q
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from speed_helpers import peft_model, speed_for
+
+from cpt.api import run_training
+from cpt.cli import main as cli_main
+from cpt.config import ConfigError, SourceConfig, load_config
+from cpt.data import DataError, DataWarning
+from cpt.data.chat import TEMPLATES, apply_template, encode_conversation, iter_conversations, pack_ids, to_messages
+from cpt.data.pack import Block, CachedBlocks, collate, whole_document_bounds
+from cpt.speed import plain_causal_lm_loss
+
+ROWS = {
+    "messages": {"messages": [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven."}]},
+    "sharegpt": {"conversations": [{"from": "human", "value": "Name a prime."}, {"from": "gpt", "value": "Seven."}]},
+    "alpaca": {"instruction": "Name a prime.", "input": "", "output": "Seven."},
+    "prompt_completion": {"prompt": "Name a prime.", "completion": "Seven."},
+}
+
+
+@pytest.fixture()
+def chat_tok(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert apply_template(tok, "chatml") == ["<|im_start|>", "<|im_end|>"]
+    return tok
+
+
+def _ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("fmt", list(ROWS))
+def test_each_format_renders_through_the_template_with_the_answer_mask(chat_tok, fmt):
+    tok = chat_tok
+    S, E = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    ids, mask = encode_conversation(tok, to_messages(ROWS[fmt], fmt))
+    # Worked by hand: <|im_start|>user\nName a prime.<|im_end|>\n<|im_start|>assistant\n | Seven.<|im_end|> | \n
+    prompt = [S] + _ids(tok, "user\nName a prime.") + [E] + _ids(tok, "\n") + [S] + _ids(tok, "assistant\n")
+    answer = _ids(tok, "Seven.") + [E]
+    assert ids == prompt + answer + _ids(tok, "\n")
+    assert mask == [False] * len(prompt) + [True] * len(answer) + [False]
+    assert tok.decode(ids) == tok.apply_chat_template(to_messages(ROWS[fmt], fmt), tokenize=False)
+    # Training on everything marks every token.
+    assert all(encode_conversation(tok, to_messages(ROWS[fmt], fmt), train_on_all=True)[1])
+
+
+def test_several_turns_and_system_mask_every_answer_only(chat_tok):
+    tok = chat_tok
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    ids, mask = encode_conversation(tok, msgs)
+    trained = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert trained == "b<|im_end|>d<|im_end|>"
+
+
+@pytest.mark.parametrize("name,answer_end", [("llama-3", "<|eot_id|>"), ("alpaca", "<|endoftext|>")])
+def test_builtin_templates_end_the_answer_at_their_end_of_turn(tokenizer_dir, name, answer_end):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    apply_template(tok, name)
+    ids, mask = encode_conversation(tok, to_messages(ROWS["alpaca"], "alpaca"))
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Seven." + answer_end
+    if name == "alpaca":
+        assert tok.decode(ids).startswith("### Instruction:\nName a prime.\n\n### Response:\n")
+
+
+def test_malformed_rows_are_counted_and_skipped_or_fail_under_strict(tmp_path):
+    rows = [ROWS["messages"],
+            {"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]},
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]},
+            {"messages": [{"role": "user", "content": "x"}]},
+            {"text": "no conversation here"},
+            ROWS["sharegpt"]]
+    f = tmp_path / "chat.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(DataWarning, match=r"skipped 4 rows.*unknown role.*empty answer.*not ending"):
+        from cpt.data.sources import ReadReport
+        report = ReadReport("chat")
+        convs = list(iter_conversations(SourceConfig(path=str(f)), report=report))
+        report.warn()
+    assert len(convs) == 2
+    with pytest.raises(DataError, match=r"chat.jsonl:2: unknown role.*data.strict"):
+        list(iter_conversations(SourceConfig(path=str(f)), strict=True))
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"text": "hello"}) + "\n")
+    with pytest.raises(DataError, match=r"not a chat row; the fields are: text.*data.chat_format"):
+        list(iter_conversations(SourceConfig(path=str(plain))))
+
+
+def test_whole_conversations_are_never_split_across_blocks():
+    b = whole_document_bounds(np.array([5, 4, 3, 9, 2]), 10)
+    assert b.tolist() == [0, 9, 12, 23, 25] or b.tolist() == [0, 9, 12, 21, 23]
+    assert whole_document_bounds(np.array([5, 4, 3]), 10, one_per_block=True).tolist() == [0, 5, 9, 12]
+
+
+def _tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+
+
+def test_packed_loss_equals_unpacked_loss_and_the_fused_head_honours_the_mask(chat_tok, tiny_model_dir):
+    tok = chat_tok
+    model = _tiny(tiny_model_dir)
+    model.resize_token_embeddings(len(tok))
+    convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+             for q, a in (("What is two?", "A number."), ("Say hi.", "Hello there, friend."), ("Why?", "Because."))]
+    packed = [pack_ids(*encode_conversation(tok, c)) for c in convs]
+    T = sum(len(p) for p in packed) + 3
+    starts = np.cumsum([0] + [len(p) for p in packed[:-1]])
+    batch = collate([Block(np.concatenate(packed), starts)], T, "document", tok.pad_token_id)
+    n_answer = int((batch["labels"][:, 1:] != -100).sum())
+    with torch.no_grad():
+        packed_loss = plain_causal_lm_loss(model, batch, 1).item()
+        alone = sum(plain_causal_lm_loss(model, collate([Block(p, np.array([0]))], len(p), "document", 0), 1).item()
+                    for p in packed)
+    assert n_answer == sum(int(m) for c in convs for m in encode_conversation(tok, c)[1])
+    assert packed_loss == pytest.approx(alone, rel=1e-5)
+    # Prompt tokens carry no loss: changing what the prompts' labels would be changes nothing.
+    assert (batch["labels"][0, : len(packed[0])] != -100).sum() == sum(encode_conversation(tok, convs[0])[1])
+
+
+def test_fused_loss_honours_ignored_labels(tiny_model_dir):
+    model = peft_model(tiny_model_dir)
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :15] = -100  # a prompt
+    b = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(24).repeat(2, 1)}
+    plain = speed_for(model, kernels="none").loss_fn(model, b, 16).item()
+    fused = speed_for(model, kernels="cpt").loss_fn(model, b, 16).item()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                            labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum").item() / 16
+    assert plain == pytest.approx(ref, rel=1e-5) and fused == pytest.approx(ref, rel=1e-5)
+    speed_for(model, kernels="none")
+
+
+def _write_chat(path: Path, n: int, fmt: str = "messages") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for i in range(n):
+            q, a = f"What is item {i % 7}?", f"Item {i % 7} is the number {i % 7}, an answer."
+            row = {"messages": {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
+                   "sharegpt": {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]},
+                   "alpaca": {"instruction": q, "input": "", "output": a},
+                   "prompt_completion": {"prompt": q, "completion": a}}[fmt]
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def _sft_overrides(model, data, out, *extra):
+    return [f"model.name_or_path={model}", "model.max_seq_length=64", f"data.path={data}", "adapter.r=8",
+            "adapter.use_gradient_checkpointing=false", "train.per_device_train_batch_size=2",
+            "train.gradient_accumulation_steps=1", "train.learning_rate=2e-2", "train.embedding_learning_rate=4e-3",
+            "train.max_steps=12", f"output.output_dir={out}", "output.save_steps=0", "output.report=false",
+            "eval.holdout_fraction=0.1", "eval.prompts=['What is item 3?']", "eval.max_new_tokens=8",
+            f"data.cache_dir={Path(out).parent / 'cache'}", *extra]
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits
+
+
+def test_sft_adds_template_tokens_and_reloads_in_plain_peft_and_merges(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = _write_chat(tmp_path / "chat.jsonl", 80)
+    out = tmp_path / "sft"
+    assert cli_main(["sft", *_sft_overrides(tiny_model_dir, data, out)]) == 0
+    rec = [json.loads(l) for l in (out / "eval.jsonl").read_text().splitlines()]
+    answers = [r for r in rec if r["set"] == "answers"]
+    assert answers[-1]["loss"] < 0.8 * answers[0]["loss"]  # held-out answers learned
+    assert (out / "samples.jsonl").is_file()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert "<|im_start|>" in tok.get_vocab() and "<|im_end|>" in tok.get_vocab()
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    base.resize_token_embeddings(len(tok))
+    peft = PeftModel.from_pretrained(base, out).eval()
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    merged_dir = tmp_path / "merged"
+    assert cli_main(["merge", str(out), str(merged_dir)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    a, b = _logits(peft, ids), _logits(merged, ids)
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    assert AutoTokenizer.from_pretrained(merged_dir).chat_template == tok.chat_template
+
+
+@pytest.mark.parametrize("fmt", ["sharegpt", "alpaca", "prompt_completion"])
+def test_sft_runs_on_each_format(tiny_model_dir, tmp_path, fmt):
+    data = _write_chat(tmp_path / f"{fmt}.jsonl", 30, fmt)
+    cfg = load_config(None, _sft_overrides(tiny_model_dir, data, tmp_path / "run", "train.max_steps=2",
+                                           "train.stage=sft", "eval.prompts=[]"))
+    summary = run_training(cfg)
+    assert summary["step"] == 2 and summary["data"]["stage"] == "sft"
+
+
+def test_continue_from_cpt_both_ways(tiny_model_dir, corpus_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from cpt.build import build_model
+
+    cpt_out = tmp_path / "cpt"
+    run_training(load_config(None, [
+        f"model.name_or_path={tiny_model_dir}", "model.max_seq_length=32", f"data.path={corpus_dir}", "adapter.r=8",
+        "adapter.use_gradient_checkpointing=false", "train.max_steps=3", "train.learning_rate=2e-2",
+        f"output.output_dir={cpt_out}", "output.report=false", f"data.cache_dir={tmp_path / 'cache'}"]))
+    data = _write_chat(tmp_path / "chat.jsonl", 30)
+    # 1. The same adapter and embeddings keep training (the template's new rows start as the mean row).
+    cfg = load_config(None, _sft_overrides(tiny_model_dir, data, tmp_path / "sft1", f"model.adapter_path={cpt_out}",
+                                           "train.stage=sft", "train.max_steps=2"))
+    bundle = build_model(cfg, device="cpu")
+    saved = load_file(str(cpt_out / "adapter_model.safetensors"))
+    own = dict(bundle.model.named_parameters())
+    lora_b = next(k for k in saved if "lora_B" in k)
+    mine = next(v for n, v in own.items() if n.replace(".default", "") == lora_b)
+    assert saved[lora_b].abs().sum() > 0 and torch.equal(mine.detach().float(), saved[lora_b].float())
+    emb_key = next(k for k in saved if "embed_tokens" in k)
+    emb = next(v for n, v in own.items() if "embed_tokens.modules_to_save" in n).detach()
+    rows = saved[emb_key].shape[0]
+    assert emb.shape[0] == rows + 2 and torch.equal(emb[:rows], saved[emb_key].float())
+    assert torch.allclose(emb[rows], emb[:rows].mean(0), atol=1e-5)
+    assert run_training(cfg)["step"] == 2
+    # 2. The merged CPT model as the base, with a fresh adapter.
+    merged = tmp_path / "cpt-merged"
+    assert cli_main(["merge", str(cpt_out), str(merged)]) == 0
+    cfg2 = load_config(None, _sft_overrides(merged, data, tmp_path / "sft2", "train.stage=sft", "train.max_steps=2"))
+    assert run_training(cfg2)["step"] == 2
+
+
+def test_sft_config_errors_name_the_key(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="data.packing=concat"):
+        load_config(None, ["train.stage=sft", "data.packing=concat"])
+    with pytest.raises(ConfigError, match="model.adapter_path"):
+        load_config(None, ["model.adapter_path=/no/such/run"])
+    with pytest.raises(ConfigError, match="data.chat_format"):
+        load_config(None, ["data.chat_format=jsonish"])
+    assert load_config(None, ["stage=sft"]).train.stage == "sft"
+    assert load_config(None, ["stage=sft"]).packing == "document"
+    assert load_config(None, []).packing == "concat"
+
+
+def test_the_sft_example_config_loads():
+    cfg = load_config("examples/sft.yaml")
+    assert cfg.train.stage == "sft" and cfg.packing == "document" and cfg.data.assistant_only_loss
