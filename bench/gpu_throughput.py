@@ -662,10 +662,11 @@ def worker_long(args) -> dict:
 # ---------------------------------------------------------------------------- the driver
 
 
-def _run_worker(argv: list[str], log_dir: Path, name: str, timeout: float) -> Optional[dict]:
+def _run_worker(argv: list[str], log_dir: Path, name: str, timeout: float, script: Optional[str] = None) -> Optional[dict]:
+    """One worker in its own process (this script's, or `script`'s), its result read back from JSON."""
     result = log_dir / f"{name}.json"
     result.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--result", str(result)]
+    cmd = [sys.executable, script or str(Path(__file__).resolve()), *argv, "--result", str(result)]
     print(f"--- {name}: {' '.join(argv)}", flush=True)
     t0 = time.perf_counter()
     with open(log_dir / f"{name}.log", "w") as logf:

@@ -30,6 +30,7 @@ FEATURES = {
     "test_train": ("the training loop", ("accelerate", "torch", "transformers", "peft")),
     "test_checkpoint": ("checkpoints and exact resume", ("accelerate", "torch", "peft")),
     "test_families": ("model families beyond Llama (Qwen, Mistral, Gemma, Phi-3, OLMo 2)", ("transformers", "peft", "torch")),
+    "test_bench_sft_throughput": ("the instruction stage's benchmark against TRL (CPU dry run)", ("trl", "transformers", "peft")),
     "test_export": ("merge and GGUF export, read back by transformers' GGUF loader", ("transformers", "peft", "torch")),
 }
 

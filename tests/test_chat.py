@@ -19,7 +19,7 @@ from cpt.cli import main as cli_main
 from cpt.config import ConfigError, SourceConfig, load_config
 from cpt.data import DataError, DataWarning
 from cpt.data.chat import TEMPLATES, apply_template, encode_conversation, iter_conversations, pack_ids, to_messages
-from cpt.data.pack import Block, CachedBlocks, collate, whole_document_bounds
+from cpt.data.pack import Block, best_fit_layout, collate
 from cpt.speed import plain_causal_lm_loss
 
 ROWS = {
@@ -102,10 +102,22 @@ def test_malformed_rows_are_counted_and_skipped_or_fail_under_strict(tmp_path):
         list(iter_conversations(SourceConfig(path=str(plain))))
 
 
-def test_whole_conversations_are_never_split_across_blocks():
-    b = whole_document_bounds(np.array([5, 4, 3, 9, 2]), 10)
-    assert b.tolist() == [0, 9, 12, 23, 25] or b.tolist() == [0, 9, 12, 21, 23]
-    assert whole_document_bounds(np.array([5, 4, 3]), 10, one_per_block=True).tolist() == [0, 5, 9, 12]
+def test_whole_conversations_are_never_split_and_fill_blocks_best_fit():
+    # Longest first, each into the open block with the least room that fits: 9 | 5+4 | 3+2 (blocks of 10).
+    lo, hi, bounds = best_fit_layout(np.array([5, 4, 3, 9, 2]), 10)
+    blocks = [list(zip(lo[a:b].tolist(), hi[a:b].tolist())) for a, b in zip(bounds[:-1], bounds[1:])]
+    assert blocks == [[(12, 21)], [(0, 5), (5, 9)], [(9, 12), (21, 23)]]
+    # Only a document longer than a block is cut: whole blocks, then its remainder placed like any other.
+    lo, hi, bounds = best_fit_layout(np.array([25, 4]), 10)
+    assert list(zip(lo.tolist(), hi.tolist())) == [(0, 10), (10, 20), (20, 25), (25, 29)] and bounds.tolist() == [0, 1, 2, 4]
+    lo, hi, bounds = best_fit_layout(np.array([5, 4, 3]), 10, one_per_block=True)
+    assert bounds.tolist() == [0, 1, 2, 3] and lo.tolist() == [0, 5, 9]
+    # Realistic lengths fill the blocks almost completely, every token placed exactly once.
+    lengths = np.random.default_rng(0).integers(200, 2001, 3000)
+    lo, hi, bounds = best_fit_layout(lengths, 2048)
+    assert sorted(zip(lo.tolist(), hi.tolist())) == list(zip(np.cumsum([0, *lengths[:-1]]).tolist(), np.cumsum(lengths).tolist()))
+    assert max(int((hi[a:b] - lo[a:b]).sum()) for a, b in zip(bounds[:-1], bounds[1:])) <= 2048
+    assert lengths.sum() / (2048 * (len(bounds) - 1)) > 0.95
 
 
 def _tiny(tiny_model_dir):

@@ -13,9 +13,13 @@ document simply continues in the next block). They differ in what the model is t
 
 Only the final block of an epoch can be short; it is padded with labels -100.
 
-Whole-document placement (`whole`, used for conversations): a document that does not fit the room left
-in a block starts the next one, which is padded (labels -100) instead; only a document longer than a
-block is cut. `one_per_block` puts each document in its own block (packing: none).
+Whole-document placement (`whole`, used for conversations): no document is split across blocks unless it
+is longer than a block, and each block's unused end is padded (labels -100). From the token cache the
+documents go into blocks by best-fit decreasing (`best_fit_layout`: longest first, each into the block
+whose room fits it most tightly), which fills blocks almost completely: conversations of 200-2,000 tokens
+in 2,048-token blocks fill 97% instead of ~70% in their own order. A stream has no lookahead, so there a
+document that does not fit the room left starts the next block. `one_per_block` puts each document in
+its own block (packing: none).
 
 Token arrays may carry a loss mask: in uint32 arrays, bit 31 set on a token means "no loss here" (a
 conversation's prompt tokens, cpt.data.chat). `collate` clears the bit and gives those tokens label -100;
@@ -25,6 +29,7 @@ no vocabulary reaches 2**31, so ordinary uint32 token arrays are unaffected.
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -66,22 +71,30 @@ class CachedBlocks:
         self._seg_cum = np.concatenate([[0], np.cumsum(self._seg_len)]).astype(np.int64)
         self.n_docs = shards.n_docs - len(ex)
         self.n_tokens = int(self._seg_cum[-1])
-        self._bounds: np.ndarray | None = None
+        self._layout: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         if whole or one_per_block:
             keep = np.ones(shards.n_docs, dtype=bool)
             keep[ex] = False
-            self._bounds = whole_document_bounds(np.diff(off)[keep], seq_len, one_per_block)
-            self.n_blocks = len(self._bounds) - 1
+            self._layout = best_fit_layout(np.diff(off)[keep], seq_len, one_per_block)
+            self.n_blocks = len(self._layout[2]) - 1
         else:
             self.n_blocks = -(-self.n_tokens // seq_len)
 
     def block(self, b: int) -> Block:
         if not 0 <= b < self.n_blocks:
             raise IndexError(f"block {b} of {self.n_blocks}")
-        if self._bounds is not None:
-            a, e = int(self._bounds[b]), int(self._bounds[b + 1])
-        else:
-            a, e = b * self.seq_len, min((b + 1) * self.seq_len, self.n_tokens)
+        if self._layout is None:
+            return self._range(b * self.seq_len, min((b + 1) * self.seq_len, self.n_tokens))
+        lo, hi, bounds = self._layout
+        parts = [self._range(int(lo[i]), int(hi[i])) for i in range(int(bounds[b]), int(bounds[b + 1]))]
+        # Each piece starts a document in the block (a long document's later pieces sit alone in theirs).
+        offsets = np.cumsum([0] + [len(p.tokens) for p in parts[:-1]])
+        starts = np.unique(np.concatenate([np.concatenate([[0], p.starts]) + o for p, o in zip(parts, offsets)]))
+        tokens = np.concatenate([p.tokens for p in parts]) if len(parts) > 1 else parts[0].tokens
+        return Block(tokens, starts.astype(np.int64))
+
+    def _range(self, a: int, e: int) -> Block:
+        """Tokens [a, e) of the kept sequence, and where documents start in them."""
         pieces, starts = [], []
         filled = 0
         s = int(np.searchsorted(self._seg_cum, a, side="right")) - 1
@@ -100,22 +113,93 @@ class CachedBlocks:
         return Block(tokens, st)
 
 
-def whole_document_bounds(lengths: np.ndarray, seq_len: int, one_per_block: bool = False) -> np.ndarray:
-    """Block starts (and the end) over documents of `lengths` laid back to back, so that no document
-    is split unless it is longer than a block: one that does not fit the room left starts a new block."""
-    bounds, fill, pos = [0], 0, 0
-    for n in lengths.tolist():
-        if fill and (one_per_block or fill + n > seq_len):
-            bounds.append(pos)
-            fill = 0
-        fill += n
-        while fill > seq_len:  # only a document longer than a block
-            bounds.append(bounds[-1] + seq_len)
-            fill -= seq_len
-        pos += n
-    if pos > bounds[-1]:
-        bounds.append(pos)
-    return np.asarray(bounds, dtype=np.int64)
+def best_fit_layout(lengths: np.ndarray, seq_len: int, one_per_block: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Documents of `lengths` (laid back to back) placed into blocks whole: (lo, hi, bounds), where block b
+    holds the pieces [lo[i], hi[i]) for i in bounds[b]:bounds[b+1], in the documents' coordinates.
+
+    A document longer than a block is cut into whole blocks and a remainder; every other document (and
+    each remainder) goes, longest first, into the open block with the least room that still fits it, or
+    a new block (best-fit decreasing). one_per_block: each document (or piece) alone in its block.
+    Deterministic: ties go to the earlier document and the earlier block."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    full_lo, items = [], []  # whole blocks of long documents; (length, lo) of pieces to place
+    for lo, n in zip(starts.tolist(), lengths.tolist()):
+        while n > seq_len:
+            full_lo.append(lo)
+            lo, n = lo + seq_len, n - seq_len
+        if n:
+            items.append((n, lo))
+    blocks: list[list[int]] = [[lo] for lo in full_lo]
+    sizes: dict[int, int] = {lo: seq_len for lo in full_lo}
+    order = sorted(range(len(items)), key=lambda i: (-items[i][0], i))
+    if one_per_block:
+        blocks += [[items[i][1]] for i in sorted(order, key=lambda i: items[i][1])]
+    else:
+        rooms = _RoomIndex(seq_len)
+        placed: list[list[int]] = []
+        for i in order:
+            n, lo = items[i]
+            b = rooms.take(n)  # the open block with the least room >= n, or None
+            if b is None:
+                b = len(placed)
+                placed.append([])
+                rooms.add(b, seq_len - n)
+            else:
+                rooms.add(b, rooms.room[b] - n)
+            placed[b].append(lo)
+        blocks += [sorted(p) for p in placed]
+    for n, lo in items:
+        sizes[lo] = n
+    lo = np.array([x for blk in blocks for x in blk], dtype=np.int64)
+    hi = lo + np.array([sizes[x] for x in lo.tolist()], dtype=np.int64)
+    bounds = np.concatenate([[0], np.cumsum([len(blk) for blk in blocks])]).astype(np.int64)
+    return lo, hi, bounds
+
+
+class _RoomIndex:
+    """Open blocks by the room they have left: the one with the least room >= n in O(log seq_len)
+    (a segment tree counting blocks per room value)."""
+
+    def __init__(self, seq_len: int):
+        self.size = 1 << max(1, int(seq_len).bit_length())
+        self.count = [0] * (2 * self.size)
+        self.by_room: dict[int, list[int]] = {}
+        self.room: dict[int, int] = {}
+
+    def add(self, block: int, room: int) -> None:
+        self.room[block] = room
+        if room <= 0:
+            return
+        heapq.heappush(self.by_room.setdefault(room, []), block)
+        self._bump(room, 1)
+
+    def take(self, n: int):
+        room = self._first_at_least(n)
+        if room is None:
+            return None
+        block = heapq.heappop(self.by_room[room])
+        self._bump(room, -1)
+        return block
+
+    def _bump(self, room: int, d: int) -> None:
+        i = room + self.size
+        while i:
+            self.count[i] += d
+            i //= 2
+
+    def _first_at_least(self, n: int):
+        """The smallest room value >= n that some block has, or None."""
+        def first(node: int, lo: int, hi: int):
+            if hi < n or not self.count[node]:
+                return None
+            if lo == hi:
+                return lo
+            mid = (lo + hi) // 2
+            left = first(2 * node, lo, mid)
+            return left if left is not None else first(2 * node + 1, mid + 1, hi)
+        return first(1, 0, self.size - 1)
 
 
 class StreamPacker:
