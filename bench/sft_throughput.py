@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
 from bench.gpu_throughput import (ALPHA, EMB_LR, LLAMA_8B, LORA_TARGETS, LR, MICRO_BATCH, R, TARGETS, TINY,  # noqa: E402
-                                  _gib, _run_worker, _sync)
+                                  _gib, _run_worker, _sync, baseline_setup)
 
 SEQ = 2048
 WORDS = 32000
@@ -138,29 +138,14 @@ class _StepClock:
 
 
 def worker_baseline(args) -> dict:
-    import bitsandbytes as bnb
+    """TRL's SFTTrainer over the CPT benchmark's baseline model: the same peft setup and 8-bit AdamW groups."""
     import torch
     from datasets import load_dataset
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from transformers import AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     model_dir = Path(args.model_dir)
-    kw: dict[str, Any] = {"dtype": torch.bfloat16, "attn_implementation": "sdpa"}
-    if args.mode == "nf4":
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-        kw["device_map"] = {"": 0}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kw)
-    if args.mode == "bf16":
-        model.to(args.device)
-    model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, bias="none", use_rslora=True,
-                                             target_modules=LORA_TARGETS, modules_to_save=["embed_tokens", "lm_head"],
-                                             task_type="CAUSAL_LM"))
-    lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
-    emb = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
-    opt = bnb.optim.AdamW8bit([{"params": lora, "lr": LR}, {"params": emb, "lr": EMB_LR}],
-                              betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    model, opt, _ = baseline_setup(model_dir, args.mode, "sdpa", args.device)
     tok = AutoTokenizer.from_pretrained(model_dir)
     data = load_dataset("json", data_files=str(args.data), split="train")
     clock = _StepClock()

@@ -95,7 +95,7 @@ class DataConfig:
     dataset_text_field: str = _f("text", "Default text column for every source.")
     dataset_num_proc: int = _f(1, "Worker processes for tokenization.")
     fast_tokenizer: bool = _f(True, "Byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM ...) encode through tiktoken's merge loop: the same ids, 2.5-3x faster. Checked against the tokenizer on every batch's first document.")
-    packing: Literal["auto", "concat", "document", "none"] = _f("auto", "concat: blocks span documents. document: attention and positions restart at each document (under train.stage=sft a conversation is never split: one that does not fit the block's room starts the next block). none: one document per block, padded (sft's unpacked reference). auto: concat for cpt, document for sft.")
+    packing: Literal["auto", "concat", "document", "none"] = _f("auto", "concat: blocks span documents. document: attention and positions restart at each document (under train.stage=sft a conversation is never split: from the token cache conversations fill blocks best-fit, longest first into the tightest room; streamed, one that does not fit the room left starts the next block). none: one document per block, padded (sft's unpacked reference). auto: concat for cpt, document for sft.")
     streaming: bool = _f(False, "Stream sources instead of materialising them.")
     cache_dir: Optional[str] = _f(None, "Where token shards are cached. Default: ~/.cache/cpt/tokens (or $CPT_CACHE).")
     shuffle: bool = _f(True, "Shuffle blocks (deterministically, from train.seed).")
