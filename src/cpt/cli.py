@@ -89,8 +89,9 @@ def _print_summary(summary: dict, output_dir: str) -> None:
         log.info("interrupted at step %d of %d; run the same command again to resume", summary["step"], summary["total_steps"])
         return
     print_eval_table(summary.get("eval_table") or [])
-    log.info("done: %d steps, %d tokens in %.0fs (%.0f tokens/s)", summary["step"], summary["tokens"],
-             summary["train_runtime_s"], summary["tokens_per_s"])
+    read, trained = summary.get("tokens_read", summary["tokens"]), summary["tokens"]
+    log.info("done: %d steps, %d tokens in %.0fs (%.0f tokens/s)%s", summary["step"], read, summary["train_runtime_s"],
+             summary["tokens_per_s"], f"; {trained} of them carried loss" if trained < 0.9 * read else "")
     log.info("adapter: %s", output_dir)
     if summary.get("report"):
         print(f"report: {summary['report']}")

@@ -270,7 +270,7 @@ def train_metrics(summary: dict, cfg: Any, model: Any) -> dict:
     steps = int(summary["step"])
     world = int(summary.get("world_size", 1))
     samples = steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * world
-    tokens = int(summary["tokens"])
+    tokens = int(summary.get("tokens_read", summary["tokens"]))  # positions processed, as transformers counts them
     non_embedding = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
     epoch = summary.get("epoch")
     return {"train_runtime": round(runtime, 4), "train_samples_per_second": round(samples / runtime, 3),

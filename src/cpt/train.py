@@ -47,7 +47,8 @@ class NonFiniteError(RuntimeError):
 class TrainState:
     """Everything besides tensors that a resumed run needs to continue exactly."""
     step: int = 0
-    tokens_seen: int = 0
+    tokens_seen: int = 0  # tokens that carried loss (under sft: the answers)
+    tokens_read: int = 0  # token positions the model read, padding included: what throughput counts
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
     elapsed_s: float = 0.0
@@ -326,6 +327,8 @@ class Trainer:
                 loss, grad_norm, finite, n_items = self._step(micro)
                 self.state.step += 1
                 self.state.tokens_seen += n_items
+                read = sum(int(b["input_ids"].numel()) for b in micro) * self.world
+                self.state.tokens_read += read
                 self.state.nonfinite_in_a_row = 0 if finite else self.state.nonfinite_in_a_row + 1
                 self.state.nonfinite_total += int(not finite)
                 if finite:
@@ -334,7 +337,7 @@ class Trainer:
                 if not finite:
                     log.warning("step %d: non-finite loss %s / grad norm %s; update skipped (%d in a row)",
                                 self.state.step, loss, grad_norm, self.state.nonfinite_in_a_row)
-                window.add(sum(int(b["input_ids"].numel()) for b in micro) * self.world, loss if finite else None)
+                window.add(read, loss if finite else None)
 
                 giving_up = self.state.nonfinite_in_a_row >= t.max_nonfinite_steps
                 if self.state.step % cfg.output.logging_steps == 0 or self.state.step == self.total_steps or giving_up:
@@ -431,7 +434,8 @@ class Trainer:
                    "train_runtime_s": self.state.elapsed_s, "interrupted": interrupted,
                    "train_loss": self.state.loss_sum / self.state.loss_steps if self.state.loss_steps else float("nan"),
                    "nonfinite_skipped": self.state.nonfinite_total, "epoch": self._epoch(), "world_size": self.world,
-                   "tokens_per_s": self.state.tokens_seen / max(self.state.elapsed_s, 1e-9),
+                   "tokens_read": self.state.tokens_read,
+                   "tokens_per_s": self.state.tokens_read / max(self.state.elapsed_s, 1e-9),
                    **self.bundle.trainable_summary(), **self.hooks.summary()}
         if not interrupted:
             summary["eval"] = self._evaluate()
