@@ -227,7 +227,7 @@ def sft_demo_config(cpt_dir: str = "outputs/demo", output_dir: str = "outputs/de
         "data": {"sources": [{"path": str(corpus / "qa_train.jsonl")}], "chat_template": "auto",
                  "assistant_only_loss": True},
         "train": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 24,
-                  "learning_rate": 2e-4, "embedding_learning_rate": 2e-5, "warmup_ratio": 0.1,
+                  "learning_rate": 5e-5, "embedding_learning_rate": 5e-6, "warmup_ratio": 0.1,
                   "lr_scheduler_type": "cosine", "seed": 3407},
         "eval": {"sets": [{"name": "answers", "path": str(corpus / "qa_eval.jsonl"), "max_docs": 48},
                           {"name": "domain", "path": str(corpus / "domain_eval.jsonl"), "max_docs": 4},
