@@ -276,3 +276,33 @@ def test_sft_config_errors_name_the_key(tiny_model_dir, tmp_path):
 def test_the_sft_example_config_loads():
     cfg = load_config("examples/sft.yaml")
     assert cfg.train.stage == "sft" and cfg.packing == "document" and cfg.data.assistant_only_loss
+
+
+def test_sft_trainer_with_trl_names_trains_on_answers(tiny_model_dir, tmp_path):
+    """The Python face: SFTTrainer(model, processing_class, train_dataset, args=SFTConfig(...)) with TRL's names,
+    on a datasets.Dataset of `messages` rows; packing=True means whole conversations, attention restarting."""
+    from datasets import Dataset
+
+    from cpt.api import CPTModel, SFTConfig, SFTTrainer
+
+    rows = [json.loads(line) for line in Path(_write_chat(tmp_path / "chat.jsonl", 40)).read_text().splitlines()]
+    model, tok = CPTModel.from_pretrained(str(tiny_model_dir), max_seq_length=64)
+    assert tok.chat_template is None  # a base model's tokenizer: the default template (chatml) adds two tokens
+    model = CPTModel.get_peft_model(model, r=8, use_gradient_checkpointing=False,
+                                    target_modules=["q_proj", "v_proj", "embed_tokens", "lm_head"])
+    args = SFTConfig(max_length=64, packing=True, assistant_only_loss=True, max_steps=3, learning_rate=1e-2,
+                     per_device_train_batch_size=2, gradient_accumulation_steps=1, output_dir=str(tmp_path / "o"),
+                     save_steps=0, report_to="none")
+    with pytest.raises(ConfigError, match="chat template adds tokens"):
+        SFTTrainer(model=model, processing_class=tok, train_dataset=Dataset.from_list(rows), args=args).train()
+    model, tok = CPTModel.from_pretrained(str(tiny_model_dir), max_seq_length=64)
+    apply_template(tok, "chatml")
+    model.resize_token_embeddings(len(tok))
+    model = CPTModel.get_peft_model(model, r=8, use_gradient_checkpointing=False,
+                                    target_modules=["q_proj", "v_proj", "embed_tokens", "lm_head"])
+    trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=Dataset.from_list(rows), args=args)
+    assert trainer.config.train.stage == "sft" and trainer.config.packing == "document"
+    assert trainer.config.model.max_seq_length == 64 and trainer.config.data.assistant_only_loss
+    trainer.train()
+    summary = json.loads((tmp_path / "o" / "run_summary.json").read_text())
+    assert summary["step"] == 3 and 0 < summary["tokens"] < summary["tokens_read"]  # answers only carry loss
