@@ -1,5 +1,6 @@
 """Instruction fine-tuning (train.stage=sft): formats through the template, the answer mask, packing without
-cross-talk, the fused loss honouring it, adapters with added template tokens, continuing from a CPT run.
+cross-talk, the fused loss honouring it, adapters with added template tokens, continuing from a CPT run; the
+same sources as CPT (a `datasets` folder by name with a split slice, save_to_disk, streams that resume).
 
     python -m pytest tests/test_chat.py -q
 """
@@ -13,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 from speed_helpers import peft_model, speed_for
+from test_data import epoch_tokens, make_cfg
 
 from cpt.api import run_training
 from cpt.cli import main as cli_main
 from cpt.config import ConfigError, SourceConfig, load_config
-from cpt.data import DataError, DataWarning
+from cpt.data import DataError, DataWarning, build_data
 from cpt.data.chat import TEMPLATES, apply_template, encode_conversation, iter_conversations, pack_ids, to_messages
 from cpt.data.pack import Block, best_fit_layout, collate
 from cpt.speed import plain_causal_lm_loss
@@ -100,6 +102,19 @@ def test_malformed_rows_are_counted_and_skipped_or_fail_under_strict(tmp_path):
     plain.write_text(json.dumps({"text": "hello"}) + "\n")
     with pytest.raises(DataError, match=r"not a chat row; the fields are: text.*data.chat_format"):
         list(iter_conversations(SourceConfig(path=str(plain))))
+    # A filter on a column the rows lack would drop every conversation without a word.
+    with pytest.raises(DataError, match=r"chat.jsonl:1: filter 'lang == \"en\"': no column 'lang'; the fields are: "
+                                        r"messages"):
+        list(iter_conversations(SourceConfig(path=str(f), filters=['lang == "en"'])))
+
+
+def test_sft_blocks_pad_with_eos_when_the_tokenizer_has_no_pad_token(chat_tok, tmp_path):
+    chat_tok.pad_token = None
+    data = _write_chat(tmp_path / "chat.jsonl", 10)
+    cfg = make_cfg(tmp_path, [{"path": str(data)}], train__stage="sft", model__max_seq_length=64)
+    batch = epoch_tokens(build_data(cfg, chat_tok).train, 2, 1)[0]
+    # The blocks' padding is EOS (the conversations themselves hold none under chatml).
+    assert batch["input_ids"][batch["labels"] == -100].tolist().count(chat_tok.eos_token_id) > 0
 
 
 def test_whole_conversations_are_never_split_and_fill_blocks_best_fit():
@@ -165,21 +180,28 @@ def test_fused_loss_honours_ignored_labels(tiny_model_dir):
     speed_for(model, kernels="none")
 
 
-def _write_chat(path: Path, n: int, fmt: str = "messages") -> Path:
+def _chat_row(fmt: str, q: str, a: str) -> dict:
+    return {"messages": {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
+            "sharegpt": {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]},
+            "alpaca": {"instruction": q, "input": "", "output": a},
+            "prompt_completion": {"prompt": q, "completion": a}}[fmt]
+
+
+def _write_rows(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for i in range(n):
-            q, a = f"What is item {i % 7}?", f"Item {i % 7} is the number {i % 7}, an answer."
-            row = {"messages": {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
-                   "sharegpt": {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]},
-                   "alpaca": {"instruction": q, "input": "", "output": a},
-                   "prompt_completion": {"prompt": q, "completion": a}}[fmt]
-            f.write(json.dumps(row) + "\n")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
+def _write_chat(path: Path, n: int, fmt: str = "messages") -> Path:
+    qa = ((f"What is item {i % 7}?", f"Item {i % 7} is the number {i % 7}, an answer.") for i in range(n))
+    return _write_rows(path, [_chat_row(fmt, q, a) for q, a in qa])
+
+
 def _sft_overrides(model, data, out, *extra):
-    return [f"model.name_or_path={model}", "model.max_seq_length=64", f"data.path={data}", "adapter.r=8",
+    """`data`: a file or folder (data.path), or the data.* overrides naming another kind of source."""
+    source = list(data) if isinstance(data, (list, tuple)) else [f"data.path={data}"]
+    return [f"model.name_or_path={model}", "model.max_seq_length=64", *source, "adapter.r=8",
             "adapter.use_gradient_checkpointing=false", "train.per_device_train_batch_size=2",
             "train.gradient_accumulation_steps=1", "train.learning_rate=2e-2", "train.embedding_learning_rate=4e-3",
             "train.max_steps=12", f"output.output_dir={out}", "output.save_steps=0", "output.report=false",
@@ -306,3 +328,140 @@ def test_sft_trainer_with_trl_names_trains_on_answers(tiny_model_dir, tmp_path):
     trainer.train()
     summary = json.loads((tmp_path / "o" / "run_summary.json").read_text())
     assert summary["step"] == 3 and 0 < summary["tokens"] < summary["tokens_read"]  # answers only carry loss
+
+
+# ---------------------------------------------------------------------------- the same sources as CPT
+
+
+def _distinct_rows(n: int, fmt: str) -> list[dict]:
+    """Conversations that all differ (an off-by-some slice or resume shows), of varied lengths; `messages` rows
+    alternate one turn with a system prompt and two turns."""
+    rows = []
+    for i in range(n):
+        q, a = f"What is {i} squared?", f"{i} squared is {i * i}." + " Indeed." * (i % 4)
+        row = _chat_row(fmt, q, a)
+        if fmt == "messages" and i % 2:
+            row["messages"] = [{"role": "system", "content": "Be brief."}, *row["messages"],
+                               {"role": "user", "content": "And plus one?"},
+                               {"role": "assistant", "content": f"{i * i + 1}."}]
+        rows.append(row)
+    return rows
+
+
+def _hub_like_chat(folder: Path, rows: list[dict]) -> Path:
+    """A local data set laid out as on the Hub: a `chat` configuration declared in the README over two Parquet
+    files, so load_dataset(folder, "chat", split=...) reads it (a streamed percentage takes the size from the
+    Parquet footers)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (folder / "data").mkdir(parents=True)
+    half = len(rows) // 2
+    for i, part in enumerate((rows[:half], rows[half:])):
+        pq.write_table(pa.Table.from_pylist(part), folder / "data" / f"{i:03d}.parquet")
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: chat\n  data_files:\n  - split: train\n"
+                                      "    path: data/*\n---\n")
+    return folder
+
+
+def _sft_data(tmp_path, tok, source: dict, streaming: bool):
+    # 0.15 holds out conversations 7, 14 and 15 of 20, streamed or not (cpt.data.holdout_indices)
+    cfg = make_cfg(tmp_path, [source], train__stage="sft", model__max_seq_length=64, data__streaming=streaming,
+                   data__shuffle=False, eval__holdout_fraction=0.15)
+    return build_data(cfg, tok)
+
+
+def _assert_reads_like_the_jsonl(tok, tmp_path, source: dict, rows: list[dict], fmt: str, streaming: bool):
+    """`source` gives the conversations, token ids, answer masks, held-out conversations and training blocks that
+    the same rows in a JSON lines file give."""
+    ref = {"path": str(_write_rows(tmp_path / "ref" / f"{fmt}.jsonl", rows))}
+    convs = list(iter_conversations(SourceConfig(**source), fmt, streaming=streaming))
+    assert [c.messages for c in convs] == [to_messages(r, fmt) for r in rows]
+    assert [c.index for c in convs] == list(range(len(rows)))
+    got, want = _sft_data(tmp_path, tok, source, streaming), _sft_data(tmp_path, tok, ref, streaming)
+    assert got.stats["sources"][0]["holdout_documents"] == want.stats["sources"][0]["holdout_documents"] > 0
+    assert [h.tolist() for h in got.holdout_conversations] == [h.tolist() for h in want.holdout_conversations]
+    n = want.train.blocks_per_epoch or len(rows)
+    a, b = epoch_tokens(got.train, 2, n), epoch_tokens(want.train, 2, n)  # an epoch and more
+    for x, y in zip(a, b):
+        for k in y:
+            assert torch.equal(x[k], y[k]), k
+    labels = torch.cat([x["labels"] for x in a])
+    assert (labels == -100).any() and (labels != -100).any()  # prompts masked, answers trained
+    # The trained tokens are the answers, each ended by the template's end-of-turn token.
+    trained = tok.decode(labels[labels != -100].tolist())
+    assert "squared is" in trained and "What is" not in trained and "<|im_end|>" in trained
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_sft_reads_a_datasets_folder_by_name_with_a_split_slice(chat_tok, tmp_path, streaming):
+    """A `dataset:` source (a local folder with a README declaring configurations, as on the Hub) with a config
+    name and split=train[:50%], materialised or streamed, reads exactly like its first half as a JSON lines file."""
+    rows = _distinct_rows(40, "messages")
+    folder = _hub_like_chat(tmp_path / "chats", rows)
+    source = {"dataset": str(folder), "name": "chat", "split": "train[:50%]"}
+    _assert_reads_like_the_jsonl(chat_tok, tmp_path, source, rows[:20], "messages", streaming)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("fmt", ["sharegpt", "alpaca"])
+def test_sft_reads_a_save_to_disk_folder(chat_tok, tmp_path, fmt, streaming):
+    """A save_to_disk DatasetDict in ShareGPT or alpaca format: its split and slice read like the same rows in
+    JSON lines."""
+    import datasets
+
+    rows = _distinct_rows(30, fmt)
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:24]),
+                          "test": datasets.Dataset.from_list(rows[24:])}).save_to_disk(str(folder))
+    source = {"dataset": str(folder), "split": "train[2:22]"}
+    _assert_reads_like_the_jsonl(chat_tok, tmp_path, source, rows[2:22], fmt, streaming)
+
+
+@pytest.mark.parametrize("cut", [3, 14])
+def test_streamed_sft_resumes_at_the_right_conversation(chat_tok, tmp_path, cut):
+    folder = _hub_like_chat(tmp_path / "chats", _distinct_rows(40, "messages"))
+    source = {"dataset": str(folder), "name": "chat", "split": "train[:50%]"}
+
+    def rows(stream, n):
+        return [r.tolist() for b in epoch_tokens(stream, 2, n) for r in (b["input_ids"], b["labels"])]
+
+    ref = rows(_sft_data(tmp_path, chat_tok, source, True).train, 20)  # crosses into the second epoch
+    first = _sft_data(tmp_path, chat_tok, source, True).train
+    it = first.batches(2)
+    for _ in range(cut):
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))
+    again = _sft_data(tmp_path, chat_tok, source, True).train
+    again.load_state_dict(state)
+    assert rows(again, 20 - cut) == ref[2 * cut:]
+
+
+def test_sft_trains_on_a_streamed_dataset_and_resumes_where_it_stopped(tiny_model_dir, tmp_path):
+    """`cpt sft` on a streamed `dataset:` split; stopped at step 3 and resumed, steps 4-6 see the same
+    conversations and give the same losses and adapter as an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    folder = _hub_like_chat(tmp_path / "chats", _distinct_rows(40, "messages"))
+    data = [f"data.dataset={folder}", "data.name=chat", "data.split=train[:50%]", "data.streaming=true"]
+
+    def args(out, *extra):
+        return ["sft", *_sft_overrides(tiny_model_dir, data, tmp_path / out, "eval.prompts=[]",
+                                       "train.lr_scheduler_type=constant", "output.logging_steps=1", *extra)]
+
+    def losses(out):
+        rows = map(json.loads, (tmp_path / out / "metrics.jsonl").read_text().splitlines())
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    assert cli_main(args("whole", "train.max_steps=6")) == 0
+    assert cli_main(args("cut", "train.max_steps=3", "output.save_steps=3")) == 0
+    assert json.loads((tmp_path / "cut" / "checkpoint-3" / "trainer_state.json").read_text())["data"]["streams"]
+    assert cli_main(args("cut", "train.max_steps=6", "output.save_steps=3")) == 0  # resumes at step 3
+    whole, cut = losses("whole"), losses("cut")
+    assert sorted(cut) == sorted(whole) == [1, 2, 3, 4, 5, 6]
+    assert [cut[s] for s in (4, 5, 6)] == [whole[s] for s in (4, 5, 6)]
+    assert len(set(whole.values())) == 6  # different conversations each step: a restarted stream would show
+    a, b = load_file(str(tmp_path / "whole" / "adapter_model.safetensors")), \
+        load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -30,7 +30,8 @@ import numpy as np
 
 from cpt.config import Config, SourceConfig
 from cpt.data.pack import IGNORE_INDEX, NO_LOSS_BIT
-from cpt.data.sources import (DataError, DataWarning, ReadReport, _names, iter_rows, parse_filters, source_label)
+from cpt.data.sources import (DataError, DataWarning, ReadReport, _names, check_filter_columns, iter_rows,
+                              parse_filters, source_label)
 from cpt.data.tokenize import tokenizer_fingerprint
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
@@ -167,6 +168,8 @@ def iter_conversations(source: SourceConfig | Any, fmt: str = "auto", *, max_doc
             raise DataError(f"{where}: not a {fmt if fmt != 'auto' else 'chat'} row; the fields are: {_names(row)}. "
                             "Instruction data holds messages (role/content), conversations (from/value), "
                             "instruction/input/output or prompt/completion; set data.chat_format to the one it uses")
+        if first:
+            check_filter_columns(filters, row, where)
         first = False
         if filters and not all(f(row, where) for f in filters):
             report.filtered += 1
@@ -309,6 +312,7 @@ class ChatEncoder:
         self.completion_only = d.completion_only_loss
         self.fmt = d.chat_format
         self.truncated = 0
+        self.eos_id = tokenizer.eos_token_id  # build_data pads blocks with it when the tokenizer has no pad token
         if len(tokenizer) >= 1 << 31:
             raise DataError("the vocabulary is too large for the answer mask bit")
 

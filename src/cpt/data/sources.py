@@ -145,6 +145,15 @@ class RowFilter:
                             f"with {type(want).__name__} {want!r}") from None
 
 
+def check_filter_columns(filters: list[RowFilter], row: dict, where: str) -> None:
+    """Refuse filters on columns the source's first row lacks: a missing value never passes, so every row
+    would be dropped without a word."""
+    missing = [f for f in filters if f.column not in row]
+    if missing:
+        raise DataError(f"{where}: filter {missing[0].text!r}: no column {missing[0].column!r}; "
+                        f"the fields are: {_names(row)}")
+
+
 def parse_filters(filters: Iterable[str]) -> list[RowFilter]:
     """Parse `data.sources[i].filters`; a filter that does not parse raises a DataError quoting it."""
     out = []
@@ -769,10 +778,7 @@ def iter_docs(source: SourceConfig | Any, default_text_field: str = "text", *, m
         else:
             text = row[field_]
         if not checked:
-            missing = [f for f in filters if f.column not in row]
-            if missing:
-                raise DataError(f"{where}: filter {missing[0].text!r}: no column {missing[0].column!r}; "
-                                f"the fields are: {_names(row)}")
+            check_filter_columns(filters, row, where)
         checked = True
         if filters and not all(f(row, where) for f in filters):
             report.filtered += 1
