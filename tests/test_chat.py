@@ -108,6 +108,38 @@ def test_malformed_rows_are_counted_and_skipped_or_fail_under_strict(tmp_path):
         list(iter_conversations(SourceConfig(path=str(f), filters=['lang == "en"'])))
 
 
+def test_add_eos_under_sft_ends_each_conversation_only_when_asked(chat_tok, tokenizer_dir):
+    """data.add_eos unset: the chat template ends each answer (chatml: <|im_end|>, which carries loss) and nothing
+    is appended. Set true: EOS also ends each conversation, with loss, and the token cache tells the two apart;
+    a template whose answers already end with EOS gets no second one."""
+    from transformers import AutoTokenizer
+
+    from cpt.data.chat import ChatEncoder, unpack_ids
+
+    msgs = to_messages(ROWS["messages"], "messages")
+
+    def encoder(tok, *over):
+        return ChatEncoder(tok, load_config(None, ["train.stage=sft", "model.max_seq_length=64", *over]))
+
+    plain, _ = encode_conversation(chat_tok, msgs)
+    for over in ((), ("data.add_eos=false",)):
+        assert unpack_ids(encoder(chat_tok, *over).encode(msgs))[0].tolist() == plain
+    ids, labels = unpack_ids(encoder(chat_tok, "data.add_eos=true").encode(msgs))
+    eos = chat_tok.eos_token_id
+    assert ids.tolist() == plain + [eos] and labels[-1] == eos
+    assert encoder(chat_tok, "data.add_eos=true").fingerprint() != encoder(chat_tok).fingerprint() \
+        == encoder(chat_tok, "data.add_eos=false").fingerprint()
+    alpaca = AutoTokenizer.from_pretrained(tokenizer_dir)
+    apply_template(alpaca, "alpaca")  # "### Response:\n{answer}<|endoftext|>\n\n"
+    assert unpack_ids(encoder(alpaca, "data.add_eos=true").encode(msgs))[0].tolist() == encode_conversation(alpaca, msgs)[0]
+    chat_tok.eos_token = None
+    with pytest.raises(DataError, match=r"data.add_eos is true but the tokenizer has no eos_token: set data.add_eos: null"):
+        encoder(chat_tok, "data.add_eos=true")
+    # Continued pretraining keeps its EOS after every document unless told otherwise.
+    assert load_config(None, []).add_eos and not load_config(None, ["data.add_eos=false"]).add_eos
+    assert not load_config(None, ["train.stage=sft"]).add_eos and load_config(None, ["stage=sft", "data.add_eos=true"]).add_eos
+
+
 def test_sft_blocks_pad_with_eos_when_the_tokenizer_has_no_pad_token(chat_tok, tmp_path):
     chat_tok.pad_token = None
     data = _write_chat(tmp_path / "chat.jsonl", 10)

@@ -100,7 +100,7 @@ class DataConfig:
     cache_dir: Optional[str] = _f(None, "Where token shards are cached. Default: ~/.cache/cpt/tokens (or $CPT_CACHE).")
     shuffle: bool = _f(True, "Shuffle blocks (deterministically, from train.seed).")
     strict: bool = _f(False, "Turn skipped rows (empty, non-string, bad UTF-8, malformed JSON) into errors.")
-    add_eos: bool = _f(True, "Append the tokenizer's EOS token after every document.")
+    add_eos: Optional[bool] = _f(None, "Append the tokenizer's EOS token after every document. None: true for train.stage=cpt; under sft nothing is appended, since the chat template ends each answer (its end-of-turn token carries loss, and generation stops there). true under sft: EOS also ends each conversation, with loss (for a template whose answers end without it, or a runtime that stops only at EOS); not added where the template's answers already end with EOS. false: never.")
     max_docs: Optional[int] = _f(None, "Read at most this many documents per source (quick experiments).")
     chat_format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = _f("auto", "train.stage=sft: how rows hold the examples. messages: OpenAI-style role/content turns; sharegpt: `conversations` with from/value; alpaca: instruction/input/output; prompt_completion: prompt and completion (strings, or message lists). auto: recognised from each row's fields.")
     chat_template: str = _f("auto", "train.stage=sft: the chat template. auto: the tokenizer's own, else chatml. A built-in name (chatml, llama-3, alpaca) or a Jinja template string. Special tokens it uses that the vocabulary lacks are added, their embedding rows initialised from the mean row and trained; the template and tokens are saved with the adapter.")
@@ -213,6 +213,11 @@ class Config:
         if self.data.packing == "auto":
             return "document" if self.train.stage == "sft" else "concat"
         return self.data.packing
+
+    @property
+    def add_eos(self) -> bool:
+        """data.add_eos with None resolved: true for cpt; false for sft, whose chat template ends the answers."""
+        return self.train.stage == "cpt" if self.data.add_eos is None else self.data.add_eos
 
     @property
     def trains_embeddings(self) -> bool:

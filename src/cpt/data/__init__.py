@@ -197,10 +197,10 @@ def build_data(cfg: Config, tokenizer: Any, *, train_dataset: Any = None, rank: 
         # Conversations through the tokenizer's chat template (cpt.data.chat), the answer mask in bit 31.
         encoder = stream_encoder = ChatEncoder(tokenizer, cfg)
     else:
-        encoder = Encoder(tokenizer, add_eos=d.add_eos, num_proc=d.dataset_num_proc, fast=d.fast_tokenizer)
+        encoder = Encoder(tokenizer, add_eos=cfg.add_eos, num_proc=d.dataset_num_proc, fast=d.fast_tokenizer)
         # Streams tokenize in this process (the Rust tokenizer's own threads): worker processes tied to a
         # generator's lifetime could outlive a resumed or abandoned stream.
-        stream_encoder = Encoder(tokenizer, add_eos=d.add_eos, num_proc=1, fast=d.fast_tokenizer)
+        stream_encoder = Encoder(tokenizer, add_eos=cfg.add_eos, num_proc=1, fast=d.fast_tokenizer)
     whole, one_per_block = sft or cfg.packing == "none", cfg.packing == "none"
     sources = _as_sources(cfg, train_dataset)
     held_name = "answers" if sft else "domain"  # sft holds out conversations, scored on their answers

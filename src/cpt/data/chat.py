@@ -14,6 +14,9 @@ and including its end-of-turn token (the last special token in it), and whatever
 after that (chatml's newline) does not. Each piece is tokenized on its own, so the prompt's ids are
 exactly what `apply_chat_template(..., add_generation_prompt=True)` gives at inference.
 
+The template decides where answers end; `data.add_eos: true` also ends each conversation with the tokenizer's
+EOS (carrying loss) where the template's answers do not already end with it.
+
 Tokens without loss travel with bit 31 set (cpt.data.pack.NO_LOSS_BIT), through the same token cache,
 packing and sampler as continued pretraining; collate turns them into labels -100.
 
@@ -315,15 +318,24 @@ class ChatEncoder:
         self.eos_id = tokenizer.eos_token_id  # build_data pads blocks with it when the tokenizer has no pad token
         if len(tokenizer) >= 1 << 31:
             raise DataError("the vocabulary is too large for the answer mask bit")
+        if cfg.add_eos and self.eos_id is None:
+            raise DataError("data.add_eos is true but the tokenizer has no eos_token: set data.add_eos: null (the chat "
+                            "template ends each answer), or give the tokenizer an EOS token")
+        # data.add_eos set true: EOS also ends each conversation, unless the template's answers already end with it.
+        self.add_eos = cfg.add_eos and end_of_turn_id(tokenizer) != self.eos_id
 
     def fingerprint(self) -> str:
-        key = json.dumps([tokenizer_fingerprint(self.tokenizer), self.tokenizer.chat_template, self.max_length,
-                          self.assistant_only, self.completion_only, "chat-1"])
-        return hashlib.sha256(key.encode()).hexdigest()
+        key = [tokenizer_fingerprint(self.tokenizer), self.tokenizer.chat_template, self.max_length,
+               self.assistant_only, self.completion_only, "chat-1"]
+        if self.add_eos:  # named only when on: caches built without it stay valid
+            key.append("eos")
+        return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
     def encode(self, messages: list[dict], pair: bool = False) -> np.ndarray:
         train_all = not (self.completion_only if pair else self.assistant_only)
         ids, mask = encode_conversation(self.tokenizer, messages, None, train_all)
+        if self.add_eos:
+            ids, mask = ids + [self.eos_id], mask + [True]  # a target: the model learns to end there
         if len(ids) > self.max_length:
             self.truncated += 1
             ids, mask = ids[:self.max_length], mask[:self.max_length]
@@ -348,18 +360,24 @@ def chat_prompt_ids(tokenizer: Any, prompt: str | list[dict]) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """Token ids that end an answer: EOS and the template's end-of-turn token (the last special token it
-    writes after an answer), so generation stops where training taught the turn to end."""
-    out = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The special token the chat template writes to end an answer (the last one in it), or None."""
     try:
         pieces = segments(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}])
     except Exception:
-        return out
+        return None
     answer = next((t for t, keep in pieces if keep), "")
     ids = tokenizer(answer, add_special_tokens=False)["input_ids"] if answer else []
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
-    if ids and ids[-1] in special and ids[-1] not in out:
-        out.append(int(ids[-1]))
+    return int(ids[-1]) if ids and ids[-1] in special else None
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end an answer: EOS and the template's end-of-turn token, so generation stops where
+    training taught the turn to end."""
+    out = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    end = end_of_turn_id(tokenizer)
+    if end is not None and end not in out:
+        out.append(end)
     return out

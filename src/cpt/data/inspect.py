@@ -443,7 +443,7 @@ def _budget(result: dict, cfg: Config, tokens: list[int] | None, n_docs_sampled:
     if tokens is None or not n_docs_sampled:
         out["note"] = "give a tokenizer (--tokenizer, or a config whose model has one) to count tokens"
         return out
-    eos = 1 if cfg.data.add_eos else 0
+    eos = 1 if cfg.add_eos else 0
     sampled = sum(tokens) + eos * len(tokens)
     docs_total = result["rows"]
     if result["fully_read"]:
