@@ -299,3 +299,19 @@ def test_python_api_extends_before_the_adapters(tiny_tied_model_dir, tmp_path):
     peft_model = CPTModel.get_peft_model(model, r=4, target_modules=["q_proj", "v_proj", "embed_tokens", "lm_head"])
     with pytest.raises(ConfigError, match="before get_peft_model"):
         CPTModel.extend_vocabulary(peft_model, new, domain_docs(), add_tokens=5)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_new_tokens_are_learned_without_the_held_out_documents(tokenizer_dir, domain_dir, tmp_path, streaming):
+    """vocab.add_tokens learns from what trains, never from the documents the held-out scores are measured on."""
+    from cpt.data import build_data, training_texts
+    from cpt.model.load import load_tokenizer
+
+    cfg = load_config(None, [f"model.name_or_path={tokenizer_dir}", f"data.path={domain_dir}", "model.max_seq_length=32",
+                             f"data.streaming={str(streaming).lower()}", "eval.holdout_fraction=0.2",
+                             f"data.cache_dir={tmp_path / 'cache'}"])
+    held = build_data(cfg, load_tokenizer(cfg.model)).holdout_texts
+    texts = list(training_texts(cfg))
+    every = list(training_texts(load_config(None, [f"data.path={domain_dir}", "eval.holdout_fraction=0"])))
+    assert held and not set(held) & set(texts)
+    assert sorted(texts + held) == sorted(every)

@@ -135,11 +135,26 @@ def _as_sources(cfg: Config, train_dataset: Any) -> list[tuple[str, Any, str, fl
     return out
 
 
+def _wants_holdout(cfg: Config, sft: bool) -> bool:
+    """Whether the first source gives up documents for the held-out set (no eval set of that name given)."""
+    held_name = "answers" if sft else "domain"  # sft holds out conversations, scored on their answers
+    return cfg.eval.holdout_fraction > 0 and not any(s.name == held_name for s in cfg.eval.sets)
+
+
 def training_texts(cfg: Config, train_dataset: Any = None) -> Iterator[str]:
     """The training sources' documents, source after source (filters applied, bad rows skipped, data.max_docs
-    per source): what vocabulary extension learns from."""
-    for _, source, field_, _, _ in _as_sources(cfg, train_dataset):
-        yield from read_documents(source, field_, max_docs=cfg.data.max_docs, strict=cfg.data.strict)
+    per source), without the documents held out for evaluation: what vocabulary extension learns from."""
+    for i, (_, source, field_, _, streaming) in enumerate(_as_sources(cfg, train_dataset)):
+        docs = read_documents(source, field_, max_docs=cfg.data.max_docs, strict=cfg.data.strict)
+        if i > 0 or not _wants_holdout(cfg, sft=False):
+            yield from docs
+            continue
+        texts = list(docs)
+        n_docs = None if streaming else len(texts)
+        held = set(holdout_indices(cfg.eval.holdout_fraction, cfg.eval.holdout_max_docs, n_docs))
+        if n_docs is not None and len(held) >= n_docs:  # build_dataset holds nothing out then
+            held = set()
+        yield from (t for j, t in enumerate(texts) if j not in held)
 
 
 def _text_key(text: str) -> bytes:
@@ -203,8 +218,7 @@ def build_data(cfg: Config, tokenizer: Any, *, train_dataset: Any = None, rank: 
         stream_encoder = Encoder(tokenizer, add_eos=cfg.add_eos, num_proc=1, fast=d.fast_tokenizer)
     whole, one_per_block = sft or cfg.packing == "none", cfg.packing == "none"
     sources = _as_sources(cfg, train_dataset)
-    held_name = "answers" if sft else "domain"  # sft holds out conversations, scored on their answers
-    want_holdout = cfg.eval.holdout_fraction > 0 and not any(s.name == held_name for s in cfg.eval.sets)
+    want_holdout = _wants_holdout(cfg, sft)
     root = cache_root(d.cache_dir)
 
     blocks: list[CachedBlocks | StreamPacker] = []
