@@ -120,7 +120,7 @@ class Trainer:
                               f"{self.world}; build the model after the launcher has set WORLD_SIZE")
         self.hooks = StepHooks(bundle.speed, self.model, self.optimizer, self.accelerator, self.world)
         self.state = TrainState()
-        self.metrics_file: Optional[Any] = None
+        self.metrics_path: Optional[Path] = None  # the main process's metrics.jsonl
         self.trackers = Trackers(cfg, self.out)
         self.best_key = self._best_metric_key()
 
@@ -234,7 +234,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self._save_config(self.out)
         self._truncate_metrics(self.out / "metrics.jsonl", self.state.step)
-        self.metrics_file = open(self.out / "metrics.jsonl", "a")
+        self.metrics_path = self.out / "metrics.jsonl"
         self.trackers.start()
 
     def _save_config(self, folder: Path) -> None:
@@ -264,10 +264,10 @@ class Trainer:
             os.replace(tmp, path)
 
     def _log(self, record: dict) -> None:
-        if self.metrics_file is None:
+        if self.metrics_path is None:
             return
-        self.metrics_file.write(json.dumps(record) + "\n")
-        self.metrics_file.flush()
+        with open(self.metrics_path, "a") as f:  # opened per record: nothing is left open when a run fails
+            f.write(json.dumps(record) + "\n")
         self.trackers.log({"train": {k: v for k, v in record.items() if k != "step"}}, record["step"])
 
     def _memory_gib(self) -> float:
@@ -451,8 +451,6 @@ class Trainer:
                     summary["eval_table"] = self.evaluator.summary_table()
         if acc.is_main_process:
             ckpt.write_json(self.out / "run_summary.json", summary)
-            if self.metrics_file:
-                self.metrics_file.close()
             self.trackers.finish()
         acc.wait_for_everyone()
         return summary
