@@ -415,3 +415,16 @@ def test_huge_single_line_document_memory_is_bounded(tmp_path, tokenizer_dir):
     n_tokens, rise_mb = map(int, out.stdout.split()[-2:])
     assert n_tokens > 5_000_000
     assert rise_mb < 500, f"peak memory rose {rise_mb} MB for a 20 MB document"
+
+
+def test_a_stream_with_no_documents_names_the_source_in_one_line(tmp_path, tiny_model_dir, capsys):
+    """Every row of a streamed file filtered out: `cpt train` says which source and what to check."""
+    f = tmp_path / "docs.jsonl"
+    f.write_bytes(jsonl([{"text": f"document {i}", "lang": "de"} for i in range(8)]))
+    sources = json.dumps([{"path": str(f), "filters": ["lang == 'en'"]}])
+    rc = cli_main(["train", f"model.name_or_path={tiny_model_dir}", "model.max_seq_length=32", f"data.sources={sources}",
+                   "data.streaming=true", "train.max_steps=2", f"output.output_dir={tmp_path / 'run'}",
+                   "output.report=false", "eval.eval_at_start=false", "eval.holdout_fraction=0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert "docs.jsonl: the streamed source yields no documents" in err and "filters" in err, err

@@ -271,7 +271,7 @@ def build_data(cfg: Config, tokenizer: Any, *, train_dataset: Any = None, rank: 
             exclude = ({_conversation_key(t) for t in holdout_convs} if sft else {_text_key(t) for t in holdout_texts}) \
                 if held else set()
             blocks.append(StreamPacker(_stream_docs(src, name, i, text_field, stream_encoder, cfg, exclude), T,
-                                       whole=whole, one_per_block=one_per_block))
+                                       whole=whole, one_per_block=one_per_block, name=name))
             info.update(documents=None, tokens=None, blocks=None)
         else:
             cb = CachedBlocks(shards, T, exclude=held, whole=whole, one_per_block=one_per_block)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from cpt.data.cache import TokenShards
+from cpt.data.sources import DataError
 
 IGNORE_INDEX = -100
 NO_LOSS_BIT = np.uint32(1 << 31)
@@ -211,8 +212,9 @@ class StreamPacker:
     """
 
     def __init__(self, docs: Callable[[int, dict | None], Iterator[tuple[dict, np.ndarray]]], seq_len: int,
-                 whole: bool = False, one_per_block: bool = False):
+                 whole: bool = False, one_per_block: bool = False, name: str = "the stream"):
         self._docs = docs
+        self.name = name
         self.seq_len = seq_len
         self.whole, self.one_per_block = whole or one_per_block, one_per_block
         self.epoch = 0
@@ -278,7 +280,9 @@ class StreamPacker:
             self._it, self._buf, self._last = None, [], (None, 0)
             if filled == 0:
                 if self.blocks == 0 and self.epoch > 1:
-                    raise RuntimeError("the stream yields no documents")
+                    raise DataError(f"{self.name}: the streamed source yields no documents: every row was empty, "
+                                    "skipped, filtered out or held out for evaluation. Check the source's path or split, "
+                                    "its text field and filters (or data.streaming: false to see the counts)")
                 return self.next_block()
         self.blocks += 1
         tokens = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
