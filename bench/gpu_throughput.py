@@ -887,8 +887,8 @@ def _write_families(results: dict, out: Path) -> None:
                     notes.append(f"- {family} {mode}: fell back: {f}")
             if "target_met" in row:
                 tm = row["target_met"]
-                notes.append(f"- {family} {mode}: speedup {row['speedup']:.2f}x ({'met' if tm['speedup'] else 'NOT met'}), "
-                             f"memory {row['memory_ratio']:.2f}x ({'met' if tm['memory_ratio'] else 'NOT met'})")
+                notes.append(f"- {family} {mode}: speedup {row['speedup']:.3f}x ({'met' if tm['speedup'] else 'NOT met'}), "
+                             f"memory {row['memory_ratio']:.3f}x ({'met' if tm['memory_ratio'] else 'NOT met'})")
     lines += ["", "Targets (as the Llama rows): bf16 >= 1.8x tokens/s at <= 0.75x peak; nf4 >= 1.75x at <= 0.65x.", *notes, ""]
     for family, entry in results["families"].items():
         lines.append(f"{family}: {entry['model']}; `{entry['command']}` on {entry['device']}, torch {entry['torch']}; "
@@ -1143,8 +1143,8 @@ def _write(results: dict, out: Path) -> None:
         e = results.get(mode) or {}
         if "target_met" in e:
             tm = e["target_met"]
-            lines.append(f"- {mode}, ours{_graphs_label(e.get('ours') or {})}: speedup {e['speedup']:.2f}x ({'met' if tm['speedup'] else 'NOT met'}), "
-                         f"memory {e['memory_ratio']:.2f}x ({'met' if tm['memory_ratio'] else 'NOT met'})")
+            lines.append(f"- {mode}, ours{_graphs_label(e.get('ours') or {})}: speedup {e['speedup']:.3f}x ({'met' if tm['speedup'] else 'NOT met'}), "
+                         f"memory {e['memory_ratio']:.3f}x ({'met' if tm['memory_ratio'] else 'NOT met'})")
         for key in [k for k in e if k.startswith("ours_")]:
             o = e.get(key) or {}
             what = {"ours_offload": "embedding states in host memory", "ours_budget": "capped at the memory target",
@@ -1152,8 +1152,8 @@ def _write(results: dict, out: Path) -> None:
                     "ours_eager": "eager"}.get(_base(key), _base(key)) + _graphs_label(o)
             if "target_met" in o:
                 tm = o["target_met"]
-                lines.append(f"- {mode}, {what}: speedup {o['speedup']:.2f}x ({'met' if tm['speedup'] else 'NOT met'}), "
-                             f"memory {o['memory_ratio']:.2f}x ({'met' if tm['memory_ratio'] else 'NOT met'})")
+                lines.append(f"- {mode}, {what}: speedup {o['speedup']:.3f}x ({'met' if tm['speedup'] else 'NOT met'}), "
+                             f"memory {o['memory_ratio']:.3f}x ({'met' if tm['memory_ratio'] else 'NOT met'})")
     long = results.get("long_context_bf16_micro_batch_1")
     if long:
         lines += ["", "## Longest sequence at micro-batch 1 (bf16, one H200)", "", "| system | longest that trained | ladder |", "|---|---|---|"]

@@ -63,6 +63,6 @@ def test_families_results_file(tmp_path):
     _write_families(results, tmp_path)
     md = (tmp_path / "gpu_throughput_families.md").read_text()
     assert "| gemma2 | bf16 | ours: embedding states in host memory, 12 host layers | 1,900 |" in md
-    assert "gemma2 bf16: fell back: Triton loss pass" in md and "speedup 1.90x (met)" in md
+    assert "gemma2 bf16: fell back: Triton loss pass" in md and "speedup 1.900x (met)" in md
     assert json.loads((tmp_path / "gpu_throughput_families.json").read_text()) == results
     assert not (tmp_path / "gpu_throughput.md").exists()
