@@ -128,9 +128,9 @@ def _cases(tmp_path: Path, docs: list[str]) -> list[tuple[str, str, bytes, tuple
         ("jsonl-row-not-object", "r.jsonl", jsonl(rows[:2] + [[1, 2], "x"]), ("skip", "malformed JSON", 2)),
         ("csv-unquoted-comma", "c.csv",
          b"text,id\nhello, world,1\n" + csv_bytes(None, docs[:2]).replace(b'"\n', b'",1\n'),
-         ("skip", "malformed CSV row", 2)),
+         ("skip", "malformed CSV/TSV row", 2)),
         ("csv-short-row", "c.csv", b"id,text\n1\n" + b"".join(f'2,"{d}"\n'.encode() for d in docs[:2]),
-         ("skip", "malformed CSV row", 2)),
+         ("skip", "malformed CSV/TSV row", 2)),
         # huge rows
         ("huge-jsonl-row", "g.jsonl", jsonl([{"text": " ".join(docs) * 300}] + rows[:2]), ("skip", None, 3)),
         ("huge-csv-cell", "g.csv", csv_bytes("text", [" ".join(docs) * 300, docs[0]]), ("skip", None, 2)),
@@ -143,7 +143,7 @@ def _cases(tmp_path: Path, docs: list[str]) -> list[tuple[str, str, bytes, tuple
         ("docx", "d.docx", zip_bytes(tmp_path), ("error", ["unsupported file type .docx", ".txt"])),
         ("docx-named-txt", "d.txt", zip_bytes(tmp_path), ("error", ["ZIP archive", "export its text"])),
         ("pdf-named-txt", "d.txt", b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj", ("error", ["PDF", "pdftotext"])),
-        ("tsv", "d.tsv", b"text\nhello\n", ("error", ["unsupported file type .tsv"])),
+        ("rtf", "d.rtf", b"{\\rtf1 hello}", ("error", ["unsupported file type .rtf"])),
         ("binary-named-csv", "b.csv", bytes(range(256)) * 4, ("error", ["NUL bytes"])),
     ]
 

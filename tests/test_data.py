@@ -60,11 +60,12 @@ def test_formats_agree(tmp_path, corpus):
     df = pd.DataFrame(rows)
     df.to_parquet(tmp_path / "d.parquet", row_group_size=5)
     df.to_csv(tmp_path / "d.csv", index=False)
+    df.to_csv(tmp_path / "d.tsv.gz", index=False, sep="\t")
     (tmp_path / "d.json").write_text(json.dumps(rows))
     with gzip.open(tmp_path / "d.jsonl.gz", "wt") as f:
         f.write("\n".join(json.dumps(r) for r in rows))
     want = [r["body"] for r in rows if r["score"] >= 2]
-    for name in ("d.parquet", "d.csv", "d.json", "d.jsonl.gz"):
+    for name in ("d.parquet", "d.csv", "d.tsv.gz", "d.json", "d.jsonl.gz"):
         src = SourceConfig(path=str(tmp_path / name), text_field="body", filters=["score >= 2"])
         assert list(read_documents(src)) == want, name
 
@@ -97,6 +98,17 @@ def test_csv_invalid_utf8_row_reported_with_file_and_line(tmp_path):
     assert docs == ["first good row", "a quoted\nmultiline row", "last good"]
     assert f"invalid UTF-8 (first at {p}:3)" in str(rec[0].message)
     with pytest.raises(DataError, match=rf"{p}:3: invalid UTF-8.*column 'text'"):
+        list(read_documents(SourceConfig(path=str(p)), strict=True))
+
+
+def test_tsv_reads_tabs_and_counts_a_row_with_an_unquoted_tab(tmp_path):
+    p = tmp_path / "pages.tsv"
+    p.write_text('id\ttext\n1\tcomma, and "quotes" inside\n2\ta stray\ttab\n3\t"a quoted\ttab"\n')
+    with pytest.warns(DataWarning) as rec:
+        docs = list(read_documents(SourceConfig(path=str(tmp_path))))  # a folder picks up .tsv files
+    assert docs == ['comma, and "quotes" inside', "a quoted\ttab"]
+    assert f"malformed CSV/TSV row (first at {p}:3)" in str(rec[0].message)
+    with pytest.raises(DataError, match=rf"{p}:3: malformed CSV/TSV row: 3 cells, the header names 2 \(quote cells that hold a tab\)"):
         list(read_documents(SourceConfig(path=str(p)), strict=True))
 
 

@@ -78,7 +78,7 @@ class AdapterConfig:
 
 @dataclass
 class SourceConfig:
-    path: Optional[str] = _f(None, "Local file, folder or glob: .txt .md .jsonl .json .parquet .csv (.gz too).")
+    path: Optional[str] = _f(None, "Local file, folder or glob: .txt .md .jsonl .json .parquet .csv .tsv (.gz too).")
     dataset: Optional[str] = _f(None, "A `datasets` name or local dataset folder, loaded with load_dataset(dataset, name, split=split).")
     name: Optional[str] = _f(None, "Dataset configuration name (the second argument of load_dataset).")
     split: str = _f("train", "Split with optional slicing, e.g. train[:10%].")

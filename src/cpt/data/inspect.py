@@ -227,7 +227,7 @@ def inspect_source(source: Any, tokenizer: Any = None, cfg: Config | None = None
                 break
             n += 1
             is_files = isinstance(row, FileText)
-            if n == 1 and files and files[loc["file"]].name.lower().endswith((".csv", ".csv.gz")):
+            if n == 1 and files and files[loc["file"]].name.lower().endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")):
                 problem = csv_header_problem(files[loc["file"]], list(row), [text_field])
             for k, v in row.items():
                 info = fields.setdefault(k, {"types": Counter(), "non_null": 0, "values": Counter(), "max_str_len": 0,

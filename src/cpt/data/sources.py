@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 from cpt.config import ConfigError, SourceConfig
 
 TEXT_SUFFIXES = (".txt", ".md")
-ROW_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+ROW_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
 SUFFIXES = TEXT_SUFFIXES + ROW_SUFFIXES
 
 
@@ -69,7 +69,7 @@ class ReadReport:
 
     LABELS = {"empty": "empty or whitespace-only", "non_string": "non-string text", "bad_utf8": "invalid UTF-8",
               "bad_json": "malformed JSON", "missing_field": "missing text field",
-              "bad_csv": "malformed CSV row", "repaired_utf8": "invalid UTF-8 (bytes replaced)"}
+              "bad_csv": "malformed CSV/TSV row", "repaired_utf8": "invalid UTF-8 (bytes replaced)"}
 
     def skip(self, kind: str, where: str, detail: str = "") -> None:
         if self.strict:
@@ -374,14 +374,16 @@ def _iter_json(f: Path, report: ReadReport) -> Iterator[dict]:
         yield r
 
 
-def _iter_csv(f: Path, report: ReadReport, columns: list[str] | None) -> Iterator[dict]:
+def _iter_csv(f: Path, report: ReadReport, columns: list[str] | None, delimiter: str = ",") -> Iterator[dict]:
+    """Rows of a .csv (or, with a tab delimiter, a .tsv) with a header line; quoting as Excel and pandas write it."""
     csv.field_size_limit(sys.maxsize)
+    sep = "tab" if delimiter == "\t" else "comma"
     with _open_bytes(f) as raw:
         _check_head(f, _peek(raw))
         fh = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
         # strict: an unclosed quote (a truncated file) or stray text after a quoted cell is an error
         # naming the line, not a row that silently swallows the rest of the file
-        reader = csv.DictReader(fh, strict=True)
+        reader = csv.DictReader(fh, delimiter=delimiter, strict=True)
         line = 1  # where the row being read starts (a quoted cell may span lines)
         try:
             if reader.fieldnames is not None and columns:
@@ -390,9 +392,9 @@ def _iter_csv(f: Path, report: ReadReport, columns: list[str] | None) -> Iterato
             for r in reader:
                 where, line = f"{f}:{line}", reader.line_num + 1
                 if None in r:
-                    # an unquoted comma in the text: the cells past the header's would be dropped silently
+                    # an unquoted comma (tab) in the text: the cells past the header's would be dropped silently
                     report.skip("bad_csv", where, f"{len(reader.fieldnames) + len(r[None])} cells, the header names "
-                                f"{len(reader.fieldnames)} (quote cells that hold commas)")
+                                f"{len(reader.fieldnames)} (quote cells that hold a {sep})")
                     continue
                 if any(v is None for v in r.values()):
                     report.skip("bad_csv", where, f"fewer cells than the {len(reader.fieldnames)} the header names")
@@ -403,7 +405,7 @@ def _iter_csv(f: Path, report: ReadReport, columns: list[str] | None) -> Iterato
                     continue
                 yield r
         except csv.Error as e:
-            raise DataError(f"{f}:{line}: malformed CSV: {e} (a truncated file or an unclosed quote: "
+            raise DataError(f"{f}:{line}: malformed {'TSV' if delimiter == chr(9) else 'CSV'}: {e} (a truncated file or an unclosed quote: "
                             "fix the quoting, or remove the file from the source)") from None
 
 
@@ -420,8 +422,9 @@ def csv_header_problem(f: Path, fieldnames: list[str], columns: list[str]) -> st
     if not missing:
         return None
     found = shorten(",".join(map(str, fieldnames)))
+    kind = "TSV" if _suffix(f) == ".tsv" else "CSV"
     return (f"{f}: has no header row naming the column {missing[0]!r} (its first line reads {found}). "
-            f"The first line of a CSV names its columns: add a header line (e.g. `{missing[0]}`), or set the "
+            f"The first line of a {kind} names its columns: add a header line (e.g. `{missing[0]}`), or set the "
             "source's text_field (or data.dataset_text_field) to the column that holds the text")
 
 
@@ -515,8 +518,8 @@ def _file_rows(f: Path, report: ReadReport, columns: list[str] | None, row: int,
         where = lambda i: str(f)  # noqa: E731
     elif kind == ".json":
         it, where = _iter_json(f, report), lambda i: f"{f}: row {i}"
-    elif kind == ".csv":
-        it, where = _iter_csv(f, report, columns), lambda i: f"{f}: row {i + 1}"
+    elif kind in (".csv", ".tsv"):
+        it, where = _iter_csv(f, report, columns, "\t" if kind == ".tsv" else ","), lambda i: f"{f}: row {i + 1}"
     else:
         it, where = _iter_parquet(f, columns, row), lambda i: f"{f}: row {i}"
         for i, r in enumerate(it, start=row):

@@ -38,7 +38,7 @@ _CHATTY_LOGGERS = ("bitsandbytes.backends.cpu", "kernels")
 
 # A hub id is `name` or `org/name`; anything else that does not exist is a mistyped local path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-_FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".json", ".jsonl", ".yaml", ".yml", ".txt", ".md", ".csv",
+_FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".json", ".jsonl", ".yaml", ".yml", ".txt", ".md", ".csv", ".tsv",
                   ".parquet", ".gz")
 
 
