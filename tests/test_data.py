@@ -274,6 +274,16 @@ def test_holdout_never_trained_on(tmp_path, tokenizer):
     assert build_data(cfg, tokenizer).holdout_texts == []
 
 
+def test_a_short_stream_that_holds_nothing_out_says_so(tmp_path, tokenizer):
+    first = holdout_indices(0.01, 8)[0]  # the first index the hash holds out, on any stream
+    assert first > 5
+    p = write_jsonl(tmp_path / "s.jsonl", [{"text": f"short stream document {i}"} for i in range(5)])
+    cfg = make_cfg(tmp_path, [{"path": str(p)}], data__streaming=True, eval__holdout_fraction=0.01)
+    with pytest.warns(DataWarning, match=r"s.jsonl.*nothing held out for evaluation; raise eval.holdout_fraction"):
+        bundle = build_data(cfg, tokenizer)
+    assert bundle.holdout_texts == [] and bundle.stats["holdout_documents"] == 0
+
+
 # ---------------------------------------------------------------------------- cache
 
 

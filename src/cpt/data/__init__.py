@@ -266,6 +266,10 @@ def build_data(cfg: Config, tokenizer: Any, *, train_dataset: Any = None, rank: 
             holdout_texts = _holdout_texts(src, held, text_field, d.max_docs, d.strict, loaded)
             held = held[: len(holdout_texts)]  # a short source has fewer documents than indices asked for
         info["holdout_documents"] = len(held)
+        if want_holdout and i == 0 and n_docs is None and not held:
+            warnings.warn(f"{name}: the stream ended before any of its documents fell in the held-out share "
+                          f"(eval.holdout_fraction={cfg.eval.holdout_fraction}): nothing held out for evaluation; "
+                          "raise eval.holdout_fraction, or name a held-out file in eval.sets", DataWarning)
         if streaming:
             info["verdict"] = _verdict(src, text_field)
             exclude = ({_conversation_key(t) for t in holdout_convs} if sft else {_text_key(t) for t in holdout_texts}) \
