@@ -260,13 +260,13 @@ def render(r: dict) -> str:
     s = r["settings"]
     runs = {x["name"]: x for x in r["runs"]}
     tokens_per_step = s["batch"] * s["accum"] * s["seq"]
+    trained_s = sum(x["seconds"] for x in r["runs"])  # more than the invocation's time when runs were kept
     lines = [
         "# Vocabulary extension: Chinese man pages, SmolLM2-135M",
         "",
         f"`{r['command']}` on {r['machine']}; {r['seconds'] / 60:.1f} min in all"
-        + (f" (training runs kept from an earlier invocation with the same settings included: "
-           f"{sum(x['seconds'] for x in r['runs']) / 60:.0f} min of training)."
-           if sum(x["seconds"] for x in r["runs"]) > r["seconds"] else "."),
+        + (f" (training runs kept from an earlier invocation with the same settings included: {trained_s / 60:.0f} min "
+           "of training)." if trained_s > r["seconds"] else "."),
         "",
         f"Corpus: Debian's Chinese man pages (manpages-zh, zh_CN and zh_TW), roff stripped: {r['corpus']['train_docs']} "
         f"training pages ({r['corpus']['train_bytes'] / 1e6:.1f} MB), {r['corpus']['held_docs']} held-out pages "

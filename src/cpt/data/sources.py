@@ -377,7 +377,7 @@ def _iter_json(f: Path, report: ReadReport) -> Iterator[dict]:
 def _iter_csv(f: Path, report: ReadReport, columns: list[str] | None, delimiter: str = ",") -> Iterator[dict]:
     """Rows of a .csv (or, with a tab delimiter, a .tsv) with a header line; quoting as Excel and pandas write it."""
     csv.field_size_limit(sys.maxsize)
-    sep = "tab" if delimiter == "\t" else "comma"
+    kind, sep = ("TSV", "tab") if delimiter == "\t" else ("CSV", "comma")
     with _open_bytes(f) as raw:
         _check_head(f, _peek(raw))
         fh = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
@@ -405,7 +405,7 @@ def _iter_csv(f: Path, report: ReadReport, columns: list[str] | None, delimiter:
                     continue
                 yield r
         except csv.Error as e:
-            raise DataError(f"{f}:{line}: malformed {'TSV' if delimiter == chr(9) else 'CSV'}: {e} (a truncated file or an unclosed quote: "
+            raise DataError(f"{f}:{line}: malformed {kind}: {e} (a truncated file or an unclosed quote: "
                             "fix the quoting, or remove the file from the source)") from None
 
 
