@@ -497,3 +497,51 @@ def test_sft_trains_on_a_streamed_dataset_and_resumes_where_it_stopped(tiny_mode
         load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_sft_learns_new_tokens_from_the_training_conversations(tiny_model_dir, tmp_path):
+    """vocab.add_tokens under train.stage=sft learns from the conversations' message contents, never from the
+    held-out ones; the run trains with the larger vocabulary and the template's tokens, and saves both."""
+    from test_vocab import domain_docs
+    from transformers import AutoTokenizer
+
+    from cpt.data import holdout_indices, training_texts
+    from cpt.model.vocab import read_extension
+
+    docs = domain_docs(80, seed=3)
+    rows = [{"messages": [{"role": "user", "content": d[:30]}, {"role": "assistant", "content": d[30:]}]} for d in docs]
+    data = _write_rows(tmp_path / "chat.jsonl", rows)
+    out = tmp_path / "run"
+    cfg = load_config(None, _sft_overrides(tiny_model_dir, data, out, "train.stage=sft", "train.max_steps=2",
+                                           "eval.prompts=[]", "eval.holdout_fraction=0.2", "vocab.add_tokens=30",
+                                           "model.max_seq_length=256"))
+    contents = [f"{d[:30]}\n{d[30:]}" for d in docs]
+    held = [contents[i] for i in holdout_indices(0.2, cfg.eval.holdout_max_docs, len(contents))]
+    texts = list(training_texts(cfg))
+    assert held and not set(held) & set(texts) and sorted(texts + held) == sorted(contents)
+
+    assert run_training(cfg)["step"] == 2
+    ext = read_extension(out / "tokenizer")
+    tok = AutoTokenizer.from_pretrained(out)
+    assert len(ext["pieces"]) == 30 and len(tok) >= ext["size"]
+    assert "<|im_start|>" in tok.get_vocab() and tok(docs[0])["input_ids"] != []
+    assert max(tok(docs[0], add_special_tokens=False)["input_ids"]) >= ext["first_id"]  # the text uses new tokens
+
+
+def test_held_out_conversations_cut_before_their_answer_are_not_scored(chat_tok, tiny_model_dir, tmp_path):
+    """A prompt longer than model.max_seq_length leaves a held-out conversation nothing to score: it is dropped
+    from the held-out answers with a warning that says what to raise, and the run goes on."""
+    rows = [_chat_row("messages", ("a long question " * 12 if i % 2 else "short?"), f"answer {i}.") for i in range(40)]
+    data = _write_rows(tmp_path / "chat.jsonl", rows)
+    cfg = load_config(None, _sft_overrides(tiny_model_dir, data, tmp_path / "run", "train.stage=sft",
+                                           "model.max_seq_length=32", "eval.holdout_fraction=0.5", "eval.prompts=[]"))
+    with pytest.warns(DataWarning, match=r"held-out conversations lost every answer token to the cut at "
+                                         r"model.max_seq_length=32: they are not scored"):
+        bundle = build_data(cfg, chat_tok)
+    assert bundle.holdout_conversations and all((c[1:] & np.uint32(1 << 31) == 0).any() for c in bundle.holdout_conversations)
+    long_only = _write_rows(tmp_path / "long.jsonl", [r for i, r in enumerate(rows) if i % 2])
+    cfg = load_config(None, _sft_overrides(tiny_model_dir, long_only, tmp_path / "run2", "train.stage=sft",
+                                           "model.max_seq_length=32", "eval.holdout_fraction=0.5", "eval.prompts=[]",
+                                           "train.max_steps=2"))
+    with pytest.warns(DataWarning, match="nothing is left to score the answers on: raise model.max_seq_length"):
+        assert run_training(cfg)["step"] == 2

@@ -17,14 +17,14 @@ from __future__ import annotations
 import hashlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 from cpt.config import Config, SourceConfig
 from cpt.data.cache import TokenShards, cache_root, open_or_build
 from cpt.data.chat import ChatEncoder, iter_conversations
-from cpt.data.pack import IGNORE_INDEX, CachedBlocks, StreamPacker, document_attention_mask
+from cpt.data.pack import IGNORE_INDEX, NO_LOSS_BIT, CachedBlocks, StreamPacker, document_attention_mask
 from cpt.data.sampler import TokenStream
 from cpt.data.sources import (DataError, DataWarning, ReadReport, is_streaming, iter_docs, load_hf,
                               parse_filters, read_documents, resolve_files, source_fingerprint, source_label)
@@ -111,6 +111,11 @@ def _holdout_conversations(source: Any, wanted: list[int], encoder: ChatEncoder,
     return [out[i] for i in sorted(out)]
 
 
+def _has_answer(tokens: np.ndarray) -> bool:
+    """Whether a packed conversation has a token that carries loss after the first (the first predicts nothing)."""
+    return bool((tokens[1:] & NO_LOSS_BIT == 0).any())
+
+
 def _conversation_key(tokens: np.ndarray) -> bytes:
     return hashlib.blake2b(np.ascontiguousarray(tokens).tobytes(), digest_size=16).digest()
 
@@ -143,10 +148,17 @@ def _wants_holdout(cfg: Config, sft: bool) -> bool:
 
 def training_texts(cfg: Config, train_dataset: Any = None) -> Iterator[str]:
     """The training sources' documents, source after source (filters applied, bad rows skipped, data.max_docs
-    per source), without the documents held out for evaluation: what vocabulary extension learns from."""
+    per source), without the documents held out for evaluation: what vocabulary extension learns from.
+    Under train.stage=sft a document is one conversation's message contents, a line each (the chat
+    template's own tokens are added as special tokens, not learned)."""
+    sft = cfg.train.stage == "sft"
     for i, (_, source, field_, _, streaming) in enumerate(_as_sources(cfg, train_dataset)):
-        docs = read_documents(source, field_, max_docs=cfg.data.max_docs, strict=cfg.data.strict)
-        if i > 0 or not _wants_holdout(cfg, sft=False):
+        if sft:
+            docs: Iterable[str] = ("\n".join(str(m["content"]) for m in c.messages) for c in iter_conversations(
+                source, cfg.data.chat_format, max_docs=cfg.data.max_docs, strict=cfg.data.strict))
+        else:
+            docs = read_documents(source, field_, max_docs=cfg.data.max_docs, strict=cfg.data.strict)
+        if i > 0 or not _wants_holdout(cfg, sft=sft):
             yield from docs
             continue
         texts = list(docs)
@@ -284,6 +296,15 @@ def build_data(cfg: Config, tokenizer: Any, *, train_dataset: Any = None, rank: 
             blocks.append(cb)
             info.update(documents=cb.n_docs, tokens=cb.n_tokens, blocks=cb.n_blocks)
         per_source.append(info)
+
+    if holdout_convs:  # held out of training either way; scored only where the cut left an answer to score
+        scored = [c for c in holdout_convs if _has_answer(c)]
+        if len(scored) < len(holdout_convs):
+            warnings.warn(f"{len(holdout_convs) - len(scored)} of the {len(holdout_convs)} held-out conversations lost "
+                          f"every answer token to the cut at model.max_seq_length={T}: they are not scored"
+                          + ("" if scored else "; nothing is left to score the answers on: raise model.max_seq_length"),
+                          DataWarning)
+        holdout_convs = scored
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (encoder.eos_id or 0)
     stream = TokenStream(blocks, [s[3] for s in sources], seq_len=T, packing=cfg.packing, pad_id=pad_id,
