@@ -543,5 +543,9 @@ def test_held_out_conversations_cut_before_their_answer_are_not_scored(chat_tok,
     cfg = load_config(None, _sft_overrides(tiny_model_dir, long_only, tmp_path / "run2", "train.stage=sft",
                                            "model.max_seq_length=32", "eval.holdout_fraction=0.5", "eval.prompts=[]",
                                            "train.max_steps=2"))
-    with pytest.warns(DataWarning, match="nothing is left to score the answers on: raise model.max_seq_length"):
+    with pytest.warns(DataWarning) as rec:
         assert run_training(cfg)["step"] == 2
+    said = " | ".join(str(w.message) for w in rec)
+    assert "20 conversations longer than model.max_seq_length=32 tokens were cut there; 20 of them lost every " \
+           "answer token and teach nothing (raise model.max_seq_length)" in said, said
+    assert "nothing is left to score the answers on: raise model.max_seq_length" in said

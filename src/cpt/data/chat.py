@@ -315,6 +315,7 @@ class ChatEncoder:
         self.completion_only = d.completion_only_loss
         self.fmt = d.chat_format
         self.truncated = 0
+        self.answerless = 0  # cut conversations left without an answer token: they teach nothing
         self.eos_id = tokenizer.eos_token_id  # build_data pads blocks with it when the tokenizer has no pad token
         if len(tokenizer) >= 1 << 31:
             raise DataError("the vocabulary is too large for the answer mask bit")
@@ -339,6 +340,7 @@ class ChatEncoder:
         if len(ids) > self.max_length:
             self.truncated += 1
             ids, mask = ids[:self.max_length], mask[:self.max_length]
+            self.answerless += not any(mask[1:])
         return pack_ids(ids, mask)
 
     def encode_docs(self, convs: Iterator[Conversation]) -> Iterator[tuple[Conversation, np.ndarray]]:
@@ -347,9 +349,11 @@ class ChatEncoder:
 
     def warn(self, name: str) -> None:
         if self.truncated:
+            lost = (f"; {self.answerless} of them lost every answer token and teach nothing (raise model.max_seq_length)"
+                    if self.answerless else "")
             warnings.warn(f"{name}: {self.truncated} conversations longer than model.max_seq_length="
-                          f"{self.max_length} tokens were cut there", DataWarning, stacklevel=2)
-            self.truncated = 0
+                          f"{self.max_length} tokens were cut there{lost}", DataWarning, stacklevel=2)
+            self.truncated = self.answerless = 0
 
 
 def chat_prompt_ids(tokenizer: Any, prompt: str | list[dict]) -> list[int]:
