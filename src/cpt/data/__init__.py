@@ -23,8 +23,8 @@ import numpy as np
 
 from cpt.config import Config, SourceConfig
 from cpt.data.cache import TokenShards, cache_root, open_or_build
-from cpt.data.chat import ChatEncoder, iter_conversations
-from cpt.data.pack import IGNORE_INDEX, NO_LOSS_BIT, CachedBlocks, StreamPacker, document_attention_mask
+from cpt.data.chat import ChatEncoder, has_answer, iter_conversations
+from cpt.data.pack import IGNORE_INDEX, CachedBlocks, StreamPacker, document_attention_mask
 from cpt.data.sampler import TokenStream
 from cpt.data.sources import (DataError, DataWarning, ReadReport, is_streaming, iter_docs, load_hf,
                               parse_filters, read_documents, resolve_files, source_fingerprint, source_label)
@@ -109,11 +109,6 @@ def _holdout_conversations(source: Any, wanted: list[int], encoder: ChatEncoder,
             if c.index >= last:
                 break
     return [out[i] for i in sorted(out)]
-
-
-def _has_answer(tokens: np.ndarray) -> bool:
-    """Whether a packed conversation has a token that carries loss after the first (the first predicts nothing)."""
-    return bool((tokens[1:] & NO_LOSS_BIT == 0).any())
 
 
 def _conversation_key(tokens: np.ndarray) -> bytes:
@@ -298,7 +293,7 @@ def build_data(cfg: Config, tokenizer: Any, *, train_dataset: Any = None, rank: 
         per_source.append(info)
 
     if holdout_convs:  # held out of training either way; scored only where the cut left an answer to score
-        scored = [c for c in holdout_convs if _has_answer(c)]
+        scored = [c for c in holdout_convs if has_answer(c)]
         if len(scored) < len(holdout_convs):
             warnings.warn(f"{len(holdout_convs) - len(scored)} of the {len(holdout_convs)} held-out conversations lost "
                           f"every answer token to the cut at model.max_seq_length={T}: they are not scored"

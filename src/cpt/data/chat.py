@@ -294,6 +294,11 @@ def pack_ids(ids: list[int], mask: list[bool]) -> np.ndarray:
     return np.where(np.asarray(mask, dtype=bool), a, a | NO_LOSS_BIT).astype(np.uint32)
 
 
+def has_answer(tokens: np.ndarray) -> bool:
+    """Whether a packed conversation has a token that carries loss after the first (the first predicts nothing)."""
+    return bool((tokens[1:] & NO_LOSS_BIT == 0).any())
+
+
 def unpack_ids(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(input ids, labels with -100 where no loss) of one packed conversation."""
     t = np.asarray(tokens, dtype=np.uint32)
@@ -340,7 +345,9 @@ class ChatEncoder:
         if len(ids) > self.max_length:
             self.truncated += 1
             ids, mask = ids[:self.max_length], mask[:self.max_length]
-            self.answerless += not any(mask[1:])
+            packed = pack_ids(ids, mask)
+            self.answerless += not has_answer(packed)
+            return packed
         return pack_ids(ids, mask)
 
     def encode_docs(self, convs: Iterator[Conversation]) -> Iterator[tuple[Conversation, np.ndarray]]:
