@@ -541,7 +541,7 @@ def test_held_out_conversations_cut_before_their_answer_are_not_scored(chat_tok,
         bundle = build_data(cfg, chat_tok)
     assert bundle.holdout_conversations and all(has_answer(c) for c in bundle.holdout_conversations)
     long_only = _write_rows(tmp_path / "long.jsonl", [r for i, r in enumerate(rows) if i % 2])
-    cfg = load_config(None, _sft_overrides(tiny_model_dir, long_only, tmp_path / "run2", "train.stage=sft",
+    cfg = load_config(None, _sft_overrides(tiny_model_dir, long_only, tmp_path / "long_run", "train.stage=sft",
                                            "model.max_seq_length=32", "eval.holdout_fraction=0.5", "eval.prompts=[]",
                                            "train.max_steps=2"))
     with pytest.warns(DataWarning) as rec:
