@@ -237,7 +237,7 @@ def worker_ours(args) -> dict:
     data.train = _Timed(data.train, clock, bundle.tokenizer.pad_token_id)
     trainer = cpt_train.Trainer(cfg, bundle, data)
     trainer.save = lambda: None
-    cpt_train.save_trained = lambda *a, **k: None
+    trainer.parallel.save_trained = lambda *a, **k: None
     _sync()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -229,6 +229,22 @@ def test_fsdp_refuses_what_it_cannot_shard(monkeypatch):
     assert build_accelerator(load_config(None, ["train.fsdp=true", "train.optim=adamw_8bit"]), torch.device("cpu"))
 
 
+def test_a_second_run_in_one_process_may_change_mixed_precision():
+    """accelerate keeps one state per process: a run after a bf16 one (a notebook, the test suite) must
+    get its own mixed precision, not "AcceleratorState has already been initialized"."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from cpt.config import load_config
+    from cpt.distributed import build_accelerator
+
+    AcceleratorState._reset_state()  # whatever an earlier test left
+    assert Accelerator(mixed_precision="bf16", cpu=True).mixed_precision == "bf16"
+    accelerator = build_accelerator(load_config(None, []), torch.device("cpu"))
+    assert accelerator.mixed_precision == "no"
+    assert accelerator.device.type == "cpu"
+
+
 def test_ddp_with_the_8bit_optimizer_and_split_masters(tiny_model_dir, corpus_dir, tmp_path):
     """bf16 with adamw_8bit under DDP: the embeddings keep split masters (dense gradients, reduced
     across ranks; the row-sparse form is for one process), the adapters take bitsandbytes' per-tensor

@@ -47,6 +47,16 @@ def mixed_precision_mode(cfg: Config, device: torch.device, dtype: torch.dtype) 
     return mixed_precision(device, dtype, bf16=cfg.train.bf16, fp16=cfg.train.fp16)
 
 
+def _forget_last_run() -> None:
+    """accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another
+    mixed precision ("restart your runtime"): a notebook or a test that trains a bf16 run and then a
+    float32 one would fail. Each run starts from a fresh state; the process group (PartialState) stays."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def build_accelerator(cfg: Config, device: Optional[torch.device] = None) -> Any:
     """The accelerate.Accelerator for this launch: starts the process group under torchrun /
     accelerate launch (gloo on CPU, nccl on GPU) and picks this rank's device. `device`: where the
@@ -54,7 +64,6 @@ def build_accelerator(cfg: Config, device: Optional[torch.device] = None) -> Any
 
     It is built before the model so that each rank loads its model onto its own GPU."""
     from accelerate import Accelerator
-
 
     device = torch.device(device) if device is not None else local_device()
     mp = mixed_precision_mode(cfg, device, resolve_dtype(cfg.model.dtype, device))
@@ -78,6 +87,7 @@ def build_accelerator(cfg: Config, device: Optional[torch.device] = None) -> Any
     # The model is sharded by us (fsdp) or wrapped by accelerate (ddp); the environment's FSDP switch
     # must not make accelerate apply its own plugin on top, so it is read here and then hidden.
     saved = os.environ.pop("ACCELERATE_USE_FSDP", None)
+    _forget_last_run()
     try:
         accelerator = Accelerator(mixed_precision=mp, cpu=device.type == "cpu")
     finally:
