@@ -108,19 +108,40 @@ def family_config(family: str = "llama", tiny: bool = False):
 
 
 def build_model_dir(path: Path, family: str = "llama", tiny: bool = False, device: str = "cuda") -> None:
-    """Random weights of the family's shape (transformers' own init, seed 0), saved as bf16 safetensors."""
+    """Random weights of the family's shape (transformers' own init, seed 0), saved as bf16 safetensors.
+    A build that did not finish (a disk that filled up mid-save) is started again, not reused. Other
+    random folders this benchmark built beside it are removed when the disk lacks room for this one
+    (they are rebuilt in about 20 s)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+    if (path / "built").is_file():
         return
+    if (path / "building").is_file():
+        shutil.rmtree(path)
+    elif path.is_dir() and any(path.iterdir()):
+        if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+            return  # a model folder given with --model-dir
+        raise SystemExit(f"{path}: neither a model folder nor one this benchmark built; give --model-dir a new folder")
     path.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
+    (path / "building").write_text(family + "\n")
     cfg = family_config(family, tiny)
+    with torch.device("meta"):
+        need = 2 * sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters()) + 2**30
+    for other in sorted(q for q in path.parent.iterdir() if q != path and (q / "built").is_file()):
+        if shutil.disk_usage(path).free >= need:
+            break
+        print(f"removing {other} to make room for {path.name} ({need / 2**30:.0f} GiB)", flush=True)
+        shutil.rmtree(other)
+    if shutil.disk_usage(path).free < need:
+        raise SystemExit(f"{path}: the random {family} model needs {need / 2**30:.0f} GiB, "
+                         f"{shutil.disk_usage(path).free / 2**30:.0f} GiB are free; make room or give --model-dir elsewhere")
+    torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(path, max_shard_size="4GB")
     _tokenizer().save_pretrained(path)
+    (path / "building").rename(path / "built")
 
 
 def token_high(family: str = "llama", tiny: bool = False) -> int:

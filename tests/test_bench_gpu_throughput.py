@@ -51,6 +51,36 @@ def test_worker_dry_run_on_cpu(tmp_path):
     assert res["embedding_changed"]["lm_head"] > 0.9 and res["fallbacks"] == []
 
 
+def test_model_folder_is_rebuilt_after_an_unfinished_build_and_makes_room(tmp_path, monkeypatch):
+    """A build cut short (the disk filled up mid-save) is not reused; a folder the benchmark did not
+    build is refused, not deleted; another family's built folder goes only when the disk lacks room."""
+    import shutil
+    from collections import namedtuple
+
+    m = tmp_path / "cache" / "qwen3-random"
+    build_model_dir(m, "qwen3", tiny=True, device="cpu")
+    assert (m / "built").is_file() and (m / "config.json").is_file()
+    (m / "built").rename(m / "building")  # as a save cut short leaves it
+    for f in m.glob("*.safetensors"):
+        f.write_bytes(b"cut")
+    build_model_dir(m, "qwen3", tiny=True, device="cpu")
+    assert (m / "built").is_file() and all(f.stat().st_size > 1000 for f in m.glob("*.safetensors"))
+
+    foreign = tmp_path / "cache" / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="neither a model folder"):
+        build_model_dir(foreign, "mistral", tiny=True, device="cpu")
+    assert (foreign / "todo.txt").is_file()
+
+    Usage = namedtuple("Usage", "total used free")
+    free = {"n": 0}
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(1, 1, free["n"]))
+    with pytest.raises(SystemExit, match="GiB are free"):
+        build_model_dir(tmp_path / "cache" / "mistral-random", "mistral", tiny=True, device="cpu")
+    assert not m.exists() and (foreign / "todo.txt").is_file()  # the built one made room; the other stays
+
+
 def test_families_results_file(tmp_path):
     row = {"tokens_per_s": 1000.0, "peak_gib": 20.0, "step_s_range": [0.4, 0.5], "mfu": 0.3,
            "embedding_changed": {"lm_head": 1.0, "embed_tokens_seen_rows": 1.0}, "plan": {"tokens_per_s": 900.0, "peak_gib": 19.0}}
