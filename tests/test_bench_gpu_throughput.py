@@ -74,8 +74,7 @@ def test_model_folder_is_rebuilt_after_an_unfinished_build_and_makes_room(tmp_pa
     assert (foreign / "todo.txt").is_file()
 
     Usage = namedtuple("Usage", "total used free")
-    free = {"n": 0}
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(1, 1, free["n"]))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(1, 1, 0))  # a full disk
     with pytest.raises(SystemExit, match="GiB are free"):
         build_model_dir(tmp_path / "cache" / "mistral-random", "mistral", tiny=True, device="cpu")
     assert not m.exists() and (foreign / "todo.txt").is_file()  # the built one made room; the other stays
