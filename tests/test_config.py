@@ -26,6 +26,24 @@ def test_flat_override_and_flat_yaml():
     assert c.train.learning_rate == 5e-6 and c.data.sources[0].path == "x.txt"
 
 
+def test_a_data_override_replaces_the_files_source(tmp_path):
+    # examples/quickstart.yaml's documented use: its data.path is a placeholder the command line replaces.
+    c = load_config("examples/quickstart.yaml", ["data.path=corpus/"])
+    assert [s.path for s in c.data.sources] == ["corpus/"]
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"data": {"sources": [{"dataset": "org/web", "name": "en", "text_field": "body"}]}}))
+    c = load_config(f, ["data.split=train[:10%]"])  # another source key changes the file's single source
+    assert (c.data.sources[0].dataset, c.data.sources[0].split, c.data.sources[0].text_field) == ("org/web", "train[:10%]", "body")
+    c = load_config(f, ["data.path=local.jsonl"])  # a new location keeps how the source is read
+    assert [(s.path, s.dataset, s.name, s.text_field) for s in c.data.sources] == [("local.jsonl", None, None, "body")]
+    c = load_config(f, ["data.dataset=org/other", "data.split=train[:1%]"])
+    assert [(s.dataset, s.name, s.split) for s in c.data.sources] == [("org/other", None, "train[:1%]")]
+    f.write_text(yaml.safe_dump({"data": {"sources": [{"path": "a.txt"}, {"path": "b.txt"}]}}))
+    assert [s.path for s in load_config(f, ["data.path=c.txt"]).data.sources] == ["c.txt"]
+    with pytest.raises(ConfigError, match="data.sources.<0..1>.split"):
+        load_config(f, ["data.split=x"])
+
+
 @pytest.mark.parametrize("raw, words", [
     ({"train": {"max_step": 5}}, ["train.max_step", "Did you mean 'train.max_steps'"]),
     ({"train": {"logging_steps": 5}}, ["belongs in 'output.logging_steps'"]),

@@ -414,10 +414,36 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, parsed
 
 
+# The keys of one source (data.sources[i]) that may also be given directly under data.
+_SOURCE_KEYS = ("path", "dataset", "name", "split", "data_files", "text_field", "filters")
+
+
+def _data_override(data: dict, key: str) -> list[str]:
+    """Where an override of data.<key> lands when the file gave its data as sources. data.path or
+    data.dataset names the data to train on instead of the file's: a single source keeps how it is read
+    (text field, filters), several give way to the new one. Another source key (data.split, ...) changes
+    the file's single source. Overrides given before this one stay where they are."""
+    sources = data.get("sources") or []
+    if any(k in data for k in ("path", "dataset")) or not sources:  # an earlier override named the source
+        return ["data", key]
+    if key in ("path", "dataset"):
+        kept = ({k: v for k, v in sources[0].items() if k in ("text_field", "filters")}
+                if len(sources) == 1 and isinstance(sources[0], dict) else {})
+        data.pop("sources")
+        data.update(kept)
+        return ["data", key]
+    if len(sources) == 1:
+        return ["data", "sources", "0", key]
+    raise ConfigError(f"override data.{key}: the config has {len(sources)} data sources; write "
+                      f"data.sources.<0..{len(sources) - 1}>.{key}=...")
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     raw = _normalise(yaml.safe_load(yaml.safe_dump(raw or {})))
     for ov in overrides:
         parts, value = parse_override(ov)
+        if len(parts) == 2 and parts[0] == "data" and parts[1] in _SOURCE_KEYS and isinstance(raw.get("data"), dict):
+            parts = _data_override(raw["data"], parts[1])
         if any(p.isdigit() for p in parts):
             raw = _normalise(raw)  # `data.path=...` given before is data.sources[0] by now
         node: Any = raw
