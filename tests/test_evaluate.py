@@ -209,6 +209,18 @@ def test_forgetting_alarm_fires_when_general_degrades(tmp_path, caplog):
     assert "general_web" in text and "FORGETTING" in text
 
 
+def test_an_evaluation_says_what_it_scores_and_how_long_it_took(tmp_path, caplog):
+    # A held-out set on a CPU can take minutes; the log says so before and after (not silence).
+    tok = char_tokenizer()
+    ev = Evaluator(_cfg(), tok, [EvalSet("domain", ["abc abc abc", "héllo"])], tmp_path)
+    with caplog.at_level(logging.INFO, logger="cpt"):
+        result = ev.run(tiny_llama(len(tok)), 7)
+    lines = [r.getMessage() for r in caplog.records]
+    assert "evaluating at step 7: domain (2 documents, 17 bytes)" in lines
+    done = next(x for x in lines if x.startswith("evaluated in "))
+    assert f"domain {result['domain']['bits_per_byte']:.4f} bits/byte" in done
+
+
 def test_alarm_respects_the_limit(tmp_path):
     tok = char_tokenizer()
     model = tiny_llama(len(tok))

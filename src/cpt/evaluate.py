@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -400,6 +401,10 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB" if n >= 1e3 else f"{n} bytes"
+
+
 class Evaluator:
     """Evaluates the held-out sets and samples the prompts at each call; remembers the first call as
     the baseline. Records already in output_dir/eval.jsonl (a resumed run) are kept, so the baseline
@@ -433,6 +438,12 @@ class Evaluator:
         self._drop_from(self.samples_path, _read_jsonl(self.samples_path), step)
         results: dict[str, dict] = {}
         new: list[dict] = []
+        t0 = time.perf_counter()
+        if self.eval_sets:  # an evaluation on a CPU can take minutes: say what is being scored
+            log.info("evaluating at step %d: %s", step, ", ".join(
+                f"{s.name} ({len(s.conversations)} conversations)" if s.conversations is not None else
+                f"{s.name} ({len(s.texts)} documents, {_size(sum(len(x.encode('utf-8')) for x in s.texts))})"
+                for s in self.eval_sets))
         for s in self.eval_sets:
             if s.conversations is not None:
                 metrics = evaluate_answers(model, s.conversations, e.per_device_eval_batch_size)
@@ -461,6 +472,10 @@ class Evaluator:
         with self.eval_path.open("a", encoding="utf-8") as f:
             for rec in new:
                 f.write(json.dumps(rec) + "\n")
+        if new:
+            log.info("evaluated in %.0f s: %s", time.perf_counter() - t0,
+                     ", ".join(f"{r['set']} {r['bits_per_byte']:.4f} bits/byte" if isinstance(r.get("bits_per_byte"), (int, float))
+                               else f"{r['set']} loss {r['loss']:.4f}" for r in new))
         samples = generate_samples(model, self.tokenizer, e.prompts, e.max_new_tokens,
                                    chat=self.cfg.train.stage == "sft")
         if samples:
