@@ -379,7 +379,7 @@ def _normalise(raw: dict) -> dict:
     data = raw.get("data")
     if isinstance(data, dict):
         data = dict(data)
-        single = {k: data.pop(k) for k in ("path", "dataset", "name", "split", "data_files", "text_field", "filters") if k in data}
+        single = {k: data.pop(k) for k in _SOURCE_KEYS if k in data}
         if single:
             data.setdefault("sources", [])
             data["sources"] = [single, *data["sources"]]
