@@ -414,8 +414,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, parsed
 
 
-# The keys of one source (data.sources[i]) that may also be given directly under data.
-_SOURCE_KEYS = ("path", "dataset", "name", "split", "data_files", "text_field", "filters")
+# The keys of one source (data.sources[i]) that may also be given directly under data: where its text
+# is, and how it is read.
+_READ_KEYS = ("text_field", "filters")
+_SOURCE_KEYS = ("path", "dataset", "name", "split", "data_files", *_READ_KEYS)
 
 
 def _data_override(data: dict, key: str) -> list[str]:
@@ -427,7 +429,7 @@ def _data_override(data: dict, key: str) -> list[str]:
     if any(k in data for k in ("path", "dataset")) or not sources:  # an earlier override named the source
         return ["data", key]
     if key in ("path", "dataset"):
-        kept = ({k: v for k, v in sources[0].items() if k in ("text_field", "filters")}
+        kept = ({k: v for k, v in sources[0].items() if k in _READ_KEYS}
                 if len(sources) == 1 and isinstance(sources[0], dict) else {})
         data.pop("sources")
         data.update(kept)
