@@ -65,11 +65,28 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, outtype: str, tolerance
 
 
 def _llama_cpp_logits(path: Path, ids: list[int]):
-    """(the llama.cpp model, its logits for `ids`) from the GGUF file at `path`."""
+    """(the llama.cpp model, its logits for `ids`) from the GGUF file at `path`.
+
+    The model loads without llama.cpp's extra buffer types (`use_extra_bufts`, weights repacked for the CPU's
+    matrix units): on CPUs with AMX its AMX path crashes the process on q8_0 weights (ggml-org/llama.cpp#20824),
+    so whether the suite passed would depend on the machine. The file and the arithmetic checked are the same.
+    llama-cpp-python has no argument for it, so its default model parameters are wrapped while the model loads."""
     import numpy as np
+    import llama_cpp.llama as llama_module
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+    default_params = llama_module.llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    llama_module.llama_cpp.llama_model_default_params = without_extra_buffers
+    try:
+        llm = Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = default_params
     llm.eval(ids)
     return llm, torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
 
