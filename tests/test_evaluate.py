@@ -253,8 +253,10 @@ def test_summarize_records_handles_partial_records():
                               {"set": "no step"}, {"step": 1, "set": "b", "loss": 1.0}])
     a, b = rows
     assert a["bits_per_byte_before"] == 2.0 and a["bits_per_byte_after"] is None and a["bits_per_byte_change"] is None
-    assert b["step_before"] == b["step_after"] == 1
-    assert "-" in format_summary(rows)
+    # Evaluated only after training (eval_at_start: false): no baseline, not a "before" equal to the "after".
+    assert b["step_before"] is None and b["step_after"] == 1 and b["loss_before"] is None and b["loss_after"] == 1.0
+    assert b["bits_per_byte_change"] is None
+    assert "-" in format_summary(rows) and "None" not in format_summary(rows)
 
 
 # ---------------------------------------------------------------------------- eval sets and `cpt eval`

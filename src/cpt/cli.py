@@ -51,7 +51,7 @@ def print_eval_table(rows: list[dict]) -> None:
         table.add_row(str(r.get("set")), num(r, "loss_before", ".4f"), num(r, "loss_after", ".4f"),
                       num(r, "perplexity_before", ".2f"), num(r, "perplexity_after", ".2f"),
                       num(r, "bits_per_byte_before", ".4f"), num(r, "bits_per_byte_after", ".4f"),
-                      num(r, "bits_per_byte_change", "+.1f", 100.0) + "%")
+                      num(r, "bits_per_byte_change", "+.1f", 100.0) + ("%" if r.get("bits_per_byte_change") is not None else ""))
     Console(width=None if sys.stdout.isatty() else 110).print(table)  # logs and CI: room for every column
 
 

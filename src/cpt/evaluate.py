@@ -340,6 +340,8 @@ def summarize_records(records: list[dict]) -> list[dict]:
     for name, rs in by_set.items():
         rs = sorted(rs, key=lambda r: r["step"])
         before, after = rs[0], rs[-1]
+        if len(rs) == 1 and after["step"] > 0:  # not evaluated before training (eval_at_start: false): no baseline
+            before = {"step": None}
         row: dict[str, Any] = {"set": name, "step_before": before["step"], "step_after": after["step"]}
         for key in ("loss", "perplexity", "bits_per_byte"):
             row[f"{key}_before"] = before.get(key)
@@ -363,7 +365,7 @@ def format_summary(rows: list[dict], show_steps: bool = True) -> str:
     for r in rows:
         body.append([
             r["set"],
-            f"{r['step_before']}->{r['step_after']}",
+            f"{'-' if r['step_before'] is None else r['step_before']}->{r['step_after']}",
             f"{num(r['loss_before'], '.4f')} -> {num(r['loss_after'], '.4f')}",
             f"{num(r['perplexity_before'], '.2f')} -> {num(r['perplexity_after'], '.2f')}",
             f"{num(r['bits_per_byte_before'], '.4f')} -> {num(r['bits_per_byte_after'], '.4f')}",

@@ -353,7 +353,7 @@ def _table_html(rows: list[dict]) -> str:
         flag = " ⚠ forgetting" if r["forgetting_alarm"] else ""
         body.append(
             f"<tr class='{'bad' if r['forgetting_alarm'] else ''}'><td class='l'>{_e(r['set'])}{_e(flag)}</td>"
-            f"<td>{_e(r['step_before'])} → {_e(r['step_after'])}</td>"
+            f"<td>{'–' if r['step_before'] is None else _e(r['step_before'])} → {_e(r['step_after'])}</td>"
             f"<td>{_fmt(r['loss_before'])}</td><td>{_fmt(r['loss_after'])}</td>"
             f"<td>{_fmt(r['perplexity_before'], '.2f')}</td><td>{_fmt(r['perplexity_after'], '.2f')}</td>"
             f"<td>{_fmt(r['bits_per_byte_before'])}</td><td>{_fmt(r['bits_per_byte_after'])}</td>"
