@@ -119,6 +119,8 @@ cutoff_len: 64
 max_samples: 500
 overwrite_cache: true
 preprocessing_num_workers: 2
+new_special_tokens: <case>,<ref>
+resize_vocab: true
 dataloader_num_workers: 4
 
 ### output
@@ -195,6 +197,9 @@ warmup_steps: 10
 saves_per_epoch: 1
 weight_decay: 0.0
 special_tokens:
+tokens:
+  - GmbH
+  - "<ref>"
 """
 
 
@@ -215,6 +220,7 @@ def test_convert_llama_factory_pretraining_config(tmp_path, tiny_model_dir, corp
     assert cfg.data.sources[0].path == str(data_dir / "c4_demo.jsonl") and cfg.data.max_docs == 500
     assert (cfg.train.learning_rate, cfg.train.per_device_train_batch_size, cfg.train.num_train_epochs) == (1e-4, 1, 3.0)
     assert cfg.output.report_to == [] and cfg.output.output_dir == str(tmp_path / "saves")
+    assert cfg.vocab.special_tokens == ["<case>", "<ref>"] and cfg.vocab.tokens == []
     assert cli_main(["convert-config", str(src), "-o", str(out)]) == 2  # never overwrites
     assert "exists" in capsys.readouterr().err
 
@@ -237,6 +243,7 @@ def test_convert_axolotl_pretraining_config(tmp_path, tiny_model_dir, capsys):
     assert cfg.train.embedding_learning_rate == pytest.approx(2e-5)
     assert cfg.output.report_to == ["wandb"] and cfg.output.run_name == "first"
     assert "WANDB_PROJECT=my-cpt" in printed and "saves_per_epoch" in printed
+    assert cfg.vocab.tokens == ["GmbH", "<ref>"]
 
 
 @pytest.mark.parametrize("text, words", [

@@ -315,3 +315,93 @@ def test_new_tokens_are_learned_without_the_held_out_documents(tokenizer_dir, do
     every = list(training_texts(load_config(None, [f"data.path={domain_dir}", "eval.holdout_fraction=0"])))
     assert held and not set(held) & set(texts)
     assert sorted(texts + held) == sorted(every)
+
+
+# --- tokens the user lists (vocab.tokens, vocab.special_tokens, add_new_tokens) ------------------------------
+
+LISTED = ["<case>", "statute"]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_tied_model_dir"])
+def test_listed_tokens_are_whole_tokens_whose_rows_start_from_their_pieces(request, tokenizer, fixture):
+    from transformers import AutoTokenizer
+
+    from cpt.model.vocab import add_listed_tokens
+
+    tok = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    model = _tiny(request.getfixturevalue(fixture))
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    old_out = model.get_output_embeddings().weight.detach().clone()
+    pieces = [tok(t, add_special_tokens=False)["input_ids"] for t in LISTED]
+    assert all(len(p) > 1 for p in pieces)  # the old tokenizer splits both
+    first = len(tok)
+    assert add_listed_tokens(model, tok, [*LISTED, LISTED[0]], init="subword") == LISTED  # a repeat is added once
+    assert tok("see <case> under the statute", add_special_tokens=False)["input_ids"].count(first) == 1
+    assert first + 1 in tok("the statute", add_special_tokens=False)["input_ids"]
+    w_in, w_out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert w_in.shape[0] == first + 2 and torch.equal(w_in[:first], old_in[:first])
+    for i, p in enumerate(pieces):
+        assert torch.allclose(w_in[first + i], old_in[p].mean(0), atol=1e-6)
+        assert torch.allclose(w_out[first + i], old_out[p].mean(0), atol=1e-6)
+    assert (w_in.data_ptr() == w_out.data_ptr()) == (fixture == "tiny_tied_model_dir")
+    assert add_listed_tokens(model, tok, LISTED) == []  # known tokens: nothing to add
+    with pytest.raises(ConfigError, match=r"vocab.tokens\[1\]"):
+        add_listed_tokens(model, tok, ["<new>", " "])
+
+
+def test_listed_tokens_train_resume_and_merge_with_the_same_logits(tiny_tied_model_dir, domain_dir, tmp_path):
+    """vocab.tokens / vocab.special_tokens in a run: the adapter's tokenizer has them, a resumed run adds them
+    again at the same ids, and the merged folder gives the adapter's logits; a special token leaves decoded
+    text with skip_special_tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpt.api import run_training
+    from cpt.model.load import load_for_inference
+
+    for i, doc in enumerate(domain_docs(20, seed=3)):
+        (domain_dir / f"case-{i}.txt").write_text(f"<case> {i}: the statute {doc} <end>")
+    out = tmp_path / "run"
+    args = _overrides(tiny_tied_model_dir, domain_dir, out, "vocab.tokens=[statute]", "vocab.special_tokens=[<case>,<end>]")
+    run_training(load_config(None, args))
+    tok = AutoTokenizer.from_pretrained(out)
+    base = AutoTokenizer.from_pretrained(tiny_tied_model_dir)
+    ids = tok.convert_tokens_to_ids(["statute", "<case>", "<end>"])
+    assert ids == [len(base), len(base) + 1, len(base) + 2] and len(tok) == len(base) + 3
+    assert tok.decode(tok("<case> the statute <end>")["input_ids"], skip_special_tokens=True).strip() == "the statute"
+    summary = run_training(load_config(None, [*args, "train.max_steps=6"]))  # resumes with the same ids
+    assert summary["step"] == 6 and AutoTokenizer.from_pretrained(out).get_vocab() == tok.get_vocab()
+
+    x = tok("<case> 7: the statute 的一 <end>", return_tensors="pt")["input_ids"]
+    assert set(ids) <= set(x[0].tolist())
+    live, _ = load_for_inference(str(out), device="cpu", dtype=torch.float32)
+    assert cli_main(["merge", str(out), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        want = live(input_ids=x).logits
+        assert want.shape[-1] == len(tok)
+        assert torch.allclose(merged(input_ids=x).logits, want, atol=1e-4)
+        trained = merged.get_input_embeddings().weight[ids]  # the adapter's trained rows, merged
+        start = torch.stack([_tiny(tiny_tied_model_dir).get_input_embeddings().weight[
+            base(t, add_special_tokens=False)["input_ids"]].mean(0) for t in ["statute", "<case>", "<end>"]])
+    assert not torch.allclose(trained, start, atol=1e-4)  # the new rows trained
+
+
+def test_listed_tokens_need_trained_embeddings_and_the_python_api_adds_them_before_the_adapters(tiny_tied_model_dir):
+    from cpt.api import CPTModel
+    from cpt.compat import add_new_tokens
+    from cpt.config import config_from_dict, validate
+
+    with pytest.raises(ConfigError, match="vocab.tokens.*embed_tokens and lm_head"):
+        validate(config_from_dict({"vocab": {"tokens": ["<x>"]}, "adapter": {"target_modules": ["q_proj"]}}))
+    with pytest.raises(ConfigError, match=r"vocab.special_tokens\[0\]"):
+        validate(config_from_dict({"vocab": {"special_tokens": [""]}}))
+    model, tok = CPTModel.from_pretrained(str(tiny_tied_model_dir), max_seq_length=32, device="cpu")
+    rows = len(tok)
+    add_new_tokens(model, tok, new_tokens=["<case>"])  # Unsloth's name and call
+    assert CPTModel.add_new_tokens(model, tok, ["statute", "<case>"], special=True) == ["statute"]
+    assert len(tok) == rows + 2 == model.get_input_embeddings().weight.shape[0]
+    with pytest.raises(ConfigError, match="interpolation"):
+        add_new_tokens(model, tok, ["<x>"], interpolation=0.3)
+    peft_model = CPTModel.get_peft_model(model, r=4, target_modules=["q_proj", "v_proj", "embed_tokens", "lm_head"])
+    with pytest.raises(ConfigError, match="before get_peft_model"):
+        CPTModel.add_new_tokens(peft_model, tok, ["<late>"])

@@ -44,7 +44,8 @@ from cpt.evaluate import EvalSet, Evaluator, load_eval_sets
 from cpt.model import (add_adapters, check_against_model, check_device, enable_gradient_checkpointing, load_base_model,
                        load_model_config, load_tokenizer)
 from cpt.model.load import sole_gguf
-from cpt.model.vocab import EXTENSION_FILE, extend_model, extended_tokenizer, learn_extension, save_extension
+from cpt.model.vocab import (EXTENSION_FILE, add_listed_tokens, extend_model, extended_tokenizer, learn_extension,
+                             save_extension)
 from cpt.plan.rules import checkpointing_mode
 from cpt.report import write_report
 from cpt.runtime import local_device, resolve_dtype
@@ -262,6 +263,21 @@ class CPTModel:
         if new.pad_token is None:
             new.pad_token = new.eos_token
         return new
+
+    @staticmethod
+    def add_new_tokens(model: Any, tokenizer: Any, new_tokens: list[str], special: bool = False,
+                       init: str = "subword") -> list[str]:
+        """Add `new_tokens` (the ones the tokenizer lacks) as whole tokens, grow the model's embeddings and
+        start each new row from the tokens the string was split into (before get_peft_model; as vocab.tokens,
+        or vocab.special_tokens with special=True). The tokenizer is changed in place; returns the tokens added."""
+        if hasattr(model, "peft_config"):
+            raise ConfigError("CPTModel.add_new_tokens: call it before get_peft_model (the adapter copies the embeddings)")
+        if isinstance(new_tokens, str):
+            new_tokens = [new_tokens]
+        added = add_listed_tokens(model, tokenizer, list(new_tokens), special=special, init=init, where="new_tokens")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return added
 
     @staticmethod
     def get_peft_model(model: Any, r: int = 128, target_modules: Optional[list[str]] = None, lora_alpha: float = 32,

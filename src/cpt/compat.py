@@ -26,8 +26,8 @@ import torch
 from cpt.api import CPTModel, TrainingArguments, is_bfloat16_supported, run_training
 from cpt.config import ConfigError, config_from_dict, hf_training_arguments
 
-__all__ = ["FastLanguageModel", "UnslothTrainer", "UnslothTrainingArguments", "is_bfloat16_supported",
-           "convert_config"]
+__all__ = ["FastLanguageModel", "UnslothTrainer", "UnslothTrainingArguments", "add_new_tokens",
+           "is_bfloat16_supported", "convert_config"]
 
 log = logging.getLogger("cpt")
 
@@ -139,6 +139,19 @@ class FastLanguageModel:
     def for_training(model: Any) -> Any:
         model.train()
         return model
+
+
+def add_new_tokens(model: Any, tokenizer: Any, new_tokens: Any = (), method: str = "mean",
+                   interpolation: float = 0.5) -> None:
+    """Unsloth's `add_new_tokens`: the strings become whole tokens of `tokenizer` (changed in place) and the
+    model's embeddings grow to match, before get_peft_model. Each new row starts as the mean of the rows of
+    the tokens the string was split into (cpt.api.CPTModel.add_new_tokens); `method` and `interpolation`
+    are accepted with Unsloth's defaults only."""
+    _refuse("add_new_tokens", "method", method, ("mean",), "cpt starts each new row from the tokens the string was split into")
+    _refuse("add_new_tokens", "interpolation", interpolation, (0.5,), "cpt starts each new row from the tokens the "
+            "string was split into and has no interpolation to set")
+    added = CPTModel.add_new_tokens(model, tokenizer, list(new_tokens))
+    log.info("added %d tokens: %s", len(added), ", ".join(added))
 
 
 def _device(where: str, device_map: Any) -> Optional[torch.device]:
@@ -286,7 +299,8 @@ _PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 _NO_EFFECT = {"do_train", "plot_loss", "overwrite_cache", "template", "ddp_timeout", "save_only_model",
               "dataloader_num_workers", "model_type", "tokenizer_type", "strict", "pad_to_sequence_len",
               "train_on_inputs", "group_by_length", "tf32", "special_tokens", "stage", "dataset_dir", "lora_alpha",
-              "debug", "deepspeed", "fsdp", "fsdp_config", "xformers_attention", "early_stopping_patience"}
+              "debug", "deepspeed", "fsdp", "fsdp_config", "xformers_attention", "early_stopping_patience",
+              "resize_vocab"}
 # Same name, same meaning: copied into their section.
 _SAME = {"learning_rate": "train", "gradient_accumulation_steps": "train", "per_device_train_batch_size": "train",
          "num_train_epochs": "train", "max_steps": "train", "lr_scheduler_type": "train", "warmup_ratio": "train",
@@ -395,6 +409,9 @@ def convert_config(raw: dict, source: str = "config", base: Optional[str] = None
             put("train.embedding_learning_rate", value)
         elif key == "embedding_lr_scale":
             put("train.embedding_learning_rate", float(raw.get("learning_rate", 5e-5)) * float(value))
+        elif key in ("new_special_tokens", "tokens"):  # LLaMA-Factory, axolotl
+            listed = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+            put("vocab.special_tokens" if key == "new_special_tokens" else "vocab.tokens", listed)
         elif key == "dataset_prepared_path":
             put("data.cache_dir", value)
         elif key == "auto_resume_from_checkpoints":

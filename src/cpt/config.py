@@ -171,6 +171,8 @@ class VocabConfig:
     min_frequency: int = _f(2, "A pair of tokens must occur this often in the text to become a new token.")
     max_chars: int = _f(50_000_000, "Characters of training text read to learn the new tokens.")
     merge_ascii: bool = _f(False, "Allow new tokens made of two ASCII pieces. Off: English, code and other ASCII text keeps exactly its old token ids; only words with other characters get new tokens.")
+    tokens: list[str] = _f([], "Strings to add as whole tokens (terms, tags, markers), as axolotl's `tokens` and Unsloth's add_new_tokens do: matched in the text before the tokenizer's own rules, so text holding them tokenises differently. Each new row starts from the tokens the string was split into (vocab.init) and trains with embed_tokens and lm_head. Saved with the adapter's tokenizer.")
+    special_tokens: list[str] = _f([], "As vocab.tokens, added as special tokens (LLaMA-Factory's new_special_tokens): also dropped from decoded text by skip_special_tokens.")
 
 
 @dataclass
@@ -561,6 +563,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.cuda_graphs replays the compiled layers as CUDA graphs: it needs model.compile auto or true")
     if m.load_in_4bit and a.method == "full":
         raise ConfigError("model.load_in_4bit cannot be combined with adapter.method=full: 4-bit weights cannot be trained; use method: lora")
+    for key in ("tokens", "special_tokens"):
+        listed = getattr(cfg.vocab, key)
+        for i, token in enumerate(listed):
+            if not token.strip():
+                raise ConfigError(f"vocab.{key}[{i}]: {token!r} is not a token; give non-empty strings")
+        if listed and not cfg.trains_embeddings:
+            raise ConfigError(f"vocab.{key} adds tokens whose rows must be trained: keep embed_tokens and lm_head in "
+                              "adapter.target_modules")
     if t.embedding_learning_rate is not None and not cfg.trains_embeddings:
         raise ConfigError("train.embedding_learning_rate is set but no embeddings are trained: add embed_tokens and lm_head to adapter.target_modules, or remove embedding_learning_rate")
     if t.per_device_train_batch_size < 1 or t.gradient_accumulation_steps < 1:
@@ -926,8 +936,11 @@ OTHER_TOOLS: dict[str, tuple[str, str]] = {
     "plot_loss": ("nothing", "every run writes report.html with its plots"),
     "overwrite_cache": ("nothing", "the token cache is keyed by the data and tokenizer"),
     "deepspeed": ("train.fsdp", "launch with torchrun; docs/distributed.md"),
+    "new_special_tokens": ("vocab.special_tokens", "a list"),
+    "resize_vocab": ("nothing", "cpt grows the model's embeddings to its tokenizer on its own"),
     # axolotl
     "base_model": ("model.name_or_path", ""),
+    "tokens": ("vocab.tokens", ""),
     "base_model_config": ("model.name_or_path", ""),
     "sequence_len": ("model.max_seq_length", ""),
     "sample_packing": ("data.packing", "document: attention restarts at each document; cpt always packs"),

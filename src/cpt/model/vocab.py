@@ -21,6 +21,11 @@ that text whole-word and whole-character tokens while everything else stays as i
 The extended tokenizer is an ordinary Hugging Face tokenizer folder plus `vocab_extension.json`
 (each new token's id and pieces), which is what lets a run resize and initialise the model at setup.
 
+Tokens a user lists (`vocab.tokens`, `vocab.special_tokens`: markers, tags, terms that must stay whole)
+are added the other way, as the tokenizer's added tokens: matched in the text before any other rule, so
+text that contains them tokenises differently from before. Their rows start the same way, from the tokens
+the old tokenizer split them into.
+
     cpt vocab extend --data corpus/ --model HuggingFaceTB/SmolLM2-135M --add 8000 --out tok-zh/
     python -m pytest tests/test_vocab.py -q
 """
@@ -333,6 +338,31 @@ def extend_model(model: nn.Module, extension: dict, init: str = "subword") -> No
         sums.index_add_(0, owner.to(w.device), w[index.to(w.device)].float())
         counts = torch.tensor([len(ps) for ps in pieces], dtype=torch.float32, device=w.device)[:, None]
         w[first:first + len(pieces)] = (sums / counts).to(w.dtype)
+
+
+@torch.no_grad()
+def add_listed_tokens(model: nn.Module, tokenizer: Any, tokens: list[str], *, special: bool = False,
+                      init: str = "subword", where: str = "vocab.tokens") -> list[str]:
+    """Add the strings of `tokens` that the tokenizer lacks as whole tokens (special: kept out of decoded
+    text by skip_special_tokens, as chat markers are), grow the model's embeddings and start each new row
+    as `extend_model` does, from the tokens the text was split into before. Returns the tokens added, in
+    order. `where` names the list in error messages."""
+    for i, t in enumerate(tokens):
+        if not isinstance(t, str) or not t.strip():
+            raise ConfigError(f"{where}[{i}]: {t!r} is not a token; give non-empty strings")
+    known = tokenizer.get_vocab()
+    new = [t for t in dict.fromkeys(tokens) if t not in known]
+    if not new:
+        return []
+    pieces = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in new]
+    first = len(tokenizer)
+    tokenizer.add_tokens(new, special_tokens=special)
+    ids = tokenizer.convert_tokens_to_ids(new)
+    if ids != list(range(first, first + len(new))):
+        raise ConfigError(f"{where}: the tokenizer gave the new tokens ids {ids[:4]}..., not the next free ids from "
+                          f"{first}; add them to the tokenizer folder yourself and resize the model to match")
+    extend_model(model, {"first_id": first, "size": first + len(new), "pieces": pieces}, init)
+    return new
 
 
 # ---------------------------------------------------------------------------- the command
