@@ -345,6 +345,9 @@ def test_listed_tokens_are_whole_tokens_whose_rows_start_from_their_pieces(reque
         assert torch.allclose(w_out[first + i], old_out[p].mean(0), atol=1e-6)
     assert (w_in.data_ptr() == w_out.data_ptr()) == (fixture == "tiny_tied_model_dir")
     assert add_listed_tokens(model, tok, LISTED) == []  # known tokens: nothing to add
+    single = next(t for t in tok.get_vocab() if t.startswith("Ġ") and len(t) > 2)  # a token with a byte-level name
+    text = tok.convert_tokens_to_string([single])
+    assert add_listed_tokens(model, tok, [text]) == []  # already one token: it keeps its id
     with pytest.raises(ConfigError, match=r"vocab.tokens\[1\]"):
         add_listed_tokens(model, tok, ["<new>", " "])
 

@@ -24,7 +24,7 @@ from cpt.model import (GROUP_EMBEDDINGS, SPLIT_MASTER, add_adapters, add_token_r
                        enable_gradient_checkpointing, load_adapter_weights, load_base_model, load_model_config,
                        load_tokenizer, param_groups,
                        sparse_gradients)
-from cpt.model.vocab import add_listed_tokens, extend_model, read_extension
+from cpt.model.vocab import add_listed_tokens, extend_model, read_extension, unknown_tokens
 from cpt.plan.decide import decide, format_run_plan
 from cpt.plan.run_plan import RunPlan
 from cpt.runtime import default_device, resolve_dtype, settle_cpu_math
@@ -95,7 +95,7 @@ def build_model(cfg: Config, device: Optional[torch.device] = None, model: Optio
         extend_model(model, extension, cfg.vocab.init)
         log.info("vocabulary extended: %d -> %d tokens, new rows from %s", rows, len(tokenizer), cfg.vocab.init)
         rows = len(tokenizer)
-    listed = [t for t in (*cfg.vocab.tokens, *cfg.vocab.special_tokens) if t not in tokenizer.get_vocab()]
+    listed = unknown_tokens(tokenizer, cfg.vocab.tokens) + unknown_tokens(tokenizer, cfg.vocab.special_tokens, special=True)
     if listed and adapted:
         raise ConfigError(f"vocab.tokens: {', '.join(listed[:3])} must be added before the adapters are made: call "
                           "CPTModel.add_new_tokens before get_peft_model, or build the model from a config")

@@ -340,6 +340,14 @@ def extend_model(model: nn.Module, extension: dict, init: str = "subword") -> No
         w[first:first + len(pieces)] = (sums / counts).to(w.dtype)
 
 
+def unknown_tokens(tokenizer: Any, tokens: Iterable[str], special: bool = False) -> list[str]:
+    """The strings of `tokens` (each once, in order) that the tokenizer lacks: not among its tokens and, unless
+    they are to be special, not already tokenised as one token."""
+    known = tokenizer.get_vocab()
+    return [t for t in dict.fromkeys(tokens) if t not in known
+            and (special or len(tokenizer(t, add_special_tokens=False)["input_ids"]) != 1)]
+
+
 @torch.no_grad()
 def add_listed_tokens(model: nn.Module, tokenizer: Any, tokens: list[str], *, special: bool = False,
                       init: str = "subword", where: str = "vocab.tokens") -> list[str]:
@@ -350,8 +358,7 @@ def add_listed_tokens(model: nn.Module, tokenizer: Any, tokens: list[str], *, sp
     for i, t in enumerate(tokens):
         if not isinstance(t, str) or not t.strip():
             raise ConfigError(f"{where}[{i}]: {t!r} is not a token; give non-empty strings")
-    known = tokenizer.get_vocab()
-    new = [t for t in dict.fromkeys(tokens) if t not in known]
+    new = unknown_tokens(tokenizer, tokens, special)
     if not new:
         return []
     pieces = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in new]
