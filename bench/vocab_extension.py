@@ -131,16 +131,18 @@ def run_one(name: str, args: argparse.Namespace, folder: Path, tokenizer_dir: Pa
                   "warmup_ratio": 0.1, "lr_scheduler_type": "cosine", "seed": 3407},
         "vocab": {"init": init},
         "eval": {"sets": [{"name": "domain", "path": str(folder / "held_eval.jsonl")}],
-                 "per_device_eval_batch_size": 4},
+                 "per_device_eval_batch_size": 4, "eval_steps": args.eval_steps},
         "output": {"output_dir": str(out), "logging_steps": 5, "save_steps": 0, "resume": False,
                    "overwrite_output_dir": True, "report": False, "report_to": []},
     }
     t0 = time.time()
     summary = run_training(config_from_dict(raw), device=torch.device(args.device))
     row = next(r for r in summary["eval_table"] if r["set"] == "domain")
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines() if line.strip()]
+    curve = [[e["step"], e["bits_per_byte"]] for e in evals if e.get("set") == "domain"]
     return {"name": name, "init": init if tokenizer_dir else None, "embedding_lr": embedding_lr, "seconds": time.time() - t0,
             "steps": summary["step"], "tokens": summary["tokens"], "bpb_before": row["bits_per_byte_before"],
-            "bpb_after": row["bits_per_byte_after"], "output_dir": str(out)}
+            "bpb_after": row["bits_per_byte_after"], "curve": curve, "output_dir": str(out)}
 
 
 @torch.no_grad()
@@ -182,11 +184,16 @@ def main() -> None:
     ap.add_argument("--extended-embedding-lr", type=float, default=None,
                     help="embedding learning rate of the runs with the extended vocabulary (default: --embedding-lr); "
                          "thousands of new rows learn faster at a higher rate than the unextended model's best")
+    ap.add_argument("--eval-steps", type=int, default=0,
+                    help="also score the held-out pages every N steps (the result shows the gap step by step)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads of each run (default: torch's)")
     ap.add_argument("--gen-tokens", type=int, default=48)
     ap.add_argument("--device", default="cpu", help="where the runs train and generate (cpu, cuda)")
     ap.add_argument("--runs", default="none,mean,subword")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "vocab_extension"))
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from transformers import AutoTokenizer
 
@@ -255,6 +262,28 @@ def main() -> None:
     print(render(result))
 
 
+_COUNT = {1: "One", 2: "Two", 3: "Three"}
+
+
+def curve_table(runs: dict) -> list[str]:
+    """Held-out bits per byte at each evaluation of the unextended and the extended (subword) run, and how
+    much of the starting gap is closed: empty unless both were scored during training (--eval-steps)."""
+    if "none" not in runs or "subword" not in runs:
+        return []
+    a, b = dict(runs["none"].get("curve") or []), dict(runs["subword"].get("curve") or [])
+    steps = sorted(set(a) & set(b))
+    if len(steps) < 3 or steps[0] != 0:
+        return []
+    gap0 = b[0] - a[0]
+    lines = ["", "**During training** (the same runs, scored every few steps):", "",
+             "| step | SmolLM2's vocabulary | extended (pieces) | gap | of the starting gap closed |", "|---|---|---|---|---|"]
+    for step in steps:
+        gap = b[step] - a[step]
+        closed = f"{1 - gap / gap0:.0%}" if gap0 > 0 and step else "-"
+        lines.append(f"| {step} | {a[step]:.4f} | {b[step]:.4f} | {gap:+.4f} | {closed} |")
+    return lines
+
+
 def render(r: dict) -> str:
     b, a = r["held_out_rates"]["before"], r["held_out_rates"]["after"]
     s = r["settings"]
@@ -300,7 +329,7 @@ def render(r: dict) -> str:
         return "\n".join(lines + [f"Goal of at least 1.8x fewer tokens for the same text: **{'met' if ratio >= 1.8 else 'not met'}** "
                                    f"({ratio:.2f}x). The training comparison was not run with this command (`--runs` empty)."]) + "\n"
     lines += [
-        f"**Equal compute.** Three runs identical but for the vocabulary: {s['steps']} optimizer steps of "
+        f"**Equal compute.** {_COUNT.get(len(runs), len(runs))} runs identical but for the vocabulary: {s['steps']} optimizer steps of "
         f"{s['batch']} x {s['accum']} sequences of {s['seq']} tokens ({tokens_per_step:,} tokens per step), LoRA r={s['r']} "
         f"(rsLoRA) on every projection, embeddings and head trained in full, learning rate {s['lr']:g}, embedding learning "
         f"rate as in the table, cosine with 10% warmup, seed 3407. What is held equal is the number of token "
@@ -327,6 +356,7 @@ def render(r: dict) -> str:
             lines += ["", f"**Generation** ({s['gen_tokens']} new tokens, greedy, after training, {s.get('device', 'cpu')}): "
                       f"{g0['chars_per_s']:.1f} characters/s without the extension ({g0['chars_per_token']:.2f} characters per token), "
                       f"{g1['chars_per_s']:.1f} with it ({g1['chars_per_token']:.2f}): **{g1['chars_per_s'] / g0['chars_per_s']:.2f}x**."]
+        lines += curve_table(runs)
         none, sub = runs["none"]["bpb_after"], runs["subword"]["bpb_after"]
         gap0, gap1 = runs["subword"]["bpb_before"] - runs["none"]["bpb_before"], sub - none
         lines += ["", f"The extended model starts {gap0:+.4f} bits per byte from the unextended one (its {r['extension']['added']:,} new "

@@ -34,3 +34,16 @@ def test_result_page_judges_the_goal_from_the_numbers_and_names_each_learning_ra
     better = render(_result(1.70, 1.65))
     assert "no worse than without extension: **met** (1.6500 against 1.7000)" in better
     assert "closed the gap and passed it." in better
+
+
+def test_result_page_shows_the_gap_step_by_step_when_the_runs_were_scored_during_training():
+    r = _result(1.50, 1.55)
+    assert "During training" not in render(r)  # no curves: no table
+    runs = {x["name"]: x for x in r["runs"]}
+    runs["none"]["curve"] = [[0, 1.9], [100, 1.6], [200, 1.5]]
+    runs["subword"]["curve"] = [[0, 2.4], [100, 1.75], [200, 1.55]]
+    page = render(r)
+    assert "| 100 | 1.6000 | 1.7500 | +0.1500 | 70% |" in page and "| 200 | 1.5000 | 1.5500 | +0.0500 | 90% |" in page
+    assert "| 0 | 1.9000 | 2.4000 | +0.5000 | - |" in page
+    r["runs"] = [runs["none"], runs["subword"]]
+    assert "Two runs identical" in render(r)
