@@ -117,6 +117,15 @@ def test_mean_init_is_the_transformers_default_and_unknown_init_is_refused(tiny_
     assert not torch.allclose(w[ext.first_id], w[ext.pieces[0]].mean(0), atol=1e-3)
     with pytest.raises(ConfigError, match="vocab.init"):
         extend_model(_tiny(tiny_model_dir), spec, "random")
+    # An embedding padded past its tokenizer (as Qwen's is): new ids on the padding rows start at the mean too.
+    padded = _tiny(tiny_model_dir)
+    padded.resize_token_embeddings(ext.first_id + 10)
+    with torch.no_grad():
+        padded.get_input_embeddings().weight[ext.first_id:] = 5.0
+    extend_model(padded, spec, "mean")
+    w = padded.get_input_embeddings().weight
+    assert w.shape[0] == ext.size
+    assert torch.allclose(w[ext.first_id:ext.first_id + 10], w[:ext.first_id].mean(0).expand(10, -1), atol=1e-5)
 
 
 def _overrides(model_dir, data, out, *extra):

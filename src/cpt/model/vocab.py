@@ -324,14 +324,18 @@ def extend_model(model: nn.Module, extension: dict, init: str = "subword") -> No
         raise ConfigError(f"the vocabulary extension (new ids from {first}) does not fit this model's {rows} embedding "
                           "rows: it was learned for another tokenizer; extend this model's own tokenizer")
     model.resize_token_embeddings(max(rows, size), mean_resizing=(init == "mean"))
-    if init == "mean":
-        return
-    index = torch.tensor([p for ps in pieces for p in ps], dtype=torch.long)
-    owner = torch.repeat_interleave(torch.arange(len(pieces)), torch.tensor([len(ps) for ps in pieces]))
     sides = [model.get_input_embeddings()]
     out = model.get_output_embeddings()
     if out is not None and out.weight is not sides[0].weight:
         sides.append(out)
+    if init == "mean":
+        # New ids that land on rows the model already had (an embedding padded past its tokenizer, as Qwen's
+        # is) were not touched by the resize: they start at the mean of the real rows too.
+        for emb in sides if first < min(rows, size) else []:
+            emb.weight[first:min(rows, size)] = emb.weight[:first].float().mean(0).to(emb.weight.dtype)
+        return
+    index = torch.tensor([p for ps in pieces for p in ps], dtype=torch.long)
+    owner = torch.repeat_interleave(torch.arange(len(pieces)), torch.tensor([len(ps) for ps in pieces]))
     for emb in sides:
         w = emb.weight
         sums = torch.zeros(len(pieces), w.shape[1], dtype=torch.float32, device=w.device)
