@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cpt.runtime import (launched_with_fsdp, launched_world_size, local_device, mixed_precision, resolve_dtype,
+from cpt.runtime import (launched_with_fsdp, launched_world_size, local_device, mixed_precision, model_device, resolve_dtype,
                          same_device, settle_cpu_math, to_device, to_host)
 
 
@@ -50,3 +50,11 @@ def test_settling_cpu_math_makes_one_element_calls(monkeypatch):
 def test_host_copies_round_trip():
     t = torch.arange(6.0).reshape(2, 3)
     assert torch.equal(to_device(to_host(t), torch.device("cpu")), t)
+
+
+def test_the_model_device_is_where_it_computes_not_its_first_parameter():
+    # (meta stands in for a GPU here: any device off the host)
+    partly_on_host = torch.nn.Sequential(torch.nn.Embedding(4, 2), torch.nn.Linear(2, 2, device="meta"))
+    assert model_device(partly_on_host) == torch.device("meta")
+    assert model_device(torch.nn.Linear(2, 2)) == torch.device("cpu")
+    assert model_device(torch.nn.ReLU()) == torch.device("cpu")

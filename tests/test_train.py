@@ -176,6 +176,18 @@ def test_cuda_graphs_train_as_the_compiled_layers_do(tiny_model_dir, corpus_dir,
     assert any(not torch.equal(w_a[k], torch.zeros_like(w_a[k])) for k in w_a if "lora_B" in k)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
+def test_evaluation_on_the_gpu_with_the_embedding_originals_in_host_memory(tiny_model_dir, corpus_dir, tmp_path):
+    """The run plan keeps the trained embeddings' frozen originals in host memory, so the model's first
+    parameter is on the CPU: evaluation still scores on the GPU, where the model runs."""
+    out = tmp_path / "run"
+    cfg = load_config(None, _overrides(tiny_model_dir, corpus_dir, out, "train.max_steps=2", "output.save_steps=0",
+                                       "eval.holdout_fraction=0.2", "eval.eval_steps=1", "eval.prompts=[]"))
+    assert run_training(cfg)["step"] == 2
+    evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [1, 2] and all(0 < e["bits_per_byte"] < 100 for e in evals)
+
+
 def test_cuda_graphs_need_compiled_layers():
     from cpt.config import ConfigError
 

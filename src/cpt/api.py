@@ -48,7 +48,7 @@ from cpt.model.vocab import (EXTENSION_FILE, add_listed_tokens, extend_model, ex
                              save_extension)
 from cpt.plan.rules import checkpointing_mode
 from cpt.report import write_report
-from cpt.runtime import local_device, resolve_dtype
+from cpt.runtime import local_device, model_device, resolve_dtype
 from cpt.track import check_trackers
 from cpt.train import Trainer, resume_point
 
@@ -344,11 +344,7 @@ class CPTTrainer:
         in output_dir) or a checkpoint folder, as in transformers."""
         if resume_from_checkpoint not in (None, False):
             self.config.output.resume = "true" if resume_from_checkpoint is True else str(resume_from_checkpoint)
-        device = None
-        try:
-            device = next(self.model.parameters()).device
-        except StopIteration:
-            pass
+        device = model_device(self.model) if any(True for _ in self.model.parameters()) else None
         return run_training(self.config, model=self.model, tokenizer=self.tokenizer,
                             train_dataset=self.train_dataset, device=device, eval_dataset=self.eval_dataset)
 

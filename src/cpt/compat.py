@@ -25,6 +25,7 @@ import torch
 
 from cpt.api import CPTModel, TrainingArguments, is_bfloat16_supported, run_training
 from cpt.config import ConfigError, config_from_dict, hf_training_arguments
+from cpt.runtime import model_device
 
 __all__ = ["FastLanguageModel", "UnslothTrainer", "UnslothTrainingArguments", "add_new_tokens",
            "is_bfloat16_supported", "convert_config"]
@@ -244,7 +245,7 @@ class UnslothTrainer:
         cfg = self.config
         if resume_from_checkpoint not in (None, False):
             cfg.output.resume = "true" if resume_from_checkpoint is True else str(resume_from_checkpoint)
-        device = next(self.model.parameters()).device
+        device = model_device(self.model)
         summary = run_training(cfg, model=self.model, tokenizer=self.tokenizer, train_dataset=self.train_dataset,
                                device=device, eval_dataset=self.eval_dataset)
         self.summary = summary

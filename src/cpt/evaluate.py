@@ -43,7 +43,7 @@ from cpt.data import read_documents
 from cpt.data.chat import ChatEncoder, chat_prompt_ids, detect_format, iter_conversations, stop_token_ids, unpack_ids
 from cpt.data.sources import iter_rows
 from cpt.data.sources import SUFFIXES
-from cpt.runtime import to_device
+from cpt.runtime import model_device, to_device
 
 log = logging.getLogger("cpt")
 
@@ -120,7 +120,7 @@ def _read_conversations(cfg: Config, source: SourceConfig, tokenizer: Any, max_d
 def evaluate_answers(model: torch.nn.Module, conversations: list, batch_size: int) -> dict:
     """Mean NLL of the answer tokens (those with loss in training) of held-out conversations, each scored
     alone with its prompt as context: {"loss", "perplexity", "tokens", "documents"}."""
-    device = _model_device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
@@ -151,13 +151,6 @@ def evaluate_answers(model: torch.nn.Module, conversations: list, batch_size: in
 
 
 # ---------------------------------------------------------------------------- metrics
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def _context_ids(tokenizer) -> list[int]:
@@ -241,7 +234,7 @@ def evaluate_texts(model: torch.nn.Module, tokenizer, texts: list[str], *, max_s
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = _model_device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     stats = {"bytes": 0, "documents": 0}
@@ -297,7 +290,7 @@ def generate_samples(model: torch.nn.Module, tokenizer, prompts: list[str], max_
 
     if not prompts:
         return []
-    device = _model_device(model)
+    device = model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     gen = GenerationConfig(**_GREEDY, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                            eos_token_id=stop_token_ids(tokenizer) if chat else tokenizer.eos_token_id,

@@ -19,6 +19,8 @@ from typing import Any, Iterator, NamedTuple, Optional
 import numpy as np
 import torch
 
+from cpt.runtime import model_device
+
 log = logging.getLogger("cpt")
 
 
@@ -523,7 +525,7 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, 
 
     if seed is not None:
         torch.manual_seed(seed)
-    device = next(model.parameters()).device
+    device = model_device(model)
     kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
     if chat:
         if not getattr(tokenizer, "chat_template", None):

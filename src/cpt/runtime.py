@@ -52,6 +52,16 @@ def same_device(a: torch.device, b: torch.device) -> bool:
     return (current if a.index is None else a.index) == (current if b.index is None else b.index)
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where `model` computes: the device of its first parameter off the host, else the CPU. A model the
+    run plan has set up on a GPU keeps some frozen tensors (the embeddings' originals) in host memory, so
+    its first parameter can be on the CPU."""
+    for p in model.parameters():
+        if p.device.type != "cpu":
+            return p.device
+    return torch.device("cpu")
+
+
 def gpu_memory_gib(device: torch.device) -> Optional[float]:
     """Total memory of a CUDA device in GiB; None elsewhere."""
     device = torch.device(device)
