@@ -18,6 +18,29 @@ WORDS = ("the court held that the statute applies to every contract signed after
          "patients with chronic disease received the dose twice daily and the trial measured blood pressure").split()
 
 
+def gguf_style(tokenizer, byte_tokens: bool = False):
+    """`tokenizer` rebuilt the way transformers 5.17 builds a GGUF's byte-level ("gpt2") tokenizer: the
+    same vocabulary and merges with byte fallback switched on, an unknown token, an empty normalizer and a
+    byte-fallback decoder in front of the ByteLevel one. byte_tokens: also give it <0xNN> tokens and take
+    away the character that stands for byte 0, so that byte fallback would spell that byte <0x00>."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec["model"].update(byte_fallback=True, unk_token=tokenizer.eos_token, fuse_unk=True)
+    if byte_tokens:
+        first = max(max(spec["model"]["vocab"].values()), *(t["id"] for t in spec["added_tokens"])) + 1
+        spec["model"]["vocab"].update({f"<0x{b:02X}>": first + b for b in range(256)})
+        assert not any("\u0100" in m for m in map(str, spec["model"]["merges"]))
+        spec["model"]["vocab"].pop("\u0100")
+    spec["normalizer"] = {"type": "Sequence", "normalizers": []}
+    spec["decoder"] = {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}, spec["decoder"]]}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token=tokenizer.eos_token,
+                                   pad_token=tokenizer.pad_token, bos_token=tokenizer.bos_token)
+
+
 def make_corpus(n_docs: int = 60, seed: int = 0) -> list[str]:
     """Repetitive, learnable 'domain' documents of varied length."""
     rng = random.Random(seed)

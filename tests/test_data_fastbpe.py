@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import gguf_style
 
 from cpt.data.fastbpe import FastBPE, Unsupported
 from cpt.data.tokenize import Encoder
@@ -131,6 +132,14 @@ def test_tokenizers_it_cannot_mirror_are_refused_with_the_reason(corpus):
     enc = Encoder(hf, add_eos=True)
     assert enc.bpe is None and "NFKC" in enc.why_not_fast
     assert [o[:-1].tolist() for o in enc.encode(corpus[:5])] == hf_ids(hf, corpus[:5])
+
+
+def test_inert_byte_fallback_keeps_the_fast_path_and_byte_tokens_refuse_it(tokenizer, corpus):
+    """transformers 5.17's shape of a GGUF byte-level tokenizer (byte fallback on, empty normalizer)."""
+    gguf = gguf_style(tokenizer)
+    assert_same(FastBPE.from_tokenizer(gguf), gguf, corpus[:30] + EDGE_TEXTS)
+    with pytest.raises(Unsupported, match="byte fallback"):
+        FastBPE.from_tokenizer(gguf_style(tokenizer, byte_tokens=True))
 
 
 def test_worker_processes_keep_the_fast_path(tokenizer, corpus):

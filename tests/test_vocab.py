@@ -7,6 +7,8 @@ import random
 import pytest
 import torch
 
+from conftest import gguf_style
+
 from cpt.cli import main as cli_main
 from cpt.config import ConfigError, load_config
 from cpt.data.inspect import script_of, token_rates
@@ -80,6 +82,21 @@ def test_non_byte_level_tokenizers_are_refused(tmp_path):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
     with pytest.raises(ConfigError, match="byte-level BPE only"):
         learn_extension(fast, ["text"], 10)
+
+
+def test_byte_level_tokenizers_with_inert_byte_fallback_extend_the_same(tokenizer, extended):
+    """transformers 5.17 loads a GGUF's byte-level tokenizer with byte fallback on; with no <0xNN> tokens to
+    fall back to it tokenises as before, so it extends to the same tokens. With them, it is refused."""
+    gguf = gguf_style(tokenizer)
+    assert gguf(OLD_TEXT + domain_docs(5))["input_ids"] == tokenizer(OLD_TEXT + domain_docs(5))["input_ids"]
+    ext = learn_extension(gguf, domain_docs(), 150)
+    assert ext.tokens == extended[0].tokens and ext.pieces == extended[0].pieces
+    new = extended_tokenizer(gguf, ext)
+    assert check_unchanged(gguf, new, OLD_TEXT) is None
+    doc = domain_docs(1, seed=3)[0]
+    assert new(doc)["input_ids"] == extended[1](doc)["input_ids"] and new.decode(new(doc)["input_ids"]) == doc
+    with pytest.raises(ConfigError, match="byte fallback"):
+        learn_extension(gguf_style(tokenizer, byte_tokens=True), ["text"], 10)
 
 
 def _tiny(model_dir):

@@ -98,13 +98,17 @@ class FastBPE:
         for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
             if model.get(key):
                 raise Unsupported(f"BPE {key}={model[key]!r}")
-        if model.get("byte_fallback"):
-            raise Unsupported("byte fallback")
-        if spec.get("normalizer") is not None:
+        if spec.get("normalizer") not in (None, {"type": "Sequence", "normalizers": []}):
             raise Unsupported(f"normalizer {spec['normalizer'].get('type')}")
         pattern = _pattern(spec.get("pre_tokenizer"))
 
         to_byte = _byte_decoder()
+        # Behind the ByteLevel pre-tokenizer (checked by _pattern) byte fallback acts only on a byte
+        # character missing from the vocabulary, and only with <0xNN> tokens to fall back to.
+        vocab = model.get("vocab") or {}
+        if model.get("byte_fallback") and not (all(ch in vocab for ch in to_byte)
+                                               or not any(f"<0x{b:02X}>" in vocab for b in range(256))):
+            raise Unsupported("byte fallback")
 
         def as_bytes(token: str) -> bytes:
             try:

@@ -78,6 +78,15 @@ def _has_byte_level(node: Optional[dict]) -> bool:
     return any(_has_byte_level(n) for n in node.get("pretokenizers", node.get("decoders", [])) or [])
 
 
+def _byte_fallback_is_inert(spec: dict) -> bool:
+    """Behind a ByteLevel pre-tokenizer, byte fallback can only act on a byte character missing from the
+    vocabulary, and only with `<0xNN>` tokens to fall back to: without either it changes nothing.
+    (transformers 5.17 builds a GGUF's "gpt2" tokenizer with byte fallback switched on.)"""
+    vocab = (spec.get("model") or {}).get("vocab") or {}
+    return _has_byte_level(spec.get("pre_tokenizer")) and (
+        all(c in vocab for c in _BYTE) or not any(f"<0x{b:02X}>" in vocab for b in range(256)))
+
+
 def byte_level_spec(tokenizer: Any, where: str = "the tokenizer") -> dict:
     """The tokenizer.json of a byte-level BPE tokenizer (GPT-2, Llama 3, Qwen, SmolLM, ...), or a
     ConfigError saying what it is instead: new merges are only exact for that scheme."""
@@ -91,7 +100,8 @@ def byte_level_spec(tokenizer: Any, where: str = "the tokenizer") -> dict:
         raise ConfigError(f"{where} is a {model.get('type')} tokenizer (SentencePiece-style models such as Llama 2 and "
                           "Mistral are Unigram or BPE with byte fallback); vocabulary extension supports byte-level BPE "
                           "only (GPT-2, Llama 3, Qwen, SmolLM)")
-    if model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+    if (model.get("byte_fallback") and not _byte_fallback_is_inert(spec)) or model.get("continuing_subword_prefix") \
+            or model.get("end_of_word_suffix"):
         raise ConfigError(f"{where} is BPE with byte fallback or word prefixes/suffixes (SentencePiece style); "
                           "vocabulary extension supports byte-level BPE only (GPT-2, Llama 3, Qwen, SmolLM)")
     if model.get("dropout"):
