@@ -1,5 +1,6 @@
 """`cpt train` of one small config on a CUDA GPU: bf16 (compiled layers, the CUDA default, and eager),
-a run stopped at its checkpoint and resumed, and 4-bit QLoRA, all with adamw_8bit.
+a run stopped at its checkpoint and resumed, and 4-bit QLoRA, all with adamw_8bit and the held-out documents
+scored before and after training.
 
 Builds a small random Llama (4 layers, hidden 256) with a BPE tokenizer trained on the spot, a
 text corpus, and one YAML config; then runs the real CLI in subprocesses:
@@ -39,6 +40,9 @@ def build(work: Path) -> Path:
             for s in (rng.randrange(len(WORDS)) for _ in range(400))]
     (work / "corpus").mkdir(parents=True, exist_ok=True)
     (work / "corpus" / "docs.txt").write_text("\n\n".join(docs))
+    held = [" ".join(WORDS[(s + i) % len(WORDS)] for i in range(rng.randint(40, 160))) + "."
+            for s in (rng.randrange(len(WORDS)) for _ in range(20))]
+    (work / "held.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in held))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -68,6 +72,9 @@ train:
   learning_rate: 2.0e-4
   embedding_learning_rate: 5.0e-5
   lr_scheduler_type: constant
+eval:
+  sets: [{{name: domain, path: {work / 'held.jsonl'}}}]
+  prompts: []
 output:
   output_dir: {work / 'out'}
   logging_steps: 3
@@ -92,6 +99,13 @@ def _run(config: Path, out: Path, overrides: list[str], env: dict, log: list[str
                 losses[int(rec["step"])] = rec["loss"]
     print(log[-2] + "\n" + log[-1], flush=True)
     return proc.returncode, losses
+
+
+def _held_out(out: Path) -> dict[int, float]:
+    """Bits per byte of the held-out documents by step, from the run's eval.jsonl."""
+    path = out / "eval.jsonl"
+    recs = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return {int(r["step"]): round(r["bits_per_byte"], 4) for r in recs if "bits_per_byte" in r}
 
 
 def main() -> int:
@@ -119,6 +133,9 @@ def main() -> int:
         written = (out / "adapter_model.safetensors").is_file()
         checks.append((f"{name}: exit 0, adapter written, 4 losses logged", rc == 0 and written and len(runs[name]) == 4,
                        f"exit {rc}, losses {[round(x, 3) for x in runs[name].values()]}"))
+        scored = _held_out(out)
+        checks.append((f"{name}: the held-out documents scored on the GPU before and after training, and better after",
+                       sorted(scored) == [0, 12] and scored[12] < scored[0], f"bits/byte by step {scored}"))
     # The same run stopped after its step-6 checkpoint and resumed from it in a new process.
     out = work / "out-bf16-resumed"
     rc1, _ = _run(config, out, ["train.optim=adamw_8bit", "train.max_steps=6"], env, log)
