@@ -148,12 +148,13 @@ def run_one(name: str, args: argparse.Namespace, folder: Path, tokenizer_dir: Pa
 @torch.no_grad()
 def generation_speed(output_dir: str, new_tokens: int, device: str) -> dict:
     from cpt.model import load_for_inference
+    from cpt.runtime import model_device
 
     model, tok = load_for_inference(output_dir, device=device)
     chars = tokens = 0
     seconds = 0.0
     for prompt in PROMPTS:
-        enc = tok(prompt, return_tensors="pt").to(model.device)
+        enc = tok(prompt, return_tensors="pt").to(model_device(model))
         model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)  # warm
         t0 = time.perf_counter()
         ids = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
